@@ -1,0 +1,67 @@
+"""Decoding line images from bytes or files into 8-bit grayscale, whatever their mode."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from crnn.errors import DataError
+
+# A text line never needs more than this; larger files are decompression bombs or page scans.
+MAX_PIXELS = 50_000_000
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """Any PIL mode (RGB, RGBA, LA, P, I;16, I, F, 1) -> mode 'L'; transparency becomes white paper."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, image.convert("RGBA"))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        return Image.fromarray(((pixels - low) * scale).astype(np.uint8), mode="L")
+    return image.convert("L")
+
+
+def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
+    """Decode an image (raw bytes or a path) to grayscale; DataError names `where` on failure."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+            with stream, Image.open(stream) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(
+                        f"{where}: image of {width}x{height} pixels is over the limit of "
+                        f"{MAX_PIXELS} pixels for a text line; crop or downscale it"
+                    )
+                image.load()
+                return to_grayscale(image)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{where}: rejected as a decompression bomb: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
+
+
+def image_size(source: bytes | str | Path, where: str) -> tuple[int, int]:
+    """(width, height) from the header only, without decoding pixels."""
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        with stream, Image.open(stream) as image:
+            return image.size
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None

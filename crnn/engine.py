@@ -1,0 +1,248 @@
+"""One training epoch and one evaluation pass, in the shape of torchvision's reference scripts.
+
+Mixed precision: autocast wraps the forward pass and the loss only; the model returns float32
+log-probs, so CTC always runs in float32. With fp16 a GradScaler scales the loss and its
+gradients are unscaled before clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from crnn.data.collate import Batch
+from crnn.data.vocab import BLANK
+from crnn.distributed import all_reduce_sum
+from crnn.errors import CrnnError
+from crnn.metrics import ErrorCounts
+
+Decoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
+
+
+class TrainingError(CrnnError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def ctc_line_losses(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+                    target_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-line CTC negative log-likelihood `(N,)`, computed in float32."""
+    return F.ctc_loss(log_probs.float(), targets, lengths, target_lengths, blank=BLANK,
+                      reduction="none", zero_infinity=False)
+
+
+def drop_infeasible(model: nn.Module, batch: Batch) -> tuple[Batch, int]:
+    """Drop lines whose text needs more CTC frames than their width gives (they would be inf)."""
+    frames = unwrap(model).output_lengths(batch.widths)
+    keep = frames >= batch.min_frames
+    if bool(keep.all()):
+        return batch, 0
+    return batch.select(keep), int((~keep).sum())
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0  # sum over lines of the main CTC loss
+    shortcut_loss_sum: float = 0.0
+    lines: int = 0
+    steps: int = 0
+    bad_steps: int = 0  # skipped: non-finite loss or gradients
+    unreadable: int = 0  # samples skipped because their image could not be decoded
+    too_long: int = 0  # samples skipped because their text did not fit the CTC frames
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)  # first few data problems, for the log
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.lines, 1)
+
+    @property
+    def shortcut_loss(self) -> float:
+        return self.shortcut_loss_sum / max(self.lines, 1)
+
+    @property
+    def lines_per_s(self) -> float:
+        return self.lines / max(self.seconds, 1e-9)
+
+    def reduce(self, device: torch.device) -> None:
+        """Sum the counters over ranks (a no-op in one process); seconds become the slowest rank's."""
+        sums = all_reduce_sum(torch.tensor(
+            [self.loss_sum, self.shortcut_loss_sum, self.lines, self.unreadable, self.too_long],
+            dtype=torch.float64, device=device)).tolist()
+        self.loss_sum, self.shortcut_loss_sum = sums[0], sums[1]
+        self.lines, self.unreadable, self.too_long = (int(v) for v in sums[2:])
+
+
+@dataclass
+class TrainSetup:
+    """What a training step needs besides the model and the batch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    grad_clip: float = 0.0
+    shortcut_weight: float = 0.1
+    max_bad_steps: int = 5
+
+
+def compute_loss(model: nn.Module, batch: Batch, setup: TrainSetup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward + CTC under autocast. Returns (loss to backpropagate, main sum, shortcut sum)."""
+    images = batch.images.to(setup.device, non_blocking=True)
+    targets = batch.targets.to(setup.device, non_blocking=True)
+    with autocast(setup.device, setup.amp_dtype):
+        output = model(images, batch.widths)
+        main = ctc_line_losses(output.log_probs, output.lengths, targets, batch.target_lengths).sum()
+        shortcut = torch.zeros((), device=setup.device)
+        if output.shortcut_log_probs is not None:
+            shortcut = ctc_line_losses(output.shortcut_log_probs, output.lengths, targets,
+                                       batch.target_lengths).sum()
+        loss = (main + setup.shortcut_weight * shortcut) / len(batch)
+    return loss, main.detach(), shortcut.detach()
+
+
+def optimizer_step(model: nn.Module, loss: torch.Tensor, setup: TrainSetup) -> bool:
+    """Backward, unscale, clip, step. Returns False if the step was skipped (non-finite)."""
+    setup.optimizer.zero_grad(set_to_none=True)
+    setup.scaler.scale(loss).backward()
+    setup.scaler.unscale_(setup.optimizer)
+    max_norm = setup.grad_clip if setup.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+    if setup.scaler.is_enabled():
+        setup.scaler.step(setup.optimizer)  # skips the update itself on inf/NaN gradients
+        setup.scaler.update()
+    elif finite:
+        setup.optimizer.step()
+    setup.scheduler.step()
+    return finite
+
+
+def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: int,
+                    max_steps: int = 0, log: Callable[[int, dict], None] | None = None,
+                    log_every: int = 20, show_progress: bool = True,
+                    should_stop: Callable[[], bool] = lambda: False) -> tuple[EpochStats, int]:
+    """Train for one pass over `loader`. Returns the epoch's stats and the new global step."""
+    model.train()
+    stats, bad_in_a_row, start = EpochStats(), 0, time.perf_counter()
+    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
+                    leave=False)
+    for batch in progress:
+        batch, too_long = drop_infeasible(model, batch)
+        stats.unreadable += len(batch.errors)
+        stats.too_long += too_long
+        stats.problems.extend(batch.errors[: max(0, 5 - len(stats.problems))])
+        if len(batch) == 0:
+            continue
+        loss, main_sum, shortcut_sum = compute_loss(model, batch, setup)
+        finite = optimizer_step(model, loss, setup)
+        step += 1
+        stats.steps += 1
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
+        stats.bad_steps += not finite
+        if bad_in_a_row > setup.max_bad_steps:
+            raise TrainingError(
+                f"{bad_in_a_row} training steps in a row had a non-finite loss or gradients (epoch "
+                f"{epoch}, step {step}); lower train.lr, set train.grad_clip, or try train.amp=off"
+            )
+        if finite:
+            stats.loss_sum += float(main_sum)
+            stats.shortcut_loss_sum += float(shortcut_sum)
+            stats.lines += len(batch)
+        if step % log_every == 0:
+            elapsed = time.perf_counter() - start
+            scalars = {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,
+                       "train/lr": setup.scheduler.get_last_lr()[0], "train/lines_per_s": stats.lines / elapsed}
+            progress.set_postfix(loss=f"{stats.loss:.3f}", lines_per_s=f"{stats.lines / elapsed:.1f}")
+            if log is not None:
+                log(step, scalars)
+        if (max_steps and step >= max_steps) or should_stop():
+            break
+    stats.seconds = time.perf_counter() - start
+    return stats, step
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    counts: dict[str, ErrorCounts]  # per decoder name
+    decode_seconds: dict[str, float]
+    seconds: float  # the whole pass: loading, forward, loss and every decoder
+    unreadable: int = 0
+    too_long: int = 0
+    problems: list[str] = field(default_factory=list)
+    samples: list[tuple[torch.Tensor, str, str]] = field(default_factory=list)  # image, ref, hyp
+    predictions: dict[str, list[tuple[int, str, str]]] = field(default_factory=dict)  # index, ref, hyp
+
+
+def _reduce_eval(result: EvalResult, loss_sum: float, loss_lines: int, device: torch.device) -> EvalResult:
+    """Sum everything across ranks, then divide: equal to one process evaluating all lines."""
+    names = sorted(result.counts)
+    local = torch.cat([torch.tensor([loss_sum, loss_lines, result.unreadable, result.too_long],
+                                    dtype=torch.float64)]
+                      + [result.counts[name].to_tensor() for name in names]).to(device)
+    total = all_reduce_sum(local).cpu()
+    result.loss = float(total[0]) / max(float(total[1]), 1.0)
+    result.unreadable, result.too_long = int(total[2]), int(total[3])
+    for i, name in enumerate(names):
+        result.counts[name] = ErrorCounts.from_tensor(total[4 + 5 * i: 9 + 5 * i])
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, decoders: dict[str, Decoder],
+             amp_dtype: torch.dtype | None = None, keep_samples: int = 0,
+             keep_predictions: bool = False, show_progress: bool = True, desc: str = "validate") -> EvalResult:
+    """Loss and CER/WER for each decoder over `loader`, reduced across ranks."""
+    model.eval()
+    result = EvalResult(0.0, {name: ErrorCounts() for name in decoders}, dict.fromkeys(decoders, 0.0), 0.0)
+    result.predictions = {name: [] for name in decoders} if keep_predictions else {}
+    loss_sum, loss_lines, start = 0.0, 0, time.perf_counter()
+    for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False):
+        result.unreadable += len(batch.errors)
+        result.problems.extend(batch.errors)
+        if len(batch) == 0:
+            continue
+        with autocast(device, amp_dtype):
+            output = model(batch.images.to(device, non_blocking=True), batch.widths)
+        feasible = output.lengths.cpu() >= batch.min_frames
+        result.too_long += int((~feasible).sum())
+        if feasible.any():
+            kept = batch.select(feasible)
+            losses = ctc_line_losses(output.log_probs[:, feasible.to(device)], output.lengths[feasible],
+                                     kept.targets.to(device), kept.target_lengths)
+            loss_sum, loss_lines = loss_sum + float(losses.sum()), loss_lines + len(kept)
+        for name, decoder in decoders.items():
+            decode_start = time.perf_counter()
+            hypotheses = decoder(output.log_probs, output.lengths)
+            result.decode_seconds[name] += time.perf_counter() - decode_start
+            result.counts[name].update(batch.texts, hypotheses)
+            if keep_predictions:
+                result.predictions[name].extend(zip(batch.indices, batch.texts, hypotheses, strict=True))
+            if name == next(iter(decoders)) and len(result.samples) < keep_samples:
+                take = keep_samples - len(result.samples)
+                result.samples.extend(
+                    (batch.images[i, :, :, : int(batch.widths[i])], batch.texts[i], hypotheses[i])
+                    for i in range(min(take, len(batch))))
+    result.seconds = time.perf_counter() - start
+    return _reduce_eval(result, loss_sum, loss_lines, device)

@@ -1,0 +1,60 @@
+"""Corpus-level CER and WER from sums of edit distances (editdistance), never averages of rates.
+
+CER = sum of character edit distances / sum of reference characters over the whole split;
+WER likewise over words, where words are the whitespace-separated tokens (`str.split()`).
+A split (or line) with no reference characters divides by 1 instead of 0: an empty reference
+with an empty hypothesis scores 0, with a non-empty hypothesis its number of insertions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+import editdistance
+import torch
+
+
+def char_errors(reference: str, hypothesis: str) -> int:
+    return editdistance.eval(reference, hypothesis)
+
+
+def word_errors(reference: str, hypothesis: str) -> int:
+    return editdistance.eval(reference.split(), hypothesis.split())
+
+
+def line_cer(reference: str, hypothesis: str) -> float:
+    return char_errors(reference, hypothesis) / max(len(reference), 1)
+
+
+@dataclass
+class ErrorCounts:
+    """Sums that can be added across batches and all-reduced across ranks."""
+
+    char_errors: int = 0
+    chars: int = 0
+    word_errors: int = 0
+    words: int = 0
+    lines: int = 0
+
+    def update(self, references: list[str], hypotheses: list[str]) -> None:
+        for reference, hypothesis in zip(references, hypotheses, strict=True):
+            self.char_errors += char_errors(reference, hypothesis)
+            self.chars += len(reference)
+            self.word_errors += word_errors(reference, hypothesis)
+            self.words += len(reference.split())
+            self.lines += 1
+
+    @property
+    def cer(self) -> float:
+        return self.char_errors / max(self.chars, 1)
+
+    @property
+    def wer(self) -> float:
+        return self.word_errors / max(self.words, 1)
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor(astuple(self), dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, sums: torch.Tensor) -> ErrorCounts:
+        return cls(*(int(round(value)) for value in sums.tolist()))

@@ -1,0 +1,74 @@
+"""The CRNN: ResNet encoder -> column pooling -> BiLSTM head (+ optional CTC shortcut head)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crnn.config import ModelConfig
+from crnn.models.encoder import ResNetEncoder
+from crnn.models.heads import BiLSTMHead, ShortcutHead
+from crnn.models.registry import register_model
+
+
+class CRNNOutput(NamedTuple):
+    log_probs: torch.Tensor  # (T, N, classes), float32
+    lengths: torch.Tensor  # (N,) valid frames per line, on the device of `widths`
+    shortcut_log_probs: torch.Tensor | None  # (T, N, classes) or None
+
+
+class CRNN(nn.Module):
+    """`(N, 1, H, W)` ink images + their unpadded widths `(N,)` -> per-frame class log-probs.
+
+    Columns are pooled over the height (`column_pool` max or avg), or, with `frames` > 0, the
+    feature map is average-pooled to exactly `frames` columns (for fixed-width inputs).
+    """
+
+    def __init__(self, encoder: ResNetEncoder, head: BiLSTMHead, shortcut: ShortcutHead | None,
+                 column_pool: str = "max", frames: int = 0):
+        super().__init__()
+        self.encoder, self.head, self.shortcut = encoder, head, shortcut
+        self.column_pool, self.frames = column_pool, frames
+
+    def output_lengths(self, widths: torch.Tensor) -> torch.Tensor:
+        if self.frames:
+            return torch.full_like(widths, self.frames)
+        return self.encoder.output_widths(widths)
+
+    def columns(self, features: torch.Tensor) -> torch.Tensor:
+        """`(N, C, H', W')` -> `(T, N, C)`."""
+        if self.frames:
+            columns = F.adaptive_avg_pool2d(features, (1, self.frames)).squeeze(2)
+        elif self.column_pool == "max":
+            columns = features.amax(dim=2)
+        else:
+            columns = features.mean(dim=2)
+        return columns.permute(2, 0, 1)
+
+    def forward(self, images: torch.Tensor, widths: torch.Tensor,
+                with_shortcut: bool | None = None) -> CRNNOutput:
+        """The shortcut head runs in training mode, or when `with_shortcut=True`."""
+        columns = self.columns(self.encoder(images))
+        lengths = self.output_lengths(widths).clamp(max=columns.shape[0])
+        log_probs = self.head(columns, lengths).float().log_softmax(-1)
+        shortcut_log_probs = None
+        if self.shortcut is not None and (self.training if with_shortcut is None else with_shortcut):
+            shortcut_log_probs = self.shortcut(columns).float().log_softmax(-1)
+        return CRNNOutput(log_probs, lengths, shortcut_log_probs)
+
+
+@register_model("crnn")
+def build_crnn(cfg: ModelConfig, num_classes: int) -> CRNN:
+    encoder = ResNetEncoder(
+        1, cfg.stem_channels, tuple(cfg.stem_kernel), tuple(cfg.stem_stride), cfg.stem_pool,
+        cfg.channels, cfg.blocks, [tuple(s) for s in cfg.strides], cfg.downsample,
+    )
+    head = BiLSTMHead(encoder.out_channels, cfg.lstm_hidden, cfg.lstm_layers, num_classes,
+                      cfg.lstm_dropout, cfg.head_dropout)
+    shortcut = None
+    if cfg.shortcut:
+        shortcut = ShortcutHead(encoder.out_channels, num_classes, cfg.shortcut_kernel, cfg.shortcut_dropout)
+    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames)

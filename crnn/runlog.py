@@ -1,0 +1,65 @@
+"""The run directory's logs: TensorBoard scalars and images, metrics.jsonl, console lines.
+
+Only rank 0 writes; on other ranks every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("crnn")
+
+
+class RunLogger:
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(output_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def samples(self, step: int, samples: list[tuple[torch.Tensor, str, str]]) -> None:
+        """Validation images `(1, H, W)` of ink, shown as dark ink on white, with ref and hyp."""
+        if self.writer is None:
+            return
+        for i, (image, reference, hypothesis) in enumerate(samples):
+            self.writer.add_image(f"val_samples/{i}", 1.0 - image.float().clamp(0, 1), step)
+            self.writer.add_text(f"val_samples/{i}", f"ref: `{reference}`  \nhyp: `{hypothesis}`", step)
+
+    def epoch(self, record: dict, step: int) -> None:
+        """One line of metrics.jsonl, the matching TensorBoard scalars and a console line."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+        self.scalars(step, {f"val/{key[4:]}": value for key, value in record.items()
+                            if key.startswith("val_") and isinstance(value, (int, float))})
+        self.scalars(step, {"epoch/train_loss": record["train_loss"], "epoch/lines_per_s": record["lines_per_s"]})
+        if self.writer is not None:
+            self.writer.flush()
+        log.info("epoch %d  train_loss %.4f  val_loss %.4f  val_cer %.4f  val_wer %.4f  lr %.2e  "
+                 "%.1f lines/s", record["epoch"], record["train_loss"], record["val_loss"],
+                 record["val_cer"], record["val_wer"], record["lr"], record["lines_per_s"])
+
+    def info(self, message: str, *args: object) -> None:
+        if self.enabled:
+            log.info(message, *args)
+
+    def warning(self, message: str, *args: object) -> None:
+        if self.enabled:
+            log.warning(message, *args)
+
+    def close(self, _: object | None = None) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,271 @@
+"""`fit(cfg)`: a whole training run, from data to the run directory.
+
+Run directory (`train.output_dir`): config.yaml, checkpoints/last.pt and best.pt, TensorBoard event
+files and metrics.jsonl. Only rank 0 writes there; all ranks train.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from crnn import distributed
+from crnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from crnn.config import Config, config_from_dict, save_config
+from crnn.data import LineRecords, Vocab, build_dataset, build_loader, load_records
+from crnn.decoding import GreedyDecoder
+from crnn.distributed import DistInfo
+from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_one_epoch, unwrap
+from crnn.errors import CheckpointError, ConfigError
+from crnn.models import build_model
+from crnn.optim import build_optimizer, build_scheduler
+from crnn.runlog import RunLogger
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """`train.amp` -> autocast dtype (None: full float32)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None  # CPU autocast is slower than float32 on most CPUs
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("'train.amp=fp16' needs a CUDA device (GradScaler); on CPU use train.amp=off or bf16")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunState:
+    """Progress that a checkpoint carries over to a resumed run."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0
+    best_cer: float = float("inf")
+    epochs_without_improvement: int = 0
+
+
+def report_problems(logger: RunLogger, records: LineRecords, split: str) -> None:
+    if records.problems:
+        logger.warning("%s: %d problem(s) in %s, those lines are left out; first: %s", split,
+                       len(records.problems), records.name, " | ".join(records.problems[:3]))
+
+
+def check_vocab_coverage(logger: RunLogger, vocab: Vocab, records: LineRecords, split: str) -> None:
+    unknown = set().union(*(vocab.unknown(text) for text in records.texts))
+    if unknown:
+        logger.warning("%s: characters never seen in training (counted as errors): %r", split,
+                       "".join(sorted(unknown)))
+
+
+def checkpoint_state(cfg: Config, model: nn.Module, setup: TrainSetup, vocab: Vocab,
+                     run: RunState, metrics: dict) -> dict:
+    return {
+        "model": unwrap(model).state_dict(), "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(),
+        "epoch": run.epoch, "step": run.step, "best_cer": run.best_cer,
+        "epochs_without_improvement": run.epochs_without_improvement,
+        "config": cfg.to_dict(), "vocab": list(vocab.chars), "rng": rng_state(), "metrics": metrics,
+    }
+
+
+def find_resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> Path | None:
+    """`train.resume`: "" starts a new run (refusing to overwrite one), "auto" or a path resumes."""
+    last = checkpoint_dir / "last.pt"
+    if cfg.train.resume == "auto":
+        return last if last.exists() else None
+    if cfg.train.resume:
+        return Path(cfg.train.resume)
+    if last.exists():
+        raise ConfigError(
+            f"{checkpoint_dir.parent} already holds a run (checkpoints/last.pt). Continue it with "
+            f"train.resume=auto, or start a new one with another train.output_dir"
+        )
+    return None
+
+
+def restore(state: dict, cfg: Config, model: nn.Module, setup: TrainSetup) -> RunState:
+    """Load a checkpoint's weights, optimizer, scheduler, scaler and RNG states."""
+    saved = config_from_dict(state["config"], "checkpoint config")
+    if saved.model != cfg.model:
+        changed = [k for k, v in vars(cfg.model).items() if getattr(saved.model, k) != v]
+        raise CheckpointError(f"cannot resume: the checkpoint's model differs in model.{', model.'.join(changed)}")
+    unwrap(model).load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    setup.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return RunState(state["epoch"], state["step"], state["best_cer"], state["epochs_without_improvement"])
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop metrics.jsonl lines of epochs after the resumed checkpoint (a crash in between)."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def check_device_options(cfg: Config, device: torch.device) -> None:
+    """Reject options the device cannot honour before any work is done."""
+    resolve_amp(cfg.train.amp, device)
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError("'train.sync_bn=true' needs CUDA (SyncBatchNorm does not run on CPU); "
+                          "set train.sync_bn=false")
+    if cfg.train.data_parallel and device.type != "cuda":
+        raise ConfigError("'train.data_parallel=true' needs CUDA devices; set train.data_parallel=false")
+
+
+def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    """SyncBatchNorm, DDP or DataParallel, torch.compile, as the config asks."""
+    device = dist_info.device
+    if cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist_info.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    elif cfg.train.data_parallel:
+        model = nn.DataParallel(model)
+    if cfg.train.compile:
+        model = torch.compile(model, dynamic=True)
+    return model
+
+
+class Run:
+    """The pieces of one training run, built once by `fit`."""
+
+    def __init__(self, cfg: Config, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
+        check_device_options(cfg, dist_info.device)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        resume_path = find_resume_checkpoint(cfg, self.checkpoint_dir)
+        self.resume_state = load_checkpoint(resume_path) if resume_path else None
+        if dist_info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.logger = RunLogger(self.output_dir, dist_info.is_main)
+        if resume_path:
+            self.logger.info("resuming from %s (epoch %d, step %d)", resume_path,
+                             self.resume_state["epoch"], self.resume_state["step"])
+        self._build_data()
+        self._build_model()
+
+    def _build_data(self) -> None:
+        cfg, logger = self.cfg, self.logger
+        train_records = load_records(cfg.data, "train")
+        val_records = load_records(cfg.data, "validation")
+        report_problems(logger, train_records, "train")
+        report_problems(logger, val_records, "validation")
+        self.vocab = (Vocab(self.resume_state["vocab"]) if self.resume_state
+                      else Vocab.from_texts(train_records.texts))
+        check_vocab_coverage(logger, self.vocab, val_records, "validation")
+        pin = self.dist.device.type == "cuda"
+        shard = {"rank": self.dist.rank, "world_size": self.dist.world_size, "pin_memory": pin}
+        self.train_loader = build_loader(cfg.data, build_dataset(cfg.data, train_records, self.vocab, True),
+                                         True, cfg.train.seed, **shard)
+        self.val_loader = build_loader(cfg.data, build_dataset(cfg.data, val_records, self.vocab, False),
+                                       False, cfg.train.seed, **shard)
+        logger.info("data: %d train lines, %d validation lines, %d classes (blank included)",
+                    len(train_records), len(val_records), len(self.vocab))
+
+    def _build_model(self) -> None:
+        cfg, device = self.cfg, self.dist.device
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        bare = build_model(cfg.model, len(self.vocab)).to(device)
+        self.model = wrap_model(cfg, bare, self.dist)
+        steps_per_epoch = len(self.train_loader.batch_sampler)
+        total_steps = cfg.train.epochs * steps_per_epoch
+        if cfg.train.max_steps:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        amp_dtype = resolve_amp(cfg.train.amp, device)
+        optimizer = build_optimizer(cfg.train, bare, device)
+        self.setup = TrainSetup(
+            optimizer, build_scheduler(cfg.train, optimizer, total_steps),
+            torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype,
+            cfg.train.grad_clip, cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
+        )
+        parameters = sum(p.numel() for p in bare.parameters())
+        self.logger.info("model: %.2fM parameters, device %s, amp %s, %d step(s) per epoch",
+                         parameters / 1e6, device, amp_dtype, steps_per_epoch)
+        self.state = RunState()
+        if self.resume_state:
+            self.state = restore(self.resume_state, cfg, self.model, self.setup)
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.state.epoch)
+
+    def save(self, metrics: dict, best: bool) -> None:
+        if not self.dist.is_main:
+            return
+        state = checkpoint_state(self.cfg, self.model, self.setup, self.vocab, self.state, metrics)
+        save_checkpoint(state, self.checkpoint_dir / "last.pt")
+        if best:
+            save_checkpoint(state, self.checkpoint_dir / "best.pt")
+
+    def validate(self) -> EvalResult:
+        model = self.model if isinstance(self.model, nn.DataParallel) else unwrap(self.model)
+        return evaluate(model, self.val_loader, self.dist.device, {"greedy": GreedyDecoder(self.vocab)},
+                        self.setup.amp_dtype, keep_samples=self.cfg.train.val_images,
+                        show_progress=self.dist.is_main)
+
+    def end_epoch(self, epoch: int, stats: EpochStats, result: EvalResult) -> bool:
+        """Log, checkpoint, decide on early stopping. Returns True to stop."""
+        counts = result.counts["greedy"]
+        record = {"epoch": epoch, "step": self.state.step, "train_loss": stats.loss,
+                  "train_shortcut_loss": stats.shortcut_loss, "val_loss": result.loss,
+                  "val_cer": counts.cer, "val_wer": counts.wer,
+                  "lr": self.setup.scheduler.get_last_lr()[0], "lines_per_s": stats.lines_per_s,
+                  "epoch_seconds": stats.seconds, "skipped_unreadable": stats.unreadable,
+                  "skipped_too_long": stats.too_long, "bad_steps": stats.bad_steps}
+        best = counts.cer < self.state.best_cer
+        self.state.epoch = epoch
+        self.state.best_cer = min(self.state.best_cer, counts.cer)
+        self.state.epochs_without_improvement = 0 if best else self.state.epochs_without_improvement + 1
+        self.save(record, best)
+        self.logger.epoch(record, self.state.step)
+        self.logger.samples(self.state.step, result.samples)
+        if stats.unreadable or stats.too_long:
+            self.logger.warning("epoch %d: skipped %d unreadable line(s) and %d line(s) too long for "
+                                "their width; first: %s", epoch, stats.unreadable, stats.too_long,
+                                " | ".join(stats.problems[:3]) or "-")
+        patience = self.cfg.train.patience
+        if patience and self.state.epochs_without_improvement >= patience:
+            self.logger.info("early stopping: no better validation CER for %d epoch(s)", patience)
+            return True
+        return bool(self.cfg.train.max_steps and self.state.step >= self.cfg.train.max_steps)
+
+    def train(self) -> RunState:
+        cfg = self.cfg
+        for epoch in range(self.state.epoch + 1, cfg.train.epochs + 1):
+            self.train_loader.batch_sampler.set_epoch(epoch)
+            stats, self.state.step = train_one_epoch(
+                self.model, self.train_loader, self.setup, epoch, self.state.step, cfg.train.max_steps,
+                self.logger.scalars, cfg.train.log_every, show_progress=self.dist.is_main)
+            stats.reduce(self.dist.device)
+            if self.end_epoch(epoch, stats, self.validate()):
+                break
+        self.logger.info("done: best validation CER %.4f; run directory %s", self.state.best_cer, self.output_dir)
+        self.logger.close()
+        return self.state
+
+
+def fit(cfg: Config) -> RunState:
+    """Train as configured; under torchrun each process calls this. Returns the final RunState."""
+    dist_info = distributed.setup(cfg.train.device)
+    try:
+        seed_everything(cfg.train.seed + dist_info.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
+        return Run(cfg, dist_info).train()
+    finally:
+        distributed.cleanup()

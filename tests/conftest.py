@@ -1,0 +1,58 @@
+"""Shared fixtures: small datasets that the tests build themselves (no downloads, no shared data)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny.yaml"
+
+# Keep tests deterministic and light on the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def draw_line(text: str, height: int = 32) -> Image.Image:
+    """A plain printed line (PIL's default font) on white paper, mode 'L'."""
+    image = Image.new("L", (12 * len(text) + 16, height), 255)
+    ImageDraw.Draw(image).text((8, height // 4), text, fill=0)
+    return image
+
+
+@pytest.fixture
+def folder_split(tmp_path: Path):
+    """A folder split: 6 PNG lines and gt.tsv; returns (folder, texts)."""
+    def make(name: str = "lines", texts: tuple[str, ...] = ("abc", "hello world", "the cat", "a b c", "dog", "bed")):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = []
+        for i, text in enumerate(texts):
+            draw_line(text).save(folder / f"line{i}.png")
+            rows.append(f"line{i}.png\t{text}")
+        (folder / "gt.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        return folder, list(texts)
+    return make
+
+
+@pytest.fixture
+def parquet_split(tmp_path: Path):
+    """A parquet file in the Teklia/IAM-line schema, written through `datasets`."""
+    import datasets
+
+    def make(name: str = "train.parquet", texts: tuple[str, ...] = ("abc", "hello", "the cat")):
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        table = datasets.Dataset.from_dict(
+            {"image": [draw_line(t).convert("RGB") for t in texts], "text": list(texts)}, features=features)
+        path = tmp_path / name
+        table.to_parquet(str(path))
+        return path, list(texts)
+    return make
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(0)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from crnn.config import load_config
+from crnn.errors import ConfigError
+from crnn.models import MODELS, build_model
+from crnn.models.heads import BiLSTMHead
+
+
+def small(*overrides: str):
+    return load_config(None, ["model.stem_channels=8", "model.channels=[8,16]", "model.blocks=[1,1]",
+                              "model.strides=[[2,2],[2,1]]", "model.lstm_hidden=16", *overrides]).model
+
+
+@pytest.mark.parametrize("widths", [[40], [64, 33, 17], [300, 301, 7, 129]])
+def test_shapes_and_lengths_follow_each_width(widths):
+    model = build_model(small(), num_classes=11).eval()
+    images = torch.rand(len(widths), 1, 32, max(widths))
+    output = model(images, torch.tensor(widths))
+    # stem stride 2 (7x7, pad 3), then a stride-2 stage (3x3, pad 1): ceil(w/2) twice
+    expected = [((w + 1) // 2 + 1) // 2 for w in widths]
+    assert output.lengths.tolist() == expected
+    assert output.log_probs.shape == (max(expected), len(widths), 11)
+    assert output.shortcut_log_probs is None  # eval mode: shortcut head off unless asked for
+    assert torch.allclose(output.log_probs.exp().sum(-1), torch.ones(max(expected), len(widths)), atol=1e-5)
+
+
+def test_shortcut_head_in_training_and_on_request():
+    model = build_model(small("model.shortcut=true"), num_classes=5)
+    images, widths = torch.rand(2, 1, 32, 50), torch.tensor([50, 30])
+    train_out = model.train()(images, widths)
+    assert train_out.shortcut_log_probs.shape == train_out.log_probs.shape
+    assert model.eval()(images, widths, with_shortcut=True).shortcut_log_probs is not None
+    assert build_model(small("model.shortcut=false"), 5).train()(images, widths).shortcut_log_probs is None
+
+
+def test_lstm_head_ignores_padded_columns():
+    head = BiLSTMHead(in_channels=6, hidden=8, layers=2, num_classes=5).eval()
+    line = torch.rand(9, 1, 6)  # (T, N, C)
+    alone = head(line, torch.tensor([9]))
+    garbage = torch.cat([line, 100 * torch.rand(7, 1, 6)])  # padding columns full of noise
+    batched = head(torch.cat([garbage, torch.rand(16, 1, 6)], dim=1), torch.tensor([9, 16]))
+    assert batched.shape == (16, 2, 5)
+    assert torch.allclose(alone[:, 0], batched[:9, 0], atol=1e-6)
+
+
+def test_column_pool_avg_maxpool_downsample_and_fixed_frames():
+    model = build_model(small("model.column_pool=avg", "model.downsample=maxpool"), 5).eval()
+    assert model(torch.rand(1, 1, 32, 64), torch.tensor([64])).lengths.tolist() == [16]
+    fixed = build_model(small("model.frames=24"), 5).eval()
+    output = fixed(torch.rand(2, 1, 32, 100), torch.tensor([100, 100]))
+    assert output.log_probs.shape[0] == 24 and output.lengths.tolist() == [24, 24]
+
+
+def test_registry_names_the_choices():
+    assert "crnn" in MODELS
+    with pytest.raises(ConfigError, match="registered models: crnn"):
+        build_model(small("model.name=transformer"), 5)

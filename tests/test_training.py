@@ -1,0 +1,138 @@
+"""Training end to end on data the tests make: overfitting, resuming, the run directory, faults."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crnn.checkpoint import load_checkpoint
+from crnn.config import load_config
+from crnn.data import Vocab, build_dataset, build_loader, load_records, synthetic
+from crnn.decoding import GreedyDecoder
+from crnn.engine import TrainSetup, evaluate, train_one_epoch
+from crnn.errors import ConfigError
+from crnn.models import build_model
+from crnn.optim import build_optimizer
+from crnn.trainer import fit
+from tests.conftest import REPO, TINY
+
+
+def synthetic_folder(root, count, seed=0):
+    """Synthetic handwriting-like lines written as PNG + gt.tsv (a `folder` split)."""
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(count):
+        text = synthetic.sample_text(random.Random(f"{seed}:{i}"), 1, 2)
+        synthetic.render_line(text, random.Random(f"{seed}:{i}:img"), 32).save(root / f"{i}.png")
+        rows.append(f"{i}.png\t{text}")
+    (root / "gt.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_a_few_lines_to_zero_cer(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 4)
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4",
+                             "data.augment.enabled=false", "model.shortcut=false", "train.lr=1e-2"])
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab))
+    optimizer = build_optimizer(cfg.train, model, torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    setup = TrainSetup(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=True), train=True)
+    first = None
+    for epoch in range(300):  # one step per epoch: about 100 steps are needed
+        loader.batch_sampler.set_epoch(epoch)
+        stats, _ = train_one_epoch(model, loader, setup, epoch, step=0, show_progress=False)
+        first = first or stats.loss
+        if stats.loss < 0.2:
+            break
+    result = evaluate(model, loader, torch.device("cpu"), {"greedy": GreedyDecoder(vocab)},
+                      keep_predictions=True, show_progress=False)
+    assert result.counts["greedy"].cer == 0.0, result.predictions
+    assert sorted(hyp for _, _, hyp in result.predictions["greedy"]) == sorted(records.texts)
+    assert stats.loss < first / 100
+
+
+def test_resume_continues_exactly_like_an_unbroken_run(tmp_path):
+    common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8"]
+    fit(load_config(TINY, [*common, f"train.output_dir={tmp_path / 'unbroken'}"]))
+    fit(load_config(TINY, [*common, "train.epochs=1", f"train.output_dir={tmp_path / 'broken'}"]))
+    fit(load_config(TINY, [*common, "train.resume=auto", f"train.output_dir={tmp_path / 'broken'}"]))
+    unbroken, resumed = read_metrics(tmp_path / "unbroken"), read_metrics(tmp_path / "broken")
+    assert [m["epoch"] for m in resumed] == [1, 2]
+    assert resumed[1]["train_loss"] == pytest.approx(unbroken[1]["train_loss"], rel=1e-6)
+    assert resumed[1]["val_cer"] == unbroken[1]["val_cer"]
+    weights_a = load_checkpoint(tmp_path / "unbroken" / "checkpoints" / "last.pt")["model"]
+    weights_b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.allclose(weights_a[k].float(), weights_b[k].float(), atol=1e-6) for k in weights_a)
+
+
+def test_train_tool_writes_every_run_directory_file(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "tools/train.py", "--cfg", str(TINY), f"train.output_dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(run_dir / "checkpoints" / name)
+        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_cer", "config",
+                "vocab", "rng"} <= set(state)
+        assert state["epoch"] == 1 and state["config"]["data"]["height"] == 32
+    (record,) = read_metrics(run_dir)
+    assert {"epoch", "train_loss", "val_loss", "val_cer", "val_wer", "lr", "lines_per_s"} <= set(record)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/shortcut_loss", "train/lr", "train/lines_per_s", "val/loss",
+            "val/cer", "val/wer"} <= scalars
+    assert {"val_samples/0", "val_samples/1"} <= set(events.Tags()["images"])
+
+
+def test_unreadable_and_too_long_lines_are_skipped_and_counted(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 6)
+    (lines / "2.png").write_bytes(b"not a png")
+    gt = (lines / "gt.tsv").read_text().splitlines()
+    gt[3] = "3.png\t" + "x" * 200  # far more characters than the image has columns
+    (lines / "gt.tsv").write_text("\n".join(gt) + "\n")
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", f"data.validation={lines}",
+                             f"train.output_dir={tmp_path / 'run'}"])
+    fit(cfg)
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["skipped_unreadable"] == 1 and record["skipped_too_long"] == 1
+    assert record["train_loss"] == record["train_loss"]  # a number, not NaN
+
+
+def test_fp16_on_cpu_and_existing_run_are_refused_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="'train.amp=fp16' needs a CUDA device"):
+        fit(load_config(TINY, ["train.amp=fp16", f"train.output_dir={tmp_path / 'a'}"]))
+    assert not (tmp_path / "a").exists()
+    fit(load_config(TINY, [f"train.output_dir={tmp_path / 'b'}"]))
+    with pytest.raises(ConfigError, match="already holds a run.*train.resume=auto"):
+        fit(load_config(TINY, [f"train.output_dir={tmp_path / 'b'}"]))
+
+
+def test_early_stopping_follows_patience(tmp_path):
+    cfg = load_config(TINY, ["train.epochs=6", "train.patience=1", "train.lr=1e-6",
+                             f"train.output_dir={tmp_path / 'run'}"])
+    state = fit(cfg)
+    cers = [m["val_cer"] for m in read_metrics(tmp_path / "run")]
+    best, stale, expected = float("inf"), 0, 6
+    for epoch, cer in enumerate(cers, start=1):
+        stale = 0 if cer < best else stale + 1
+        best = min(best, cer)
+        if stale >= 1:
+            expected = epoch
+            break
+    assert len(cers) == expected < 6  # stopped, and exactly when the rule says
+    assert state.epoch == len(cers) and state.best_cer == min(cers)

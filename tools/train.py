@@ -1,0 +1,45 @@
+"""Train a CRNN.
+
+Single GPU or CPU:
+    python tools/train.py --cfg experiments/base.yaml
+    python tools/train.py --cfg experiments/synthetic.yaml train.epochs=5 data.batch_size=8
+Several GPUs on one machine (DistributedDataParallel, NCCL; gloo on CPU):
+    torchrun --standalone --nproc_per_node=4 tools/train.py --cfg experiments/base.yaml
+One process over all visible GPUs (nn.DataParallel, legacy):
+    python tools/train.py --cfg experiments/base.yaml train.data_parallel=true
+Continue an interrupted run:
+    python tools/train.py --cfg experiments/base.yaml train.resume=auto
+Watch it:
+    tensorboard --logdir runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from crnn.config import load_config
+from crnn.errors import CrnnError
+from crnn.trainer import fit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="experiment YAML, e.g. experiments/base.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        fit(load_config(args.cfg, args.overrides))
+    except CrnnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
