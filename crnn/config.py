@@ -122,10 +122,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DecodeConfig:
+    """Beam search (torchaudio's flashlight `ctc_decoder`, lexicon-free) and its language model."""
+
+    beam_size: int = 10
+    beam_threshold: float = 25.0  # prune hypotheses this far (log-prob) below the best
+    beam_size_token: int = 0  # tokens considered per frame (0: all)
+    nbest: int = 1
+    cuda: bool = False  # on CUDA use torchaudio's cuda_ctc_decoder for the plain beam search
+    lm_path: str = ""  # character LM file (tools/build_lm.py, or a KenLM ARPA/binary); "" = built
+    lm_order: int = 6  # n-gram order of the character LM built from the training transcriptions
+    lm_smoothing: str = _choice("kneser_ney", "kneser_ney", "witten_bell", "add_k")
+    lm_weight: float = 0.5
+    word_score: float = 0.0  # added at each word boundary (space)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

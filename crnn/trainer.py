@@ -165,6 +165,9 @@ class Run:
         cfg, logger = self.cfg, self.logger
         train_records = load_records(cfg.data, "train")
         val_records = load_records(cfg.data, "validation")
+        if self.dist.is_main:  # for the character language model of beam search (tools/build_lm.py)
+            (self.output_dir / "train_texts.txt").write_text(
+                "".join(text + "\n" for text in train_records.texts), encoding="utf-8")
         report_problems(logger, train_records, "train")
         report_problems(logger, val_records, "validation")
         self.vocab = (Vocab(self.resume_state["vocab"]) if self.resume_state

@@ -83,6 +83,7 @@ def test_train_tool_writes_every_run_directory_file(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
+    assert len((run_dir / "train_texts.txt").read_text().splitlines()) == 48  # for the beam-search LM
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run_dir / "checkpoints" / name)
         assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_cer", "config",
