@@ -11,22 +11,15 @@ import torch.nn as nn
 from crnn.config import TrainConfig
 
 
-class WarmupCosine:
-    """LR multiplier at `step`: linear warmup to 1, then cosine to `min_ratio` at `total_steps`.
-
-    A callable object with plain attributes, so LambdaLR saves it in its state dict."""
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True):
-        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
-        self.min_ratio, self.cosine = min_ratio, cosine
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if not self.cosine:
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
+                  cosine: bool = True) -> float:
+    """LR multiplier at `step`: linear warmup to 1, then cosine to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
@@ -39,5 +32,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) ->
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule = WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule == "cosine")
+    """The schedule is rebuilt from the config on resume (a checkpoint carries only the step), so
+    a resumed run may change `train.epochs` or the number of processes and get a matching schedule."""
+
+    def schedule(step: int) -> float:  # a plain function: LambdaLR does not save it
+        return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule == "cosine")
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -16,13 +16,18 @@ log = logging.getLogger("crnn")
 
 class RunLogger:
     def __init__(self, output_dir: Path, enabled: bool):
-        self.enabled = enabled
+        self.enabled, self.output_dir = enabled, output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
-        self.writer = None
-        if enabled:
+        self._writer = None
+
+    @property
+    def writer(self):
+        """The TensorBoard writer, opened on first use (so a run that fails early writes nothing)."""
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir))
+            self._writer = SummaryWriter(log_dir=str(self.output_dir))
+        return self._writer
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

@@ -151,36 +151,44 @@ class Run:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         resume_path = find_resume_checkpoint(cfg, self.checkpoint_dir)
         self.resume_state = load_checkpoint(resume_path) if resume_path else None
-        if dist_info.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
         self.logger = RunLogger(self.output_dir, dist_info.is_main)
+        train_records, val_records = self._load_records()  # may fail: nothing is written before
+        self._start_run_directory(train_records)
         if resume_path:
             self.logger.info("resuming from %s (epoch %d, step %d)", resume_path,
                              self.resume_state["epoch"], self.resume_state["step"])
-        self._build_data()
+        self._build_loaders(train_records, val_records)
         self._build_model()
 
-    def _build_data(self) -> None:
+    def _load_records(self) -> tuple[LineRecords, LineRecords]:
         cfg, logger = self.cfg, self.logger
         train_records = load_records(cfg.data, "train")
         val_records = load_records(cfg.data, "validation")
-        if self.dist.is_main:  # for the character language model of beam search (tools/build_lm.py)
-            (self.output_dir / "train_texts.txt").write_text(
-                "".join(text + "\n" for text in train_records.texts), encoding="utf-8")
         report_problems(logger, train_records, "train")
         report_problems(logger, val_records, "validation")
         self.vocab = (Vocab(self.resume_state["vocab"]) if self.resume_state
                       else Vocab.from_texts(train_records.texts))
         check_vocab_coverage(logger, self.vocab, val_records, "validation")
+        return train_records, val_records
+
+    def _start_run_directory(self, train_records: LineRecords) -> None:
+        """config.yaml, and the training transcriptions for the beam-search language model."""
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.output_dir / "config.yaml")
+            (self.output_dir / "train_texts.txt").write_text(
+                "".join(text + "\n" for text in train_records.texts), encoding="utf-8")
+
+    def _build_loaders(self, train_records: LineRecords, val_records: LineRecords) -> None:
+        cfg = self.cfg
         pin = self.dist.device.type == "cuda"
         shard = {"rank": self.dist.rank, "world_size": self.dist.world_size, "pin_memory": pin}
         self.train_loader = build_loader(cfg.data, build_dataset(cfg.data, train_records, self.vocab, True),
                                          True, cfg.train.seed, **shard)
         self.val_loader = build_loader(cfg.data, build_dataset(cfg.data, val_records, self.vocab, False),
                                        False, cfg.train.seed, **shard)
-        logger.info("data: %d train lines, %d validation lines, %d classes (blank included)",
-                    len(train_records), len(val_records), len(self.vocab))
+        self.logger.info("data: %d train lines, %d validation lines, %d classes (blank included)",
+                         len(train_records), len(val_records), len(self.vocab))
 
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.dist.device

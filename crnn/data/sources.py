@@ -118,7 +118,7 @@ def parquet_records(path_text: str, key: str) -> ArrowRecords:
 
 
 def _hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urlparse(endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
