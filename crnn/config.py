@@ -101,7 +101,10 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
-    lr: float = 1e-3  # peak LR for the effective batch (see README: batch size and LR)
+    lr: float = 1e-3  # peak LR; with lr_scaling it is the LR of one process (see README)
+    # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
+    # linear multiplies it by N, sqrt by sqrt(N)
+    lr_scaling: str = _choice("none", "none", "linear", "sqrt")
     weight_decay: float = 5e-5
     warmup_steps: int = 500
     schedule: str = _choice("cosine", "cosine", "constant")
@@ -115,6 +118,7 @@ class TrainConfig:
     val_images: int = 4  # validation images logged to TensorBoard each epoch
     log_every: int = 20  # steps between TensorBoard training scalars
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     data_parallel: bool = False
     sync_bn: bool = False
     compile: bool = False

@@ -64,6 +64,40 @@ def setup(device_name: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
+class _BatchFirst(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args, **kwargs):
+        output = self.module(*args, **kwargs)
+        return _transpose_output(output)
+
+
+def _transpose_output(output):
+    """Swap the T and N axes of the log-probs (and shortcut log-probs) of a CRNNOutput."""
+    shortcut = output.shortcut_log_probs
+    return output._replace(log_probs=output.log_probs.transpose(0, 1),
+                           shortcut_log_probs=None if shortcut is None else shortcut.transpose(0, 1))
+
+
+class DataParallelCRNN(torch.nn.Module):
+    """`nn.DataParallel` for the CRNN: one process, the batch split over the visible GPUs.
+
+    DataParallel splits inputs and gathers outputs along dim 0, but the log-probs are `(T, N, C)`:
+    each replica returns them batch-first and they are turned back here. All replicas see the
+    same padded width, so their T agrees.
+    """
+
+    def __init__(self, model: torch.nn.Module, device_ids: list[int] | None = None):
+        super().__init__()
+        self.module = model
+        self.parallel = torch.nn.DataParallel(_BatchFirst(model), device_ids)
+
+    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None):
+        return _transpose_output(self.parallel(images, widths, with_shortcut))
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -80,11 +114,27 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward, but the last training forward updates them
+    locally; without this, ranks would validate with slightly different statistics than the ones
+    rank 0 saves in the checkpoint."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(wait_for_all: bool = True) -> None:
+    """Leave the process group. After a normal end, first wait for every rank: a rank that tears
+    gloo down while a peer is still finishing its last checkpoint can abort the peer. After an
+    error, leave at once (torchrun stops the other ranks)."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()

@@ -128,7 +128,8 @@ def optimizer_step(model: nn.Module, loss: torch.Tensor, setup: TrainSetup) -> b
     setup.scaler.unscale_(setup.optimizer)
     max_norm = setup.grad_clip if setup.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+    # the norm of the gradients, which DDP has already averaged: every rank takes the same decision
+    finite = bool(torch.isfinite(grad_norm))
     if setup.scaler.is_enabled():
         setup.scaler.step(setup.optimizer)  # skips the update itself on inf/NaN gradients
         setup.scaler.update()
@@ -141,8 +142,14 @@ def optimizer_step(model: nn.Module, loss: torch.Tensor, setup: TrainSetup) -> b
 def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: int,
                     max_steps: int = 0, log: Callable[[int, dict], None] | None = None,
                     log_every: int = 20, show_progress: bool = True,
-                    should_stop: Callable[[], bool] = lambda: False) -> tuple[EpochStats, int]:
-    """Train for one pass over `loader`. Returns the epoch's stats and the new global step."""
+                    should_stop: Callable[[], bool] = lambda: False,
+                    placeholder: Batch | None = None) -> tuple[EpochStats, int]:
+    """Train for one pass over `loader`. Returns the epoch's stats and the new global step.
+
+    A batch left empty (all its lines unreadable or too long) is skipped; under DDP, where every
+    rank must join every gradient all-reduce, `placeholder` (a blank line) is stepped instead with
+    a loss weight of 0.
+    """
     model.train()
     stats, bad_in_a_row, start = EpochStats(), 0, time.perf_counter()
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
@@ -152,10 +159,13 @@ def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, ste
         stats.unreadable += len(batch.errors)
         stats.too_long += too_long
         stats.problems.extend(batch.errors[: max(0, 5 - len(stats.problems))])
+        weight = 1.0
         if len(batch) == 0:
-            continue
+            if placeholder is None:
+                continue
+            batch, weight = placeholder, 0.0
         loss, main_sum, shortcut_sum = compute_loss(model, batch, setup)
-        finite = optimizer_step(model, loss, setup)
+        finite = optimizer_step(model, loss * weight, setup)
         step += 1
         stats.steps += 1
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
@@ -165,7 +175,7 @@ def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, ste
                 f"{bad_in_a_row} training steps in a row had a non-finite loss or gradients (epoch "
                 f"{epoch}, step {step}); lower train.lr, set train.grad_clip, or try train.amp=off"
             )
-        if finite:
+        if finite and weight:
             stats.loss_sum += float(main_sum)
             stats.shortcut_loss_sum += float(shortcut_sum)
             stats.lines += len(batch)

@@ -22,12 +22,19 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    """`train.lr` scaled for `world_size` processes as `train.lr_scaling` says."""
+    factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}[cfg.lr_scaling]
+    return cfg.lr * factor
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
+                    world_size: int = 1) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and norm weights (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=scaled_lr(cfg, world_size), fused=device.type == "cuda")
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,

@@ -18,9 +18,9 @@ import torch.nn as nn
 from crnn import distributed
 from crnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from crnn.config import Config, config_from_dict, save_config
-from crnn.data import LineRecords, Vocab, build_dataset, build_loader, load_records
+from crnn.data import Batch, LineRecords, Vocab, build_dataset, build_loader, load_records
 from crnn.decoding import GreedyDecoder
-from crnn.distributed import DistInfo
+from crnn.distributed import DataParallelCRNN, DistInfo
 from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_one_epoch, unwrap
 from crnn.errors import CheckpointError, ConfigError
 from crnn.models import build_model
@@ -135,7 +135,7 @@ def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
         device_ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     elif cfg.train.data_parallel:
-        model = nn.DataParallel(model)
+        model = DataParallelCRNN(model)
     if cfg.train.compile:
         model = torch.compile(model, dynamic=True)
     return model
@@ -200,15 +200,21 @@ class Run:
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
         amp_dtype = resolve_amp(cfg.train.amp, device)
-        optimizer = build_optimizer(cfg.train, bare, device)
+        optimizer = build_optimizer(cfg.train, bare, device, self.dist.world_size)
         self.setup = TrainSetup(
             optimizer, build_scheduler(cfg.train, optimizer, total_steps),
             torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype,
             cfg.train.grad_clip, cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
+            cfg.train.max_bad_steps,
         )
         parameters = sum(p.numel() for p in bare.parameters())
-        self.logger.info("model: %.2fM parameters, device %s, amp %s, %d step(s) per epoch",
-                         parameters / 1e6, device, amp_dtype, steps_per_epoch)
+        self.logger.info("model: %.2fM parameters, device %s, amp %s", parameters / 1e6, device, amp_dtype)
+        self.logger.info("%d process(es) x batch %d = effective batch %d; lr %.2e (train.lr_scaling=%s); "
+                         "%d step(s) per epoch", self.dist.world_size, cfg.data.batch_size,
+                         self.dist.world_size * cfg.data.batch_size, optimizer.param_groups[0]["lr"],
+                         cfg.train.lr_scaling, steps_per_epoch)
+        # under DDP a rank whose batch is left empty steps this blank line, so no rank hangs
+        self.placeholder = Batch.blank(cfg.data.height, cfg.data.height) if self.dist.distributed else None
         self.state = RunState()
         if self.resume_state:
             self.state = restore(self.resume_state, cfg, self.model, self.setup)
@@ -223,7 +229,8 @@ class Run:
             save_checkpoint(state, self.checkpoint_dir / "best.pt")
 
     def validate(self) -> EvalResult:
-        model = self.model if isinstance(self.model, nn.DataParallel) else unwrap(self.model)
+        model = self.model if isinstance(self.model, DataParallelCRNN) else unwrap(self.model)
+        distributed.broadcast_buffers(model)  # validate with the statistics that rank 0 saves
         return evaluate(model, self.val_loader, self.dist.device, {"greedy": GreedyDecoder(self.vocab)},
                         self.setup.amp_dtype, keep_samples=self.cfg.train.val_images,
                         show_progress=self.dist.is_main)
@@ -260,7 +267,8 @@ class Run:
             self.train_loader.batch_sampler.set_epoch(epoch)
             stats, self.state.step = train_one_epoch(
                 self.model, self.train_loader, self.setup, epoch, self.state.step, cfg.train.max_steps,
-                self.logger.scalars, cfg.train.log_every, show_progress=self.dist.is_main)
+                self.logger.scalars, cfg.train.log_every, show_progress=self.dist.is_main,
+                placeholder=self.placeholder)
             stats.reduce(self.dist.device)
             if self.end_epoch(epoch, stats, self.validate()):
                 break
@@ -272,11 +280,14 @@ class Run:
 def fit(cfg: Config) -> RunState:
     """Train as configured; under torchrun each process calls this. Returns the final RunState."""
     dist_info = distributed.setup(cfg.train.device)
+    finished = False
     try:
         seed_everything(cfg.train.seed + dist_info.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
-        return Run(cfg, dist_info).train()
+        state = Run(cfg, dist_info).train()
+        finished = True
+        return state
     finally:
-        distributed.cleanup()
+        distributed.cleanup(wait_for_all=finished)

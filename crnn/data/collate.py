@@ -40,6 +40,13 @@ class Batch:
                      self.target_lengths[kept], self.min_frames[kept], [self.texts[i] for i in kept],
                      [self.indices[i] for i in kept], self.errors)
 
+    @classmethod
+    def blank(cls, height: int, width: int) -> Batch:
+        """One line of blank paper with an empty transcription (a valid CTC target)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls(torch.zeros(1, 1, height, width), torch.tensor([width]), empty,
+                   torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [""], [-1])
+
     def pin_memory(self) -> Batch:
         # only these go to the device; lengths stay on the CPU, where CTC and packing want them
         self.images, self.targets = self.images.pin_memory(), self.targets.pin_memory()
