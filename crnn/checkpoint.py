@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomically write `state` (plus the format marker) to `path`."""
+def previous_path(path: Path) -> Path:
+    """Where `save_checkpoint(..., keep_previous=True)` keeps the checkpoint it replaces."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+_saves = 0
+
+
+def _test_fault_point() -> None:
+    """Tests only: CRNN_TEST_KILL_IN_SAVE=K kills the process (SIGKILL) during the K-th save,
+    after the new file is written and before it replaces the old one."""
+    global _saves
+    _saves += 1
+    if os.environ.get("CRNN_TEST_KILL_IN_SAVE") == str(_saves):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+    """Atomically write `state` (plus the format marker) to `path`; with `keep_previous` the file
+    it replaces is kept as `previous_path(path)`, a fallback should the new one ever be damaged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -55,6 +75,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             torch.save({"format": FORMAT, "version": VERSION, **state}, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        _test_fault_point()
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(temporary, path)
     except OSError as err:
         temporary.unlink(missing_ok=True)
@@ -88,3 +111,18 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, this code reads {VERSION}")
     return state
+
+
+def load_newest_valid(path: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """Load `path`, or, if it is missing or damaged, the previous checkpoint kept beside it.
+
+    None if neither exists; CheckpointError if they exist but none can be read."""
+    candidates = [p for p in (path, previous_path(path)) if p.exists()]
+    for candidate in candidates:
+        try:
+            return load_checkpoint(candidate), candidate
+        except CheckpointError as err:
+            warn(f"{err}; trying the previous checkpoint")
+    if candidates:
+        raise CheckpointError(f"no readable checkpoint among {', '.join(map(str, candidates))}")
+    return None

@@ -69,6 +69,7 @@ class DataConfig:
     batch_size: int = 16  # per process
     num_workers: int = 2
     shuffle_window: int = 50  # batches drawn from windows of this many batches, sorted by width
+    check: bool = False  # before training, decode every image and log every problem found
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
 
@@ -119,6 +120,8 @@ class TrainConfig:
     log_every: int = 20  # steps between TensorBoard training scalars
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    checkpoint_every_steps: int = 0  # also write checkpoints/last.pt every N steps (0: epoch ends only)
+    oom_retry: bool = True  # on out-of-memory, retry the batch in two halves (single process only)
     data_parallel: bool = False
     sync_bn: bool = False
     compile: bool = False
@@ -341,8 +344,23 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
-    if data.num_workers < 0:
-        raise ConfigError(f"{where}: 'data.num_workers' must be >= 0, got {data.num_workers}")
+    non_negative = {
+        "data.num_workers": data.num_workers,
+        "train.max_steps": train.max_steps,
+        "train.warmup_steps": train.warmup_steps,
+        "train.patience": train.patience,
+        "train.max_bad_steps": train.max_bad_steps,
+        "train.checkpoint_every_steps": train.checkpoint_every_steps,
+        "model.frames": model.frames,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{where}: '{key}' must be >= 0, got {value}")
+    if model.frames and data.resize == "keep_aspect":
+        raise ConfigError(f"{where}: 'model.frames={model.frames}' (a fixed number of frames) needs "
+                          f"fixed-width lines: set data.resize=squash or fit with data.width")
+    if model.shortcut_kernel % 2 == 0:
+        raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
     if data.resize != "keep_aspect" and data.width <= 0:
         raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
     if not (len(model.channels) == len(model.blocks) == len(model.strides)) or not model.channels:
@@ -369,6 +387,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key, value in fractions.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{where}: '{key}' must be in [0, 1], got {value}")
+    if train.log_every < 1:
+        raise ConfigError(f"{where}: 'train.log_every' must be >= 1, got {train.log_every}")
     if train.lr <= 0 or train.weight_decay < 0 or train.grad_clip < 0:
         raise ConfigError(f"{where}: 'train.lr' must be > 0, weight_decay and grad_clip >= 0")
 

@@ -8,6 +8,8 @@ NCCL on CUDA, gloo on CPU. Without torchrun's variables everything runs as rank 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +98,45 @@ class DataParallelCRNN(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None):
         return _transpose_output(self.parallel(images, widths, with_shortcut))
+
+
+class StopRequest:
+    """SIGTERM or SIGINT ask the run to stop after the current step (and write a checkpoint); a
+    second SIGINT interrupts at once. Use as a context manager around training (main thread)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def agreed(self) -> int | None:
+        """The stop signal if any rank got one (all ranks must call this at the same step)."""
+        flag = torch.tensor([self.signal_number or 0], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = all_reduce_max(flag)
+        return int(flag.item()) or None
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (on the GPU for NCCL), returned on the tensor's device."""
+    on_device = tensor.cuda() if dist.get_backend() == "nccl" else tensor
+    dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+    return on_device.to(tensor.device)
 
 
 def is_main() -> bool:

@@ -7,6 +7,7 @@ gradients are unscaled before clipping.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -64,12 +65,28 @@ class EpochStats:
     loss_sum: float = 0.0  # sum over lines of the main CTC loss
     shortcut_loss_sum: float = 0.0
     lines: int = 0
+    batches: int = 0  # batches taken from the loader, skipped ones included (the resume position)
     steps: int = 0
     bad_steps: int = 0  # skipped: non-finite loss or gradients
     unreadable: int = 0  # samples skipped because their image could not be decoded
     too_long: int = 0  # samples skipped because their text did not fit the CTC frames
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)  # first few data problems, for the log
+
+    def add(self, loss_sum: float, shortcut_loss_sum: float, lines: int) -> None:
+        self.loss_sum += loss_sum
+        self.shortcut_loss_sum += shortcut_loss_sum
+        self.lines += lines
+
+    def count_skipped(self, errors: list[str], too_long: int) -> None:
+        self.unreadable += len(errors)
+        self.too_long += too_long
+        self.problems.extend(errors[: max(0, 5 - len(self.problems))])
+        if too_long and len(self.problems) < 5:
+            self.problems.append(f"{too_long} line(s) with more characters than CTC frames")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     @property
     def loss(self) -> float:
@@ -104,10 +121,16 @@ class TrainSetup:
     grad_clip: float = 0.0
     shortcut_weight: float = 0.1
     max_bad_steps: int = 5
+    oom_retry: bool = True  # on out-of-memory, retry the batch in two halves (single process)
 
 
-def compute_loss(model: nn.Module, batch: Batch, setup: TrainSetup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward + CTC under autocast. Returns (loss to backpropagate, main sum, shortcut sum)."""
+def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0,
+                     normalizer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + CTC under autocast, then backward of the (scaled) loss, accumulating gradients.
+
+    The loss is the per-line mean over `normalizer` lines (default: this batch), so the halves of
+    a split batch add up to the gradient of the whole. Returns the detached (main, shortcut) sums.
+    """
     images = batch.images.to(setup.device, non_blocking=True)
     targets = batch.targets.to(setup.device, non_blocking=True)
     with autocast(setup.device, setup.amp_dtype):
@@ -117,14 +140,37 @@ def compute_loss(model: nn.Module, batch: Batch, setup: TrainSetup) -> tuple[tor
         if output.shortcut_log_probs is not None:
             shortcut = ctc_line_losses(output.shortcut_log_probs, output.lengths, targets,
                                        batch.target_lengths).sum()
-        loss = (main + setup.shortcut_weight * shortcut) / len(batch)
-    return loss, main.detach(), shortcut.detach()
-
-
-def optimizer_step(model: nn.Module, loss: torch.Tensor, setup: TrainSetup) -> bool:
-    """Backward, unscale, clip, step. Returns False if the step was skipped (non-finite)."""
-    setup.optimizer.zero_grad(set_to_none=True)
+        loss = weight * (main + setup.shortcut_weight * shortcut) / (normalizer or len(batch))
     setup.scaler.scale(loss).backward()
+    return main.detach(), shortcut.detach()
+
+
+def out_of_memory_error(batch: Batch, epoch: int, step: int) -> TrainingError:
+    height, width = batch.images.shape[-2:]
+    return TrainingError(
+        f"out of memory on a batch of {len(batch)} lines of {height}x{width} px (widest line; epoch "
+        f"{epoch}, step {step + 1}): lower data.batch_size or data.max_width, or use train.amp"
+    )
+
+
+def backward_in_halves(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float,
+                       epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """After an out-of-memory error: the same gradient, computed half a batch at a time."""
+    setup.optimizer.zero_grad(set_to_none=True)
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    keep = torch.arange(len(batch)) < len(batch) // 2
+    sums = []
+    try:
+        for half in (batch.select(keep), batch.select(~keep)):
+            sums.append(forward_backward(model, half, setup, weight, normalizer=len(batch)))
+    except torch.OutOfMemoryError:
+        raise out_of_memory_error(batch, epoch, step) from None
+    return sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]
+
+
+def clip_and_step(model: nn.Module, setup: TrainSetup) -> bool:
+    """Unscale, clip, step. Returns False if the step was skipped (non-finite gradients)."""
     setup.scaler.unscale_(setup.optimizer)
     max_norm = setup.grad_clip if setup.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -139,54 +185,73 @@ def optimizer_step(model: nn.Module, loss: torch.Tensor, setup: TrainSetup) -> b
     return finite
 
 
-def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: int,
-                    max_steps: int = 0, log: Callable[[int, dict], None] | None = None,
-                    log_every: int = 20, show_progress: bool = True,
-                    should_stop: Callable[[], bool] = lambda: False,
-                    placeholder: Batch | None = None) -> tuple[EpochStats, int]:
-    """Train for one pass over `loader`. Returns the epoch's stats and the new global step.
+def train_step(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float, epoch: int,
+               step: int, distributed: bool) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """One optimizer step on `batch`. Returns (finite, main loss sum, shortcut loss sum)."""
+    setup.optimizer.zero_grad(set_to_none=True)
+    try:
+        main, shortcut = forward_backward(model, batch, setup, weight)
+    except torch.OutOfMemoryError:
+        # under DDP the other ranks are already waiting in the gradient all-reduce: no retry
+        if not setup.oom_retry or distributed or len(batch) < 2:
+            raise out_of_memory_error(batch, epoch, step) from None
+        main, shortcut = backward_in_halves(model, batch, setup, weight, epoch, step)
+    return clip_and_step(model, setup), main, shortcut
 
-    A batch left empty (all its lines unreadable or too long) is skipped; under DDP, where every
-    rank must join every gradient all-reduce, `placeholder` (a blank line) is stepped instead with
-    a loss weight of 0.
+
+def check_bad_steps(bad_in_a_row: int, setup: TrainSetup, epoch: int, step: int) -> None:
+    # with fp16 the GradScaler skips overflowing steps while it finds its scale: only steps that
+    # are non-finite even at a scale below 1 count against train.max_bad_steps
+    if setup.scaler.is_enabled() and setup.scaler.get_scale() >= 1.0:
+        return
+    if bad_in_a_row > setup.max_bad_steps:
+        raise TrainingError(
+            f"{bad_in_a_row} training steps in a row had non-finite gradients (epoch {epoch}, step "
+            f"{step}; train.max_bad_steps={setup.max_bad_steps}): lower train.lr, set "
+            f"train.grad_clip, or try train.amp=off"
+        )
+
+
+AfterStep = Callable[[int, "EpochStats"], bool]
+
+
+def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: int,
+                    stats: EpochStats | None = None, after_step: AfterStep | None = None,
+                    show_progress: bool = True, placeholder: Batch | None = None,
+                    distributed: bool = False) -> tuple[EpochStats, int]:
+    """Train for one pass over `loader` (or what is left of it, continuing `stats`).
+
+    `after_step(step, stats)` runs after every optimizer step (logging, checkpoints) and returns
+    True to end the epoch early. A batch left empty (all its lines unreadable or too long) is
+    skipped; under DDP, where every rank must join every gradient all-reduce, `placeholder` (a
+    blank line) is stepped instead with a loss weight of 0. Returns the stats and the new step.
     """
     model.train()
-    stats, bad_in_a_row, start = EpochStats(), 0, time.perf_counter()
+    stats = stats or EpochStats()
+    bad_in_a_row, start = 0, time.perf_counter() - stats.seconds
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
                     leave=False)
     for batch in progress:
+        stats.batches += 1
         batch, too_long = drop_infeasible(model, batch)
-        stats.unreadable += len(batch.errors)
-        stats.too_long += too_long
-        stats.problems.extend(batch.errors[: max(0, 5 - len(stats.problems))])
+        stats.count_skipped(batch.errors, too_long)
         weight = 1.0
         if len(batch) == 0:
             if placeholder is None:
                 continue
             batch, weight = placeholder, 0.0
-        loss, main_sum, shortcut_sum = compute_loss(model, batch, setup)
-        finite = optimizer_step(model, loss * weight, setup)
+        finite, main_sum, shortcut_sum = train_step(model, batch, setup, weight, epoch, step, distributed)
         step += 1
         stats.steps += 1
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
         stats.bad_steps += not finite
-        if bad_in_a_row > setup.max_bad_steps:
-            raise TrainingError(
-                f"{bad_in_a_row} training steps in a row had a non-finite loss or gradients (epoch "
-                f"{epoch}, step {step}); lower train.lr, set train.grad_clip, or try train.amp=off"
-            )
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
+        check_bad_steps(bad_in_a_row, setup, epoch, step)
         if finite and weight:
-            stats.loss_sum += float(main_sum)
-            stats.shortcut_loss_sum += float(shortcut_sum)
-            stats.lines += len(batch)
-        if step % log_every == 0:
-            elapsed = time.perf_counter() - start
-            scalars = {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,
-                       "train/lr": setup.scheduler.get_last_lr()[0], "train/lines_per_s": stats.lines / elapsed}
-            progress.set_postfix(loss=f"{stats.loss:.3f}", lines_per_s=f"{stats.lines / elapsed:.1f}")
-            if log is not None:
-                log(step, scalars)
-        if (max_steps and step >= max_steps) or should_stop():
+            stats.add(float(main_sum), float(shortcut_sum), len(batch))
+        stats.seconds = time.perf_counter() - start
+        if stats.steps % 10 == 0:
+            progress.set_postfix(loss=f"{stats.loss:.3f}", lines_per_s=f"{stats.lines_per_s:.1f}")
+        if after_step is not None and after_step(step, stats):
             break
     stats.seconds = time.perf_counter() - start
     return stats, step

@@ -11,6 +11,8 @@ Continue an interrupted run:
     python tools/train.py --cfg experiments/base.yaml train.resume=auto
 Watch it:
     tensorboard --logdir runs
+SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, the exit code is 128 + the
+signal number (143, 130); `train.resume=auto` continues from there.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        fit(load_config(args.cfg, args.overrides))
+        state = fit(load_config(args.cfg, args.overrides))
     except CrnnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    # stopped by SIGTERM/SIGINT after writing a checkpoint: the shell's code for that signal
+    return 128 + state.stopped_by if state.stopped_by else 0
 
 
 if __name__ == "__main__":

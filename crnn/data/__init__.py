@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 
 from crnn.config import DataConfig
@@ -21,6 +23,14 @@ def build_dataset(data_cfg: DataConfig, records: LineRecords, vocab: Vocab, trai
                        data_cfg.max_width, augmenter)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops cleanly (after a
+    checkpoint) and then shuts them down; a terminal's Ctrl-C or a scheduler's SIGTERM reaches the
+    whole process group, and a worker killed by it would crash the main process mid-step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(data_cfg: DataConfig, dataset: LineDataset, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader whose batch sampler groups lines by width and shards them across ranks."""
@@ -35,5 +45,5 @@ def build_loader(data_cfg: DataConfig, dataset: LineDataset, train: bool, seed: 
         pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
         # its own generator, so creating an iterator never draws from the global RNG (which
         # dropout uses): a resumed run then sees exactly the random numbers of an unbroken one
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_stop_signals,
     )

@@ -49,9 +49,11 @@ def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
         raise
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: unreadable image (empty file or not an image format Pillow knows)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"{where}: rejected as a decompression bomb: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
 
 

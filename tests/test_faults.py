@@ -1,0 +1,299 @@
+"""Faults: kills, signals, damaged or hostile checkpoints, a full disk, NaNs, OOM, bad data."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from crnn import checkpoint as checkpoint_module
+from crnn.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from crnn.config import load_config
+from crnn.data import Vocab, build_dataset, build_loader, load_records
+from crnn.data.collate import collate
+from crnn.data.images import decode_image
+from crnn.decoding import GreedyDecoder
+from crnn.engine import TrainingError, TrainSetup, evaluate, train_one_epoch, train_step
+from crnn.errors import CheckpointError, ConfigError, DataError
+from crnn.models import build_model
+from crnn.optim import build_optimizer
+from crnn.trainer import fit
+from tests.conftest import REPO, TINY
+from tests.test_training import read_metrics, synthetic_folder
+
+# 48 lines / batch 8 = 6 steps per epoch, 3 epochs, a checkpoint every 2 steps
+KILL_RUN = ["train.epochs=3", "train.checkpoint_every_steps=2", "train.resume=auto"]
+
+
+def start_training(run_dir, *overrides, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "tools/train.py", "--cfg", str(TINY), f"train.output_dir={run_dir}", *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def checkpoint_step(run_dir):
+    try:
+        return load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    except CheckpointError:
+        return -1
+
+
+def wait_for_step(process, run_dir, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    while checkpoint_step(run_dir) < step:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "training made no progress"
+        time.sleep(0.05)
+
+
+def final_weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def test_sigkill_at_several_points_then_resume_equals_an_unbroken_run(tmp_path):
+    unbroken = start_training(tmp_path / "unbroken", *KILL_RUN)
+    assert unbroken.wait(timeout=300) == 0, unbroken.stderr.read()[-2000:]
+    run_dir = tmp_path / "broken"
+    # 1: killed inside the third checkpoint write (new file written, not yet renamed)
+    process = start_training(run_dir, *KILL_RUN, env={"CRNN_TEST_KILL_IN_SAVE": "3"})
+    assert process.wait(timeout=300) == -signal.SIGKILL
+    assert checkpoint_step(run_dir) == 4  # the checkpoint of step 4 survived, intact
+    # 2: killed from outside, at whatever it is doing, once step 8 is saved
+    process = start_training(run_dir, *KILL_RUN)
+    wait_for_step(process, run_dir, 8)
+    process.kill()
+    process.wait()
+    # 3: killed inside the first write after resuming: the end-of-epoch checkpoint
+    process = start_training(run_dir, *KILL_RUN, env={"CRNN_TEST_KILL_IN_SAVE": "1"})
+    assert process.wait(timeout=300) == -signal.SIGKILL
+    # 4: runs to the end
+    process = start_training(run_dir, *KILL_RUN)
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    expected, resumed = final_weights(tmp_path / "unbroken"), final_weights(run_dir)
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name
+    unbroken_metrics, resumed_metrics = read_metrics(tmp_path / "unbroken"), read_metrics(run_dir)
+    assert [m["epoch"] for m in resumed_metrics] == [1, 2, 3]
+    for a, b in zip(unbroken_metrics, resumed_metrics, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
+        assert a["val_cer"] == b["val_cer"]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, "train.epochs=200", "train.checkpoint_every_steps=3")
+    wait_for_step(process, run_dir, 3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by signal 15" in stderr and "train.resume=auto" in stderr
+    stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert stopped["step"] >= 3
+    process = start_training(run_dir, f"train.epochs={stopped['epoch'] + 1}", "train.resume=auto")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert f"step {stopped['step']}" in stderr  # says what it resumed
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == stopped["epoch"] + 1
+
+
+def test_truncated_checkpoint_is_rejected_and_the_previous_one_used(tmp_path):
+    run_dir = tmp_path / "run"
+    fit(load_config(TINY, ["train.epochs=2", f"train.output_dir={run_dir}"]))
+    last = run_dir / "checkpoints" / "last.pt"
+    assert load_checkpoint(previous_path(last))["epoch"] == 1
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
+        load_checkpoint(last)
+    state = fit(load_config(TINY, ["train.epochs=3", "train.resume=auto", f"train.output_dir={run_dir}"]))
+    assert state.epoch == 3
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]  # epoch 2 redone from epoch 1
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_carrying_code_or_from_elsewhere_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "crnn-checkpoint", "version": 1, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a crnn checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1, "weights": torch.ones(3)}, path, keep_previous=True)
+
+    def full_disk(obj, stream):
+        stream.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint.*intact"):
+        save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path, keep_previous=True)
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def tiny_setup(cfg, model, **options):
+    optimizer = build_optimizer(cfg.train, model, torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return TrainSetup(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                      torch.device("cpu"), **options)
+
+
+def tiny_batch(cfg, count=4):
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    dataset = build_dataset(cfg.data, records, vocab, train=False)
+    return vocab, dataset, collate([dataset[(i, None)] for i in range(count)])
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path):
+    cfg = load_config(TINY)
+    vocab, dataset, _ = tiny_batch(cfg)
+    model = build_model(cfg.model, len(vocab))
+    original_forward, calls = model.forward, []
+
+    def poisoned_forward(*args, **kwargs):  # the second step's loss is NaN
+        calls.append(1)
+        output = original_forward(*args, **kwargs)
+        return output._replace(log_probs=output.log_probs * float("nan")) if len(calls) == 2 else output
+
+    model.forward = poisoned_forward
+    setup = tiny_setup(cfg, model)
+    loader = build_loader(cfg.data, dataset, train=True)
+    loader.batch_sampler.set_epoch(1)
+    stats, step = train_one_epoch(model, loader, setup, 1, 0, show_progress=False)
+    assert stats.bad_steps == 1 and step == stats.steps == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert stats.lines == 48 - 8  # the skipped batch's lines are not in the loss average
+
+
+def test_too_many_non_finite_steps_stop_with_a_clear_message(tmp_path):
+    cfg = load_config(TINY, ["train.lr=1e30", "train.grad_clip=0", "train.max_bad_steps=2",
+                             "train.epochs=20", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(TrainingError, match=r"steps in a row had non-finite gradients.*train.max_bad_steps=2"):
+        fit(cfg)
+
+
+def test_out_of_memory_retries_in_halves_with_the_same_gradient():
+    # lines of one width: no padding, so the halves compute exactly what the whole batch does
+    cfg = load_config(TINY, ["data.resize=squash", "data.width=200"])
+    vocab, _, batch = tiny_batch(cfg, count=4)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab))
+    reference = build_model(cfg.model, len(vocab))
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()  # no dropout/BN updates: both passes see the same function
+    train_step(reference, batch, tiny_setup(cfg, reference, grad_clip=0.0), 1.0, 1, 0, False)
+    original_forward = model.forward
+
+    def small_memory(images, widths, **kwargs):
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original_forward(images, widths, **kwargs)
+
+    model.forward = small_memory
+    setup = tiny_setup(cfg, model, grad_clip=0.0)
+    finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0, False)
+    assert finite
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        # the gradient of the whole batch (Adam would amplify float noise in near-zero gradients)
+        if q.grad is None:  # the shortcut head, unused in eval mode
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    no_retry = tiny_setup(cfg, model, oom_retry=False)
+    with pytest.raises(TrainingError, match=r"out of memory on a batch of 4 lines.*lower data.batch_size"):
+        train_step(model, batch, no_retry, 1.0, 2, 7, False)
+
+
+def test_image_faults_give_clear_errors(tmp_path, monkeypatch):
+    lines = synthetic_folder(tmp_path / "lines", 3)
+    data = (lines / "0.png").read_bytes()
+    (lines / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"truncated.png: unreadable image"):
+        decode_image(lines / "truncated.png", str(lines / "truncated.png"))
+    monkeypatch.setattr("crnn.data.images.MAX_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"0.png: image of \d+x32 pixels is over the limit of 1000 pixels"):
+        decode_image(lines / "0.png", str(lines / "0.png"))
+
+
+def test_very_wide_line_is_capped_at_max_width(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 2)
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.max_width=40"])
+    records = load_records(cfg.data, "train")
+    dataset = build_dataset(cfg.data, records, Vocab.from_texts(records.texts), train=False)
+    assert dataset[(0, None)]["image"].shape[-1] == 40 and dataset.scaled_widths() == [40, 40]
+
+
+def test_evaluation_reports_unreadable_lines_and_scores_the_rest(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 6)
+    (lines / "1.png").write_bytes(b"")
+    cfg = load_config(TINY, ["data.source=folder", f"data.validation={lines}"])
+    records = load_records(cfg.data, "validation")
+    vocab = Vocab.from_texts(records.texts)
+    model = build_model(cfg.model, len(vocab))
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=False), train=False)
+    result = evaluate(model, loader, torch.device("cpu"), {"greedy": GreedyDecoder(vocab)}, show_progress=False)
+    assert result.unreadable == 1 and "1.png: unreadable image" in result.problems[0]
+    assert result.counts["greedy"].lines == 5
+
+
+def test_check_data_lists_every_problem_with_file_and_line(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 5)
+    (lines / "1.png").write_bytes(b"\x89PNG broken")
+    (lines / "extra.png").write_bytes((lines / "0.png").read_bytes())
+    rows = (lines / "gt.tsv").read_bytes().splitlines()
+    rows[0] = b"0.png\t" + b"w" * 300  # far too long for its width
+    rows += [b"2.png\t", b"3.png no tab", b"4.png\t\xff\xfe", b"ghost.png\tboo"]
+    (lines / "gt.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    result = subprocess.run([sys.executable, "tools/check_data.py", "--cfg", str(TINY), "--splits", "train",
+                             "data.source=folder", f"data.train={lines}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    gt_path = lines / "gt.tsv"
+    for expected in (f"{gt_path} line 6: empty transcription", f"{gt_path} line 7: no TAB",
+                     f"{gt_path} line 8: not valid UTF-8", f"{gt_path} line 9: image file",
+                     "extra.png: image has no entry in gt.tsv", "1.png: unreadable image",
+                     "0.png: 300 characters need"):
+        assert expected in result.stdout, (expected, result.stdout)
+    assert "train: 5 usable lines" in result.stderr
+
+
+def test_impossible_device_options_are_refused_before_any_work(tmp_path):
+    for override, message in (("train.sync_bn=true", "'train.sync_bn=true' needs CUDA"),
+                              ("train.data_parallel=true", "'train.data_parallel=true' needs CUDA"),
+                              ("train.device=cuda", "no CUDA device is available")):
+        if torch.cuda.is_available():
+            pytest.skip("these options are valid on a machine with CUDA")
+        with pytest.raises(ConfigError, match=message):
+            fit(load_config(TINY, [override, f"train.output_dir={tmp_path / 'run'}"]))
+        assert not (tmp_path / "run").exists()
+
+
+def test_metrics_of_an_interrupted_epoch_are_not_duplicated(tmp_path):
+    run_dir = tmp_path / "run"
+    fit(load_config(TINY, ["train.epochs=2", f"train.output_dir={run_dir}"]))
+    # as if the run had died after logging epoch 2 but before its checkpoint replaced epoch 1's
+    last = run_dir / "checkpoints" / "last.pt"
+    os.replace(previous_path(last), last)
+    fit(load_config(TINY, ["train.epochs=2", "train.resume=auto", f"train.output_dir={run_dir}"]))
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -1,0 +1,50 @@
+"""List every problem in a dataset before a long run starts.
+
+    python tools/check_data.py --cfg experiments/base.yaml
+    python tools/check_data.py --cfg experiments/base.yaml data.source=folder data.train=lines/train \
+        data.validation=lines/val --splits train,validation
+
+Checks each split: gt.tsv lines that are empty, whitespace-only, not UTF-8 or without a TAB;
+entries whose image is missing; images with no gt.tsv entry; images that do not decode (unreadable,
+truncated, zero-size, over the pixel limit); lines whose text needs more CTC frames than their
+width gives; characters of validation/test lines missing from the training vocabulary.
+Prints one line per problem (file, line or row, what is wrong) and exits with 1 if there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from crnn.config import load_config
+from crnn.data import Vocab, load_records
+from crnn.data.check import check_records
+from crnn.errors import CrnnError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="experiment YAML")
+    parser.add_argument("--splits", default="train,validation,test", help="comma-separated splits")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+        splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+        records = {split: load_records(cfg.data, split) for split in splits}
+        vocab = Vocab.from_texts(records["train"].texts) if "train" in records else None
+        total = 0
+        for split, split_records in records.items():
+            problems = check_records(split_records, cfg.data, cfg.model, vocab, show_progress=True)
+            for problem in problems:
+                print(f"{split}\t{problem}")
+            print(f"{split}: {len(split_records)} usable lines, {len(problems)} problem(s)", file=sys.stderr)
+            total += len(problems)
+    except CrnnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1 if total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
