@@ -102,6 +102,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
+    max_minutes: float = 0.0  # stop when the training steps have taken this long (0: no limit)
     lr: float = 1e-3  # peak LR; with lr_scaling it is the LR of one process (see README)
     # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
     # linear multiplies it by N, sqrt by sqrt(N)
@@ -387,6 +388,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key, value in fractions.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{where}: '{key}' must be in [0, 1], got {value}")
+    if train.max_minutes < 0:
+        raise ConfigError(f"{where}: 'train.max_minutes' must be >= 0, got {train.max_minutes}")
     if train.log_every < 1:
         raise ConfigError(f"{where}: 'train.log_every' must be >= 1, got {train.log_every}")
     if train.lr <= 0 or train.weight_decay < 0 or train.grad_clip < 0:

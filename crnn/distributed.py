@@ -124,19 +124,18 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_number = number
 
-    def agreed(self) -> int | None:
-        """The stop signal if any rank got one (all ranks must call this at the same step)."""
-        flag = torch.tensor([self.signal_number or 0], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = all_reduce_max(flag)
-        return int(flag.item()) or None
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Elementwise max over ranks (on the GPU for NCCL), returned on the tensor's device."""
-    on_device = tensor.cuda() if dist.get_backend() == "nccl" else tensor
-    dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
-    return on_device.to(tensor.device)
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Elementwise max of `values` over ranks: decisions (stop, early stop) that every rank must
+    take together. All ranks must call it at the same point; in one process it returns `values`."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def is_main() -> bool:

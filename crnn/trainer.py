@@ -70,6 +70,7 @@ class RunState:
     best_cer: float = float("inf")
     epochs_without_improvement: int = 0
     epoch_stats: dict = field(default_factory=dict)  # the unfinished epoch so far (summed over ranks)
+    train_seconds: float = 0.0  # time spent in finished epochs' training loops (train.max_minutes)
     stopped_by: int | None = None  # the signal that ended the run early, if any
 
 
@@ -221,7 +222,8 @@ class Run:
         self.setup.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         return RunState(state["epoch"], state["step"], state["best_cer"],
-                        state["epochs_without_improvement"], state["epoch_stats"])
+                        state["epochs_without_improvement"], state.get("epoch_stats", {}),
+                        state.get("train_seconds", 0.0))
 
     def save(self, metrics: dict, best: bool = False) -> None:
         """Write checkpoints/last.pt (keeping the one it replaces) and, if `best`, best.pt."""
@@ -232,7 +234,8 @@ class Run:
             "scheduler": self.setup.scheduler.state_dict(), "scaler": self.setup.scaler.state_dict(),
             "epoch": self.state.epoch, "step": self.state.step, "best_cer": self.state.best_cer,
             "epochs_without_improvement": self.state.epochs_without_improvement,
-            "epoch_stats": self.state.epoch_stats, "config": self.cfg.to_dict(),
+            "epoch_stats": self.state.epoch_stats, "train_seconds": self.state.train_seconds,
+            "config": self.cfg.to_dict(),
             "vocab": list(self.vocab.chars), "rng": rng_state(), "metrics": metrics,
         }
         save_checkpoint(state, self.checkpoint_dir / "last.pt", keep_previous=True)
@@ -246,6 +249,13 @@ class Run:
                         self.setup.amp_dtype, keep_samples=self.cfg.train.val_images,
                         show_progress=self.dist.is_main)
 
+    def out_of_budget(self, step: int, epoch_seconds: float) -> bool:
+        """train.max_steps or train.max_minutes reached (the caller agrees it across ranks)."""
+        train = self.cfg.train
+        if train.max_steps and step >= train.max_steps:
+            return True
+        return bool(train.max_minutes and self.state.train_seconds + epoch_seconds >= 60 * train.max_minutes)
+
     def after_step(self, step: int, stats: EpochStats, stop: StopRequest) -> bool:
         """Log, checkpoint on schedule or on a stop signal. Returns True to end the epoch now."""
         self.state.step = step
@@ -254,13 +264,15 @@ class Run:
             self.logger.scalars(step, {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,
                                        "train/lr": self.setup.scheduler.get_last_lr()[0],
                                        "train/lines_per_s": stats.lines_per_s})
-        self.state.stopped_by = stop.agreed()
+        signal_number, over_budget = distributed.max_over_ranks(
+            [stop.signal_number or 0, self.out_of_budget(step, stats.seconds)])
+        self.state.stopped_by = int(signal_number) or None
         if self.state.stopped_by or (train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0):
             partial = EpochStats(**stats.to_dict())
             partial.reduce(self.dist.device)  # the whole epoch so far, over all ranks
             self.state.epoch_stats = partial.to_dict()
             self.save({})
-        return bool(self.state.stopped_by) or bool(train.max_steps and step >= train.max_steps)
+        return bool(self.state.stopped_by or over_budget)
 
     def end_epoch(self, epoch: int, stats: EpochStats, result: EvalResult) -> bool:
         """Log, checkpoint, decide on early stopping. Returns True to stop."""
@@ -273,6 +285,7 @@ class Run:
                   "skipped_too_long": stats.too_long, "bad_steps": stats.bad_steps}
         best = counts.cer < self.state.best_cer
         self.state.epoch, self.state.epoch_stats = epoch, {}
+        self.state.train_seconds += stats.seconds
         self.state.best_cer = min(self.state.best_cer, counts.cer)
         self.state.epochs_without_improvement = 0 if best else self.state.epochs_without_improvement + 1
         self.save(record, best)
@@ -286,7 +299,7 @@ class Run:
         if patience and self.state.epochs_without_improvement >= patience:
             self.logger.info("early stopping: no better validation CER for %d epoch(s)", patience)
             return True
-        return bool(self.cfg.train.max_steps and self.state.step >= self.cfg.train.max_steps)
+        return bool(distributed.max_over_ranks([self.out_of_budget(self.state.step, 0.0)])[0])
 
     def resumed_stats(self) -> EpochStats:
         """The unfinished epoch's stats: the totals on rank 0, only the position elsewhere."""

@@ -1,0 +1,212 @@
+"""Speed and accuracy-per-compute measurements behind `tools/benchmark.py`.
+
+Speed: every config is timed in one process on the same lines (synthetic handwriting rendered at
+a height of 128 with realistic widths), each config's own preprocessing applied, batches grouped by
+width. Reported: parameters, forward GFLOPs per line, training lines/s (forward + backward +
+optimizer step) in float32 and in the AMP mode, inference lines/s (greedy, and beam search), and
+the memory a training step needs. Each figure is the median of several timed passes after warm-up.
+
+Budget: every config trains for the same wall-clock time on the same data, with an LR schedule
+fitted to the steps it can do in that time, and reports its validation CER/WER.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from crnn.config import Config, load_config
+from crnn.data import Batch, Vocab, build_dataset, build_loader, load_records, synthetic
+from crnn.data.collate import collate
+from crnn.data.samplers import WidthBatchSampler
+from crnn.data.transforms import resize_line
+from crnn.decoding import GreedyDecoder, build_decoders
+from crnn.distributed import resolve_device
+from crnn.engine import TrainSetup, autocast, drop_infeasible, train_step
+from crnn.models import build_model
+from crnn.optim import build_optimizer
+from crnn.trainer import fit, resolve_amp
+
+
+@dataclass
+class Lines:
+    """Source lines shared by every config: grayscale images and their texts."""
+
+    images: list
+    texts: list[str]
+
+
+def make_lines(count: int, seed: int = 0, height: int = 128) -> Lines:
+    """Synthetic handwriting of 5 to 12 words: 1,000 to 3,500 px wide at height 128, like IAM lines."""
+    images, texts = [], []
+    for index in range(count):
+        text = synthetic.sample_text(random.Random(f"{seed}:{index}"), 5, 12)
+        images.append(synthetic.render_line(text, random.Random(f"{seed}:{index}:image"), height))
+        texts.append(text)
+    return Lines(images, texts)
+
+
+def batches_for(cfg: Config, lines: Lines, vocab: Vocab, batch_size: int) -> list[Batch]:
+    """The lines preprocessed as `cfg` says, grouped by width into padded batches."""
+    data = cfg.data
+    samples = []
+    for image, text in zip(lines.images, lines.texts, strict=True):
+        ink = resize_line(image, data.height, data.resize, data.width, data.max_width)
+        samples.append({"index": len(samples), "image": ink, "text": text, "target": vocab.encode(text)})
+    sampler = WidthBatchSampler([s["image"].shape[-1] for s in samples], batch_size, shuffle=False)
+    return [collate([samples[i] for i, _ in keys]) for keys in sampler]
+
+
+def median_seconds(run, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `run()` over `repeats` passes after `warmup` untimed ones."""
+    times = []
+    for repetition in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if repetition >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_gflops(model: torch.nn.Module, batch: Batch, device: torch.device) -> float:
+    """Forward GFLOPs per line (multiply-adds count as two), from torch's FLOP counter."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch.images.to(device), batch.widths)
+    return counter.get_total_flops() / 1e9 / len(batch)
+
+
+def training_memory_mb(model: torch.nn.Module, batch: Batch, setup: TrainSetup) -> float:
+    """Memory of one training step: weights, gradients, AdamW's two moments, and the activations
+    autograd saves for the backward pass (on CUDA: the allocator's peak instead)."""
+    model.train()
+    device = setup.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, batch, setup, 1.0, 0, 0, False)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        train_step(model, batch, setup, 1.0, 0, 0, False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (4 * weights + sum(saved.values())) / 2**20
+
+
+def step_setup(cfg: Config, model: torch.nn.Module, device: torch.device,
+               amp_dtype: torch.dtype | None) -> TrainSetup:
+    """AdamW at a constant LR: what a training step costs, without the run around it."""
+    optimizer = build_optimizer(cfg.train, model, device)
+    return TrainSetup(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                      torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device,
+                      amp_dtype, cfg.train.grad_clip, cfg.model.shortcut_weight if cfg.model.shortcut else 0.0)
+
+
+def speed_row(cfg_path: str, lines: Lines, device: torch.device, batch_size: int, repeats: int,
+              warmup: int, amp_dtype: torch.dtype | None) -> dict:
+    """All speed figures of one config (see the module docstring)."""
+    cfg = load_config(cfg_path)
+    vocab = Vocab.from_texts(lines.texts)
+    batches = batches_for(cfg, lines, vocab, batch_size)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    count = len(lines.texts)
+    row = {"config": Path(cfg_path).stem, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+           "gflops_per_line": forward_gflops(model, batches[len(batches) // 2], device),
+           "mean_width": sum(int(b.widths.sum()) for b in batches) / count}
+    decoders = {"greedy": GreedyDecoder(vocab), **build_decoders(["beam"], vocab, cfg.decode)}
+    precisions = {"fp32": None} | ({AMP_NAMES[amp_dtype]: amp_dtype} if amp_dtype else {})
+    for precision, dtype in precisions.items():
+        setup = step_setup(cfg, model, device, dtype)
+        feasible = [drop_infeasible(model, batch)[0] for batch in batches]
+        seconds = median_seconds(lambda s=setup, f=feasible: train_pass(model, f, s), repeats, warmup, device)
+        row[f"train_{precision}_lines_per_s"] = count / seconds
+        if dtype is None:
+            row["train_memory_mb"] = training_memory_mb(model, batches[-1], setup)
+        for name, decoder in decoders.items():
+            seconds = median_seconds(lambda d=decoder, t=dtype: infer_pass(model, batches, d, device, t),
+                                     repeats, warmup, device)
+            row[f"infer_{precision}_{name}_lines_per_s"] = count / seconds
+    return row
+
+
+AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def train_pass(model: torch.nn.Module, batches: list[Batch], setup: TrainSetup) -> None:
+    model.train()
+    for batch in batches:
+        train_step(model, batch, setup, 1.0, 0, 0, False)
+
+
+@torch.no_grad()
+def infer_pass(model: torch.nn.Module, batches: list[Batch], decoder, device: torch.device,
+               dtype: torch.dtype | None) -> None:
+    model.eval()
+    for batch in batches:
+        with autocast(device, dtype):
+            output = model(batch.images.to(device, non_blocking=True), batch.widths)
+        decoder(output.log_probs, output.lengths)
+
+
+def calibrate_steps_per_second(cfg: Config, steps: int = 8) -> float:
+    """Training steps per second of `cfg` on its own data (after two warm-up steps)."""
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, len(vocab)).to(device)
+    setup = step_setup(cfg, model, device, resolve_amp(cfg.train.amp, device))
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, True), True, cfg.train.seed)
+    loader.batch_sampler.set_epoch(1)
+    start, done = 0.0, 0
+    model.train()
+    for batch in loader:
+        batch, _ = drop_infeasible(model, batch)
+        if len(batch):
+            train_step(model, batch, setup, 1.0, 0, done, False)
+            done += 1
+        if done == 2 and not start:
+            start = time.perf_counter()
+        if done == steps + 2:
+            break
+    return steps / (time.perf_counter() - start)
+
+
+def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root: Path) -> dict:
+    """Train `cfg_path` (with `overrides`, e.g. the data) for `minutes` of training-step time.
+
+    The LR schedule is fitted to the budget: the config's speed on this data is measured first,
+    and the cosine decay (and a warmup of at most 10% of it) spans the steps it can do in time.
+    """
+    run_dir = output_root / Path(cfg_path).stem
+    base = [*overrides, f"train.output_dir={run_dir}", "train.epochs=100000", "train.patience=0",
+            "train.resume=", "train.checkpoint_every_steps=0"]
+    cfg = load_config(cfg_path, base)
+    steps = max(10, int(calibrate_steps_per_second(cfg) * 60 * minutes))
+    warmup = min(cfg.train.warmup_steps, steps // 10)
+    cfg = load_config(cfg_path, [*base, f"train.max_steps={steps}", f"train.max_minutes={minutes}",
+                                 f"train.warmup_steps={warmup}"])
+    state = fit(cfg)
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"config": Path(cfg_path).stem, "minutes": minutes, "steps": state.step,
+            "planned_steps": steps, "epochs": len(epochs), "train_seconds": round(state.train_seconds, 1),
+            "best_val_cer": state.best_cer, "final_val_cer": epochs[-1]["val_cer"],
+            "final_val_wer": epochs[-1]["val_wer"], "best_val_wer": min(e["val_wer"] for e in epochs)}

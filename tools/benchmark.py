@@ -1,0 +1,112 @@
+"""Compare configs side by side: speed on the same lines, or accuracy under the same time budget.
+
+Speed (all configs in one process, same lines, median of timed passes after warm-up):
+    python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \
+        --cfg experiments/reference_bestpractice.yaml --device cpu --json speed.json
+    python tools/benchmark.py --cfg experiments/base.yaml --device cuda --lines 512 --batch-size 32
+
+Accuracy per compute (each config trains for the same minutes on the same data):
+    python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \
+        --cfg experiments/reference_bestpractice.yaml --budget-minutes 30 \
+        --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet
+
+`--data TRAIN,VALIDATION` takes parquet files or gt.tsv folders; more `key=value` overrides apply to
+every config (e.g. data.num_workers=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from crnn.benchmark import budget_row, make_lines, speed_row
+from crnn.distributed import resolve_device
+from crnn.errors import CrnnError
+
+SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"),
+                 ("gflops_per_line", "GFLOPs/line", "{:.1f}"), ("mean_width", "mean width", "{:.0f}"),
+                 ("train_fp32_lines_per_s", "train fp32", "{:.1f}"), ("train_{amp}_lines_per_s", "train {amp}", "{:.1f}"),
+                 ("infer_fp32_greedy_lines_per_s", "greedy fp32", "{:.1f}"),
+                 ("infer_fp32_beam_lines_per_s", "beam fp32", "{:.1f}"),
+                 ("infer_{amp}_greedy_lines_per_s", "greedy {amp}", "{:.1f}"),
+                 ("train_memory_mb", "train MB", "{:.0f}")]
+BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("steps", "steps", "{}"),
+                  ("epochs", "epochs", "{}"), ("best_val_cer", "best val CER", "{:.4f}"),
+                  ("best_val_wer", "best val WER", "{:.4f}")]
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]], amp: str = "") -> None:
+    columns = [(key.format(amp=amp), title.format(amp=amp), fmt) for key, title, fmt in columns]
+    columns = [c for c in columns if any(c[0] in row for row in rows)]
+    print("| " + " | ".join(title for _, title, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns) + " |")
+
+
+def data_overrides(data: str) -> list[str]:
+    train, _, validation = data.partition(",")
+    if not validation:
+        raise CrnnError("--data must be TRAIN,VALIDATION (two parquet files or two gt.tsv folders)")
+    source = "folder" if Path(train).is_dir() else "parquet"
+    return [f"data.source={source}", f"data.train={train}", f"data.validation={validation}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", action="append", required=True, help="a config to compare (repeat)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="the mixed precision timed next to fp32 (auto: bf16, or fp16 on GPUs without bf16)")
+    parser.add_argument("--lines", type=int, default=0, help="lines per timed pass (default 32 CPU, 256 GPU)")
+    parser.add_argument("--batch-size", type=int, default=0, help="default 8 on CPU, 32 on GPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--budget-minutes", type=float, help="train each config this long instead")
+    parser.add_argument("--data", help="TRAIN,VALIDATION for --budget-minutes")
+    parser.add_argument("--output", default=f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}",
+                        help="run directories of --budget-minutes")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every config (budget mode)")
+    args = parser.parse_args(argv)
+    try:
+        rows = run(args)
+    except CrnnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.budget_minutes:
+        if not args.data:
+            raise CrnnError("--budget-minutes needs --data TRAIN,VALIDATION")
+        overrides = [*data_overrides(args.data), *args.overrides]
+        rows = [budget_row(cfg, overrides, args.budget_minutes, Path(args.output)) for cfg in args.cfg]
+        print_table(rows, BUDGET_COLUMNS)
+        return rows
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    amp = args.amp if args.amp != "auto" else ("bf16" if not cuda or torch.cuda.is_bf16_supported() else "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    lines = make_lines(args.lines or (256 if cuda else 32))
+    batch_size = args.batch_size or (32 if cuda else 8)
+    torch.backends.cudnn.benchmark = True
+    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores'}), "
+          f"{torch.get_num_threads()} threads, {len(lines.texts)} lines, batch {batch_size}, "
+          f"median of {args.repeats} after {args.warmup} warm-up", file=sys.stderr)
+    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, args.warmup, amp_dtype) for cfg in args.cfg]
+    print_table(rows, SPEED_COLUMNS, amp)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
