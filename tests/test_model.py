@@ -47,7 +47,7 @@ def test_lstm_head_ignores_padded_columns():
 def test_column_pool_avg_maxpool_downsample_and_fixed_frames():
     model = build_model(small("model.column_pool=avg", "model.downsample=maxpool"), 5).eval()
     assert model(torch.rand(1, 1, 32, 64), torch.tensor([64])).lengths.tolist() == [16]
-    fixed = build_model(small("model.frames=24"), 5).eval()
+    fixed = build_model(small("model.frames=24", "data.resize=squash", "data.width=100"), 5).eval()
     output = fixed(torch.rand(2, 1, 32, 100), torch.tensor([100, 100]))
     assert output.log_probs.shape[0] == 24 and output.lengths.tolist() == [24, 24]
 

@@ -4,14 +4,51 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+def reversal_index(lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """`(T, N)` index that reverses each line within its own length and leaves its padding in
+    place; applying it twice gives the identity."""
+    time = torch.arange(frames, device=lengths.device)[:, None]
+    lengths = lengths.to(time.device)[None, :]
+    return torch.where(time < lengths, lengths - 1 - time, time)
+
+
+class BiLSTM(nn.Module):
+    """A stacked bidirectional LSTM over `(T, N, C)` whose output for a line ignores the padding
+    after it: the forward direction reaches the padding only after the line, and the backward
+    direction reads each line reversed within its own length, so it starts on the line's last
+    column rather than on padding.
+
+    (Packed sequences would do the same, but on the CPU their backward pass is many times slower.)
+    """
+
+    def __init__(self, in_channels: int, hidden: int, layers: int, dropout: float = 0.0):
+        super().__init__()
+        sizes = [in_channels] + [2 * hidden] * (layers - 1)
+        self.forward_layers = nn.ModuleList(nn.LSTM(size, hidden) for size in sizes)
+        self.backward_layers = nn.ModuleList(nn.LSTM(size, hidden) for size in sizes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """features `(T, N, C)`, lengths `(N,)` -> `(T, N, 2 * hidden)`."""
+        index = reversal_index(lengths, features.shape[0])[..., None]
+        for layer, (forward, backward) in enumerate(zip(self.forward_layers, self.backward_layers, strict=True)):
+            if layer:
+                features = self.dropout(features)
+            ahead, _ = forward(features)
+            reversed_features = features.gather(0, index.expand_as(features))
+            behind, _ = backward(reversed_features)
+            behind = behind.gather(0, index.expand_as(behind))
+            features = torch.cat([ahead, behind], dim=-1)
+        return features
 
 
 class BiLSTMHead(nn.Module):
     """BiLSTM over the columns, then dropout and a linear layer to the classes.
 
-    Padded columns are packed away, so a line's output does not depend on its batch neighbours.
-    With `layers=0` it is a per-column linear classifier.
+    A line's output does not depend on the padding after it (see BiLSTM). With `layers=0` it is a
+    per-column linear classifier.
     """
 
     def __init__(self, in_channels: int, hidden: int, layers: int, num_classes: int,
@@ -19,18 +56,15 @@ class BiLSTMHead(nn.Module):
         super().__init__()
         self.lstm = None
         if layers > 0:
-            self.lstm = nn.LSTM(in_channels, hidden, layers, dropout=dropout if layers > 1 else 0.0,
-                                bidirectional=True)
+            self.lstm = BiLSTM(in_channels, hidden, layers, dropout)
             in_channels = 2 * hidden
         self.dropout = nn.Dropout(output_dropout)
         self.classifier = nn.Linear(in_channels, num_classes)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """features `(T, N, C)`, lengths `(N,)` on the CPU -> logits `(T, N, classes)`."""
+        """features `(T, N, C)`, lengths `(N,)` -> logits `(T, N, classes)`."""
         if self.lstm is not None:
-            packed = pack_padded_sequence(features, lengths.cpu(), enforce_sorted=False)
-            packed, _ = self.lstm(packed)
-            features, _ = pad_packed_sequence(packed, total_length=features.shape[0])
+            features = self.lstm(features, lengths)
         return self.classifier(self.dropout(features))
 
 
