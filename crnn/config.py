@@ -135,7 +135,7 @@ class DecodeConfig:
 
     beam_size: int = 10
     beam_threshold: float = 25.0  # prune hypotheses this far (log-prob) below the best
-    beam_size_token: int = 0  # tokens considered per frame (0: all)
+    beam_size_token: int = 16  # tokens considered per frame (0: all); 16 loses nothing measurable
     nbest: int = 1
     cuda: bool = False  # on CUDA use torchaudio's cuda_ctc_decoder for the plain beam search
     lm_path: str = ""  # character LM file (tools/build_lm.py, or a KenLM ARPA/binary); "" = built
@@ -303,6 +303,11 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
         node[leaf] = value
     return nested
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    """A plain config dict (e.g. a checkpoint's) with `key=value` overrides merged in."""
+    return _merge(data, parse_overrides(list(overrides)))
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:

@@ -1,10 +1,47 @@
-"""CTC decoding: greedy (best path), vectorised over the batch."""
+"""CTC decoding: greedy (best path), beam search, beam search + character language model.
+
+Every decoder is a callable `(log_probs (T, N, C) float32, lengths (N,)) -> N strings`, the
+`Decoder` that `crnn.engine.evaluate` takes; beam decoders also give the n best with `.nbest()`.
+`build_decoders(names, vocab, cfg.decode, lm_texts)` builds them by name: greedy, beam, beam_lm.
+
+Beam search is flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`, CPU), with
+`log_add` on, so a labelling's probability sums over its alignments. With `decode.cuda=true` the
+plain beam search runs on the GPU instead (torchaudio `cuda_ctc_decoder`: blank 0, no LM).
+
+Tokens: blank is index 0 and the vocab's characters follow (as in `crnn.data.Vocab`). The space
+character is the decoder's silence token, i.e. its word boundary: `decode.word_score` is
+flashlight's `sil_score`, added on every frame labelled space (with a peaky CTC model, about once
+per word). A vocab without a space gets a silence token past the last class, which no frame
+can take: then `word_score` has no effect.
+
+Language model (beam_lm): `decode.lm_path` (an ARPA file or a KenLM binary, loaded by
+flashlight's KenLM), else a character n-gram (`crnn.lm.NgramLM`) estimated from the training
+transcriptions and plugged in through torchaudio's `CTCDecoderLM` interface. `decode.lm_weight`
+multiplies natural-log LM probabilities in both cases (KenLM's log10 scores are rescaled).
+
+`load_trained_model(ckpt, overrides)` -> `TrainedModel` (config, vocab, model in eval mode), with
+`.decoders(names)` and `.transcribe(images, decoder)`: what tools/evaluate.py and predict.py share.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
+import torch
+from torchaudio.models.decoder import CTCDecoderLM, CTCDecoderLMState, ctc_decoder
+
+from crnn.config import DecodeConfig
 from crnn.data.vocab import BLANK, Vocab
+from crnn.engine import Decoder
+from crnn.errors import ConfigError
+from crnn.lm import BOS, EOS, UNK, NgramLM, char_to_token
+
+DECODER_NAMES = ("greedy", "beam", "beam_lm")
+BLANK_TOKEN = "<blank>"
+NO_SPACE_SIL_TOKEN = "<sil>"  # a silence token for vocabs without a space: past the last class
 
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -30,3 +67,273 @@ class GreedyDecoder:
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return [self.vocab.decode(indices) for indices in greedy_decode(log_probs, lengths)]
+
+
+class Hypothesis(NamedTuple):
+    text: str
+    score: float  # the decoder's total log score (acoustic + weighted LM + word scores)
+
+
+def decoder_tokens(vocab: Vocab) -> tuple[list[str], str]:
+    """Flashlight's token list (index = class, `<blank>` first) and its silence token.
+
+    Characters are named as the LM names them (`crnn.lm.char_to_token`: a space is `|`), so that
+    a KenLM file built from tokenised text finds them.
+    """
+    tokens = [BLANK_TOKEN] + [char_to_token(char) for char in vocab.chars]
+    if " " in vocab.index:
+        return tokens, char_to_token(" ")
+    return [*tokens, NO_SPACE_SIL_TOKEN], NO_SPACE_SIL_TOKEN
+
+
+class NgramDecoderLM(CTCDecoderLM):
+    """A `crnn.lm.NgramLM` behind torchaudio's custom-LM interface, scoring class indices.
+
+    Flashlight merges two hypotheses only when their LM states are the same object, so states
+    follow the decoder's prefix tree (`state.child(token)`), as its KenLM wrapper's do: equal
+    prefixes merge (their alignments are summed), different ones never do. Each state maps to the
+    id of its n-gram context. Flashlight asks for every (hypothesis, class) pair at every frame,
+    so the LM's answers are cached per (context id, class) across lines. Scores are natural-log
+    probabilities; flashlight multiplies them by its `lm_weight`.
+    """
+
+    CACHE_LIMIT = 4_000_000  # (context, class) answers kept before the cache starts over
+
+    def __init__(self, lm: NgramLM, vocab: Vocab):
+        CTCDecoderLM.__init__(self)
+        self.lm = lm
+        # class index -> LM token; the blank (0) is never scored
+        self.words = [UNK] + [char_to_token(char) for char in vocab.chars]
+        self.context_ids: dict[tuple[str, ...], int] = {}  # at most one per context of the model
+        self.contexts: list[tuple[str, ...]] = []
+        self.steps: dict[int, tuple[int, float]] = {}  # context id * classes + class -> (id, log p)
+        self.states: dict[CTCDecoderLMState, int] = {}  # the current line's states -> context id
+
+    def context_id(self, context: tuple[str, ...]) -> int:
+        if context not in self.context_ids:
+            self.context_ids[context] = len(self.contexts)
+            self.contexts.append(context)
+        return self.context_ids[context]
+
+    def start(self, start_with_nothing: bool) -> CTCDecoderLMState:
+        # called at the start of every line: the previous line's states are gone from the decoder
+        self.states.clear()
+        state = CTCDecoderLMState()
+        self.states[state] = self.context_id(() if start_with_nothing else (BOS,))
+        return state
+
+    def score(self, state: CTCDecoderLMState, usr_token_idx: int) -> tuple[CTCDecoderLMState, float]:
+        key = self.states[state] * len(self.words) + usr_token_idx
+        step = self.steps.get(key)
+        if step is None:
+            step = self.advance(key)
+        child = state.child(usr_token_idx)
+        self.states[child] = step[0]
+        return child, step[1]
+
+    def advance(self, key: int) -> tuple[int, float]:
+        context_id, token = divmod(key, len(self.words))
+        following, log_prob = self.lm.advance(self.contexts[context_id], self.words[token])
+        if len(self.steps) >= self.CACHE_LIMIT:
+            self.steps.clear()
+        self.steps[key] = (self.context_id(following), log_prob)
+        return self.steps[key]
+
+    def finish(self, state: CTCDecoderLMState) -> tuple[CTCDecoderLMState, float]:
+        return state, self.lm.log_prob(self.contexts[self.states[state]], EOS)
+
+
+class BeamDecoder:
+    """Flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`), on the CPU.
+
+    `lm`: None or a flashlight LM (a `CTCDecoderLM`, or flashlight's KenLM from `load_kenlm`);
+    `lm_weight` multiplies the LM's scores as they come (see `build_language_model` for units);
+    `word_score` is added on every frame labelled space. `beam_size_token` 0 means all classes.
+    """
+
+    def __init__(self, vocab: Vocab, beam_size: int = 10, beam_threshold: float = 25.0,
+                 beam_size_token: int = 0, nbest: int = 1, lm: CTCDecoderLM | None = None,
+                 lm_weight: float = 0.0, word_score: float = 0.0):
+        tokens, sil_token = decoder_tokens(vocab)
+        self.vocab = vocab
+        try:
+            self.decoder = ctc_decoder(
+                lexicon=None, tokens=tokens, lm=lm, nbest=nbest, beam_size=beam_size,
+                beam_size_token=beam_size_token or None, beam_threshold=beam_threshold,
+                lm_weight=lm_weight, sil_score=word_score, log_add=True,
+                blank_token=BLANK_TOKEN, sil_token=sil_token)
+        except RuntimeError as err:
+            raise ConfigError(f"cannot build the beam search decoder: {str(err).splitlines()[0]}") from None
+
+    def nbest(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
+        """log_probs `(T, N, C)`, lengths `(N,)` -> per line, its best hypotheses, best first."""
+        emissions = log_probs.detach().float().cpu().transpose(0, 1).contiguous()  # (N, T, C)
+        lengths = lengths.detach().cpu()
+        results = self.decoder(emissions, lengths)
+        return [[Hypothesis(self._text(hypothesis.tokens, hypothesis.timesteps, int(length)),
+                            float(hypothesis.score)) for hypothesis in line]
+                for line, length in zip(results, lengths, strict=True)]
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return [line[0].text if line else "" for line in self.nbest(log_probs, lengths)]
+
+    def _text(self, tokens: torch.Tensor, timesteps: torch.Tensor, length: int) -> str:
+        # Flashlight's path has one node per frame plus a silence node before the first frame
+        # (step 0) and one after the last (step length + 1): those are not characters.
+        kept = [token for token, step in zip(tokens.tolist(), timesteps.tolist(), strict=True)
+                if 0 < step <= length]
+        return self.vocab.decode(kept)
+
+
+class CudaBeamDecoder:
+    """torchaudio's CUDA CTC beam search (`cuda_ctc_decoder`): no LM, blank must be 0.
+
+    It wants float32 contiguous `(N, T, C)` log-probs and int32 lengths on the GPU; frames whose
+    blank probability is over `blank_skip_threshold` are skipped, as torchaudio does by default.
+    """
+
+    def __init__(self, vocab: Vocab, beam_size: int = 10, nbest: int = 1,
+                 device: torch.device | None = None, blank_skip_threshold: float = 0.95):
+        if not torch.cuda.is_available():
+            raise ConfigError("decode.cuda=true needs a CUDA device and none is available; set "
+                              "decode.cuda=false to run the beam search on the CPU")
+        try:
+            from torchaudio.models.decoder import cuda_ctc_decoder
+        except (ImportError, OSError, RuntimeError) as err:
+            raise ConfigError(f"decode.cuda=true: this torchaudio has no CUDA CTC decoder ({err}); "
+                              f"set decode.cuda=false") from None
+        self.vocab = vocab
+        self.device = device if device is not None and device.type == "cuda" else torch.device("cuda")
+        tokens = decoder_tokens(vocab)[0][: len(vocab)]  # exactly one token per class
+        with torch.cuda.device(self.device):  # its workspace lives on this device's stream
+            self.decoder = cuda_ctc_decoder(tokens, nbest=min(nbest, beam_size), beam_size=beam_size,
+                                            blank_skip_threshold=blank_skip_threshold)
+
+    def nbest(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
+        """log_probs `(T, N, C)`, lengths `(N,)` -> per line, its best hypotheses, best first."""
+        emissions = log_probs.detach().to(self.device, torch.float32).transpose(0, 1).contiguous()
+        lengths = lengths.detach().to(self.device, torch.int32)
+        with torch.cuda.device(self.device):
+            results = self.decoder(emissions, lengths)
+        return [[Hypothesis(self.vocab.decode([t for t in hypothesis.tokens if t != BLANK]),
+                            float(hypothesis.score)) for hypothesis in line] for line in results]
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return [line[0].text if line else "" for line in self.nbest(log_probs, lengths)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building decoders from the `decode` config section.
+
+
+def lm_file_kind(path: str | Path) -> str:
+    """'arpa' or 'kenlm' (a KenLM binary), from the file's first bytes; ConfigError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"decode.lm_path: language model file not found: {path}")
+    with open(path, "rb") as stream:
+        head = stream.read(4096)
+    if head.startswith(b"mmap lm "):
+        return "kenlm"
+    if b"\\data\\" in [line.strip() for line in head.splitlines()]:
+        return "arpa"
+    raise ConfigError(f"decode.lm_path: {path} is neither an ARPA file (with a \\data\\ line) nor a "
+                      f"KenLM binary; build one with: python tools/build_lm.py TEXTS --out lm.arpa")
+
+
+def load_kenlm(path: str | Path, vocab: Vocab) -> CTCDecoderLM | None:
+    """Flashlight's KenLM over an ARPA or binary file, its words indexed like the decoder's tokens.
+
+    Not torchaudio's `ctc_decoder(lm=path)`: for lexicon-free decoding it builds the LM's word
+    dictionary in another order than the tokens, while flashlight scores token indices, so the LM
+    would score the wrong characters. None if flashlight-text was built without KenLM.
+    """
+    try:
+        from flashlight.lib.text.decoder.kenlm import KenLM
+        from flashlight.lib.text.dictionary import Dictionary
+    except ImportError:
+        return None
+    try:
+        return KenLM(str(path), Dictionary(decoder_tokens(vocab)[0]))
+    except RuntimeError as err:
+        raise ConfigError(f"decode.lm_path: KenLM cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_lm_file(path: str | Path, vocab: Vocab) -> tuple[CTCDecoderLM, float]:
+    """An LM file for flashlight, and the factor that turns its scores into natural logs.
+
+    KenLM (log10 scores) reads it when it can; an ARPA file that it cannot load (no KenLM, or an
+    order above KenLM's compiled maximum, 6 in the pip wheels) is read by `NgramLM.read_arpa`:
+    the same probabilities, scored in Python.
+    """
+    kind = lm_file_kind(path)
+    try:
+        kenlm = load_kenlm(path, vocab)
+    except ConfigError:
+        if kind == "kenlm":
+            raise
+        kenlm = None
+    if kenlm is not None:
+        return kenlm, math.log(10.0)
+    if kind == "kenlm":
+        raise ConfigError(f"decode.lm_path: {path} is a KenLM binary, but flashlight-text was built "
+                          f"without KenLM; use an ARPA file (python tools/build_lm.py)")
+    return NgramDecoderLM(NgramLM.read_arpa(path), vocab), 1.0
+
+
+def build_language_model(vocab: Vocab, decode_cfg: DecodeConfig,
+                         lm_texts: Sequence[str] | None) -> tuple[CTCDecoderLM, float]:
+    """The beam_lm language model and the weight to give flashlight for it, such that
+    `decode.lm_weight` multiplies natural-log probabilities whatever the LM.
+
+    From `decode.lm_path` if set (`load_lm_file`), else estimated from `lm_texts` with
+    `decode.lm_order` and `decode.lm_smoothing`.
+    """
+    if decode_cfg.lm_path:
+        lm, to_natural_log = load_lm_file(decode_cfg.lm_path, vocab)
+        return lm, decode_cfg.lm_weight * to_natural_log
+    if lm_texts is None:
+        raise ConfigError("the beam_lm decoder needs a language model: set decode.lm_path (e.g. from "
+                          "python tools/build_lm.py TEXTS --out lm.arpa) or give training texts")
+    lm = NgramLM.estimate(lm_texts, decode_cfg.lm_order, decode_cfg.lm_smoothing)
+    return NgramDecoderLM(lm, vocab), decode_cfg.lm_weight
+
+
+def check_decode_config(decode_cfg: DecodeConfig) -> None:
+    """Reject values the decoders cannot use, naming the key."""
+    limits = {"decode.beam_size": (decode_cfg.beam_size, 1), "decode.nbest": (decode_cfg.nbest, 1),
+              "decode.beam_size_token": (decode_cfg.beam_size_token, 0),
+              "decode.lm_order": (decode_cfg.lm_order, 1)}
+    for key, (value, minimum) in limits.items():
+        if value < minimum:
+            raise ConfigError(f"'{key}' must be >= {minimum}, got {value}")
+    if decode_cfg.beam_threshold <= 0:
+        raise ConfigError(f"'decode.beam_threshold' must be > 0, got {decode_cfg.beam_threshold}")
+
+
+def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
+                   lm_texts: Sequence[str] | None = None,
+                   device: torch.device | None = None) -> dict[str, Decoder]:
+    """Decoders by name (greedy, beam, beam_lm), in the order given, configured by `decode_cfg`.
+
+    `lm_texts` (training transcriptions) are only read for beam_lm without `decode.lm_path`;
+    `device` is the model's, on which `decode.cuda=true` runs the plain beam search.
+    """
+    check_decode_config(decode_cfg)
+    beam_options = {"beam_size": decode_cfg.beam_size, "beam_threshold": decode_cfg.beam_threshold,
+                    "beam_size_token": decode_cfg.beam_size_token, "nbest": decode_cfg.nbest}
+    decoders: dict[str, Decoder] = {}
+    for name in names:
+        if name == "greedy":
+            decoders[name] = GreedyDecoder(vocab)
+        elif name == "beam" and decode_cfg.cuda:
+            decoders[name] = CudaBeamDecoder(vocab, decode_cfg.beam_size, decode_cfg.nbest, device)
+        elif name == "beam":
+            decoders[name] = BeamDecoder(vocab, **beam_options)
+        elif name == "beam_lm":
+            lm, lm_weight = build_language_model(vocab, decode_cfg, lm_texts)
+            decoders[name] = BeamDecoder(vocab, **beam_options, lm=lm, lm_weight=lm_weight,
+                                         word_score=decode_cfg.word_score)
+        else:
+            raise ConfigError(f"unknown decoder '{name}'; choose from {', '.join(DECODER_NAMES)}")
+    return decoders

@@ -8,6 +8,7 @@ with an empty hypothesis scores 0, with a non-empty hypothesis its number of ins
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import astuple, dataclass
 
 import editdistance
@@ -58,3 +59,24 @@ class ErrorCounts:
     @classmethod
     def from_tensor(cls, sums: torch.Tensor) -> ErrorCounts:
         return cls(*(int(round(value)) for value in sums.tolist()))
+
+
+@dataclass(frozen=True)
+class LineErrors:
+    """One line's reference, hypothesis and character errors (for error listings)."""
+
+    id: str
+    reference: str
+    hypothesis: str
+    char_errors: int
+
+    @property
+    def cer(self) -> float:
+        return self.char_errors / max(len(self.reference), 1)
+
+
+def worst_lines_first(lines: Iterable[tuple[str, str, str]]) -> list[LineErrors]:
+    """(id, reference, hypothesis) triples -> LineErrors, highest CER first, then most errors, then id."""
+    scored = [LineErrors(line_id, reference, hypothesis, char_errors(reference, hypothesis))
+              for line_id, reference, hypothesis in lines]
+    return sorted(scored, key=lambda line: (-line.cer, -line.char_errors, line.id))

@@ -1,0 +1,145 @@
+"""Evaluate a checkpoint: corpus CER and WER of each decoder on one split.
+
+    python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt
+    python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --split validation \
+        --decoders greedy,beam,beam_lm --json results.json --errors errors.tsv
+Any other dataset (data.* overrides on top of the checkpoint's config), beam settings (decode.*):
+    python tools/evaluate.py --ckpt runs/copiste/checkpoints/best.pt --split validation \
+        data.source=parquet data.validation=../shared/data/copiste-h64/validation.parquet
+    python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --decoders beam_lm \
+        --lm lm.arpa decode.lm_weight=0.8 decode.beam_size=20
+
+Prints one row per decoder: CER, WER, lines, lines/s of decoding alone and lines/s of the whole
+pass (loading, forward, loss and every decoder). `--json OUT` writes, per decoder, cer, wer,
+lines, lines_per_s (whole pass), decode_lines_per_s and the sums behind the rates (char_errors,
+chars, word_errors, words). `--errors OUT.tsv` lists every line, worst CER first: id, reference,
+hypothesis, cer (tab-separated, a header line; a backslash escapes tabs, newlines and
+backslashes inside texts: csv.reader(f, delimiter="\\t", quoting=csv.QUOTE_NONE,
+escapechar="\\\\") reads it back). With several decoders there is one file per decoder:
+errors.tsv -> errors.greedy.tsv, errors.beam.tsv, ...
+
+beam_lm's character language model: --lm FILE (same as decode.lm_path=FILE: an ARPA file from
+tools/build_lm.py or KenLM, or a KenLM binary), else estimated on the fly (decode.lm_order,
+decode.lm_smoothing) from <run>/train_texts.txt, which tools/train.py writes next to
+<run>/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from crnn.data import build_dataset, build_loader, load_records
+from crnn.decoding import DECODER_NAMES
+from crnn.engine import EvalResult, evaluate
+from crnn.errors import ConfigError, CrnnError
+from crnn.inference import TrainedModel, load_trained_model
+from crnn.metrics import worst_lines_first
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--decoders", default="greedy",
+                        help=f"comma-separated, from {', '.join(DECODER_NAMES)} (default: greedy)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--errors", type=Path, help="write per-line errors (TSV, worst first) here")
+    parser.add_argument("--lm", help="language model file for beam_lm (same as decode.lm_path=...)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("overrides", nargs="*", help="data.* / decode.* overrides, e.g. data.batch_size=8")
+    return parser.parse_args(argv)
+
+
+def decoder_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DECODER_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"--decoders {text!r}: give a comma-separated list of {', '.join(DECODER_NAMES)}")
+    return names
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run(trained: TrainedModel, split: str, names: list[str]) -> tuple[EvalResult, list[str]]:
+    """Evaluate every decoder in one pass over `split`; returns the result and the line ids."""
+    cfg = trained.config
+    decoders = trained.decoders(names)  # first: a missing LM is found before the data is read
+    records = load_records(cfg.data, split)
+    if records.problems:
+        warn(f"{len(records.problems)} line(s) of {records.name} left out; first: {records.problems[0]}")
+    unknown = set().union(*(trained.vocab.unknown(text) for text in records.texts))
+    if unknown:
+        warn(f"characters not in the checkpoint's vocab (counted as errors): {''.join(sorted(unknown))!r}")
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)
+    # float32 forward (no autocast): the reported numbers do not depend on the GPU's AMP support
+    result = evaluate(trained.model, loader, trained.device, decoders, keep_predictions=True,
+                      desc=f"evaluate {split}")
+    if result.unreadable:
+        warn(f"{result.unreadable} unreadable line(s) left out; first: {result.problems[0]}")
+    return result, records.ids
+
+
+def summary(result: EvalResult) -> dict[str, dict]:
+    """Per decoder: rates, line counts and speeds, and the sums the rates come from."""
+    rows = {}
+    for name, counts in result.counts.items():
+        rows[name] = {
+            "cer": counts.cer, "wer": counts.wer, "lines": counts.lines,
+            "lines_per_s": counts.lines / max(result.seconds, 1e-9),
+            "decode_lines_per_s": counts.lines / max(result.decode_seconds[name], 1e-9),
+            "char_errors": counts.char_errors, "chars": counts.chars,
+            "word_errors": counts.word_errors, "words": counts.words,
+        }
+    return rows
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    print(f"{'decoder':<10}{'CER':>9}{'WER':>9}{'lines':>8}{'decode lines/s':>16}{'lines/s':>10}")
+    for name, row in rows.items():
+        print(f"{name:<10}{row['cer']:>9.2%}{row['wer']:>9.2%}{row['lines']:>8}"
+              f"{row['decode_lines_per_s']:>16.1f}{row['lines_per_s']:>10.1f}")
+
+
+def write_errors(path: Path, result: EvalResult, ids: list[str]) -> None:
+    """One TSV per decoder (the path itself when there is only one), worst line first."""
+    for name, predictions in result.predictions.items():
+        target = path if len(result.predictions) == 1 else path.with_name(f"{path.stem}.{name}{path.suffix}")
+        with open(target, "w", encoding="utf-8", newline="") as stream:
+            writer = csv.writer(stream, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\",
+                                lineterminator="\n")
+            writer.writerow(["id", "reference", "hypothesis", "cer"])
+            for line in worst_lines_first((ids[index], ref, hyp) for index, ref, hyp in predictions):
+                writer.writerow([line.id, line.reference, line.hypothesis, f"{line.cer:.4f}"])
+        print(f"errors of {name}: {target}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        names = decoder_names(args.decoders)
+        overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
+        trained = load_trained_model(args.ckpt, overrides, args.device)
+        result, ids = run(trained, args.split, names)
+        rows = summary(result)
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        if args.errors:
+            write_errors(args.errors, result, ids)
+    except CrnnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # --json / --errors could not be written
+        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
