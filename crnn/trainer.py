@@ -30,7 +30,7 @@ from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest
 from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_one_epoch, unwrap
 from crnn.errors import CheckpointError, ConfigError
 from crnn.models import build_model
-from crnn.optim import build_optimizer, build_scheduler
+from crnn.optim import build_optimizer, build_scheduler, scaled_lr
 from crnn.runlog import RunLogger
 
 
@@ -199,9 +199,9 @@ class Run:
         )
         parameters = sum(p.numel() for p in bare.parameters())
         self.logger.info("model: %.2fM parameters, device %s, amp %s", parameters / 1e6, device, amp_dtype)
-        self.logger.info("%d process(es) x batch %d = effective batch %d; lr %.2e (train.lr_scaling=%s); "
-                         "%d step(s) per epoch", self.dist.world_size, cfg.data.batch_size,
-                         self.dist.world_size * cfg.data.batch_size, optimizer.param_groups[0]["lr"],
+        self.logger.info("%d process(es) x batch %d = effective batch %d; peak lr %.2e (train.lr_scaling="
+                         "%s); %d step(s) per epoch", self.dist.world_size, cfg.data.batch_size,
+                         self.dist.world_size * cfg.data.batch_size, scaled_lr(cfg.train, self.dist.world_size),
                          cfg.train.lr_scaling, steps_per_epoch)
         # under DDP a rank whose batch is left empty steps this blank line, so no rank hangs
         self.placeholder = Batch.blank(cfg.data.height, cfg.data.height) if self.dist.distributed else None
