@@ -192,22 +192,15 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         if isinstance(value, bool):
             return value
-    elif tp is int:
+    elif tp in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        # an int is a valid float, but neither a float nor a bool is a valid int
+        elif isinstance(value, tp if tp is int else (int, float)) and not isinstance(value, bool):
+            return tp(value)
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
