@@ -328,70 +328,65 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(merged, f"{path}" if path else "config")
 
 
-def validate(cfg: Config, where: str = "config") -> None:
-    """Cross-field checks that the type system cannot express."""
+def _check_ranges(cfg: Config, where: str) -> None:
     data, model, train = cfg.data, cfg.model, cfg.train
     positive = {
-        "data.height": data.height,
-        "data.batch_size": data.batch_size,
-        "data.max_width": data.max_width,
-        "data.shuffle_window": data.shuffle_window,
-        "model.stem_channels": model.stem_channels,
-        "model.lstm_hidden": model.lstm_hidden,
-        "train.epochs": train.epochs,
+        "data.height": data.height, "data.batch_size": data.batch_size, "data.max_width": data.max_width,
+        "data.shuffle_window": data.shuffle_window, "model.stem_channels": model.stem_channels,
+        "model.lstm_hidden": model.lstm_hidden, "train.epochs": train.epochs, "train.lr": train.lr,
+        "train.log_every": train.log_every,
+    }
+    non_negative = {
+        "data.num_workers": data.num_workers, "model.frames": model.frames,
+        "model.lstm_layers": model.lstm_layers, "train.max_steps": train.max_steps,
+        "train.max_minutes": train.max_minutes, "train.warmup_steps": train.warmup_steps,
+        "train.weight_decay": train.weight_decay, "train.grad_clip": train.grad_clip,
+        "train.patience": train.patience, "train.max_bad_steps": train.max_bad_steps,
+        "train.checkpoint_every_steps": train.checkpoint_every_steps,
+    }
+    fractions = {
+        "model.lstm_dropout": model.lstm_dropout, "model.head_dropout": model.head_dropout,
+        "model.shortcut_dropout": model.shortcut_dropout, "data.augment.prob": data.augment.prob,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
-    non_negative = {
-        "data.num_workers": data.num_workers,
-        "train.max_steps": train.max_steps,
-        "train.warmup_steps": train.warmup_steps,
-        "train.patience": train.patience,
-        "train.max_bad_steps": train.max_bad_steps,
-        "train.checkpoint_every_steps": train.checkpoint_every_steps,
-        "model.frames": model.frames,
-    }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {value}")
-    if model.frames and data.resize == "keep_aspect":
-        raise ConfigError(f"{where}: 'model.frames={model.frames}' (a fixed number of frames) needs "
-                          f"fixed-width lines: set data.resize=squash or fit with data.width")
-    if model.shortcut_kernel % 2 == 0:
-        raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
-    if data.resize != "keep_aspect" and data.width <= 0:
-        raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
+    for key, value in fractions.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}: '{key}' must be in [0, 1], got {value}")
+
+
+def _check_model_shape(model: ModelConfig, where: str) -> None:
     if not (len(model.channels) == len(model.blocks) == len(model.strides)) or not model.channels:
         raise ConfigError(
             f"{where}: 'model.channels', 'model.blocks' and 'model.strides' must be non-empty lists "
             f"of the same length (one entry per stage), got {model.channels}, {model.blocks}, "
             f"{model.strides}"
         )
+    if min(model.blocks) < 1 or min(model.channels) < 1:
+        raise ConfigError(f"{where}: 'model.blocks' and 'model.channels' must be >= 1")
     pairs = {"model.stem_kernel": model.stem_kernel, "model.stem_stride": model.stem_stride}
     pairs.update({f"model.strides[{i}]": s for i, s in enumerate(model.strides)})
     for key, value in pairs.items():
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {value}")
-    if model.lstm_layers < 0 or min(model.blocks) < 1 or min(model.channels) < 1:
-        raise ConfigError(
-            f"{where}: 'model.lstm_layers' must be >= 0 and 'model.blocks'/'model.channels' >= 1"
-        )
-    fractions = {
-        "model.lstm_dropout": model.lstm_dropout,
-        "model.head_dropout": model.head_dropout,
-        "model.shortcut_dropout": model.shortcut_dropout,
-        "data.augment.prob": data.augment.prob,
-    }
-    for key, value in fractions.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where}: '{key}' must be in [0, 1], got {value}")
-    if train.max_minutes < 0:
-        raise ConfigError(f"{where}: 'train.max_minutes' must be >= 0, got {train.max_minutes}")
-    if train.log_every < 1:
-        raise ConfigError(f"{where}: 'train.log_every' must be >= 1, got {train.log_every}")
-    if train.lr <= 0 or train.weight_decay < 0 or train.grad_clip < 0:
-        raise ConfigError(f"{where}: 'train.lr' must be > 0, weight_decay and grad_clip >= 0")
+    if model.shortcut_kernel % 2 == 0:
+        raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Ranges and cross-field checks that the type system cannot express."""
+    _check_ranges(cfg, where)
+    _check_model_shape(cfg.model, where)
+    data, model = cfg.data, cfg.model
+    if model.frames and data.resize == "keep_aspect":
+        raise ConfigError(f"{where}: 'model.frames={model.frames}' (a fixed number of frames) needs "
+                          f"fixed-width lines: set data.resize=squash or fit with data.width")
+    if data.resize != "keep_aspect" and data.width <= 0:
+        raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
 
 
 def save_config(cfg: Config, path: Path) -> None:
