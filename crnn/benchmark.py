@@ -13,6 +13,7 @@ fitted to the steps it can do in that time, and reports its validation CER/WER.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import statistics
 import time
@@ -30,6 +31,7 @@ from crnn.data.transforms import resize_line
 from crnn.decoding import GreedyDecoder, build_decoders
 from crnn.distributed import resolve_device
 from crnn.engine import TrainSetup, autocast, drop_infeasible, train_step
+from crnn.errors import CrnnError
 from crnn.models import build_model
 from crnn.optim import build_optimizer
 from crnn.trainer import fit, resolve_amp
@@ -195,18 +197,45 @@ def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root:
 
     The LR schedule is fitted to the budget: the config's speed on this data is measured first,
     and the cosine decay (and a warmup of at most 10% of it) spans the steps it can do in time.
+    Each config trains in a fresh process, so none starts with the memory (allocator caches,
+    DataLoader workers) that the one before it left behind.
     """
     run_dir = output_root / Path(cfg_path).stem
-    base = [*overrides, f"train.output_dir={run_dir}", "train.epochs=100000", "train.patience=0",
-            "train.resume=", "train.checkpoint_every_steps=0"]
-    cfg = load_config(cfg_path, base)
-    steps = max(10, int(calibrate_steps_per_second(cfg) * 60 * minutes))
-    warmup = min(cfg.train.warmup_steps, steps // 10)
-    cfg = load_config(cfg_path, [*base, f"train.max_steps={steps}", f"train.max_minutes={minutes}",
-                                 f"train.warmup_steps={warmup}"])
-    state = fit(cfg)
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_budget_child, args=(cfg_path, overrides, minutes, run_dir, send))
+    child.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:  # the child died without a word: killed, e.g. by the out-of-memory killer
+        child.join()
+        outcome = ("error", f"the training process died (exit code {child.exitcode}); if it ran out of "
+                            "memory, lower data.batch_size or data.max_width")
+    child.join()
+    if outcome[0] == "error":
+        raise CrnnError(f"{cfg_path}: {outcome[1]}")
+    steps, planned, train_seconds, best_cer = outcome[1]
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"config": Path(cfg_path).stem, "minutes": minutes, "steps": state.step,
-            "planned_steps": steps, "epochs": len(epochs), "train_seconds": round(state.train_seconds, 1),
-            "best_val_cer": state.best_cer, "final_val_cer": epochs[-1]["val_cer"],
+    return {"config": Path(cfg_path).stem, "minutes": minutes, "steps": steps,
+            "planned_steps": planned, "epochs": len(epochs), "train_seconds": round(train_seconds, 1),
+            "best_val_cer": best_cer, "final_val_cer": epochs[-1]["val_cer"],
             "final_val_wer": epochs[-1]["val_wer"], "best_val_wer": min(e["val_wer"] for e in epochs)}
+
+
+def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: Path, send) -> None:
+    """The body of budget_row, run in its own process: sends ("ok", numbers) or ("error", text)."""
+    try:
+        base = [*overrides, f"train.output_dir={run_dir}", "train.epochs=100000", "train.patience=0",
+                "train.resume=", "train.checkpoint_every_steps=0"]
+        cfg = load_config(cfg_path, base)
+        steps = max(10, int(calibrate_steps_per_second(cfg) * 60 * minutes))
+        warmup = min(cfg.train.warmup_steps, steps // 10)
+        cfg = load_config(cfg_path, [*base, f"train.max_steps={steps}", f"train.max_minutes={minutes}",
+                                     f"train.warmup_steps={warmup}"])
+        state = fit(cfg)
+        send.send(("ok", (state.step, steps, state.train_seconds, state.best_cer)))
+    except CrnnError as err:
+        send.send(("error", str(err)))
+    finally:
+        send.close()

@@ -52,3 +52,12 @@ def test_budget_mode_trains_each_config_for_the_budget(tmp_path):
     assert row["train_seconds"] <= 0.05 * 60 + 10  # stops at the budget (one step may overrun it)
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert min(m["val_cer"] for m in metrics) == row["best_val_cer"]
+
+
+def test_budget_mode_reports_a_config_error_from_its_training_process(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 4)
+    result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--budget-minutes", "0.05",
+                             "--data", f"{lines},{lines}", "--output", str(tmp_path / "runs"), "train.bogus=1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "tiny.yaml" in result.stderr and "train.bogus" in result.stderr
