@@ -13,6 +13,7 @@ fitted to the steps it can do in that time, and reports its validation CER/WER.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import random
 import statistics
@@ -34,6 +35,7 @@ from crnn.engine import TrainSetup, autocast, drop_infeasible, train_step
 from crnn.errors import CrnnError
 from crnn.models import build_model
 from crnn.optim import build_optimizer
+from crnn.runlog import setup_console_logging
 from crnn.trainer import fit, resolve_amp
 
 
@@ -203,16 +205,18 @@ def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root:
     run_dir = output_root / Path(cfg_path).stem
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_budget_child, args=(cfg_path, overrides, minutes, run_dir, send))
+    log_level = logging.getLogger().getEffectiveLevel()  # a spawned process starts unconfigured
+    child = context.Process(target=_budget_child, args=(cfg_path, overrides, minutes, run_dir, send, log_level))
     child.start()
     send.close()
     try:
         outcome = receive.recv()
     except EOFError:  # the child died without a word: killed, e.g. by the out-of-memory killer
-        child.join()
+        outcome = None
+    child.join()
+    if outcome is None:
         outcome = ("error", f"the training process died (exit code {child.exitcode}); if it ran out of "
                             "memory, lower data.batch_size or data.max_width")
-    child.join()
     if outcome[0] == "error":
         raise CrnnError(f"{cfg_path}: {outcome[1]}")
     steps, planned, train_seconds, best_cer = outcome[1]
@@ -223,8 +227,10 @@ def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root:
             "final_val_wer": epochs[-1]["val_wer"], "best_val_wer": min(e["val_wer"] for e in epochs)}
 
 
-def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: Path, send) -> None:
+def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: Path, send,
+                  log_level: int) -> None:
     """The body of budget_row, run in its own process: sends ("ok", numbers) or ("error", text)."""
+    setup_console_logging(log_level)
     try:
         base = [*overrides, f"train.output_dir={run_dir}", "train.epochs=100000", "train.patience=0",
                 "train.resume=", "train.checkpoint_every_steps=0"]

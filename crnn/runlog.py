@@ -14,6 +14,11 @@ import torch
 log = logging.getLogger("crnn")
 
 
+def setup_console_logging(level: int = logging.INFO) -> None:
+    """Console log lines as the tools print them: `HH:MM:SS LEVEL message`."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
 class RunLogger:
     def __init__(self, output_dir: Path, enabled: bool):
         self.enabled, self.output_dir = enabled, output_dir

@@ -46,6 +46,7 @@ def test_budget_mode_trains_each_config_for_the_budget(tmp_path):
                              "--data", f"{lines},{lines}", "--output", str(tmp_path / "runs"), "--json", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "INFO done: best validation CER" in result.stderr  # the training process logs like train.py
     (row,) = json.loads(out.read_text())
     assert row["steps"] >= 1 and row["epochs"] >= 1
     assert 0.0 <= row["best_val_cer"] <= row["final_val_cer"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from crnn.benchmark import budget_row, make_lines, speed_row
 from crnn.distributed import resolve_device
 from crnn.errors import CrnnError
+from crnn.runlog import setup_console_logging
 
 SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"),
                  ("gflops_per_line", "GFLOPs/line", "{:.1f}"), ("mean_width", "mean width", "{:.0f}"),
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directories of --budget-minutes")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every config (budget mode)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_console_logging()
     try:
         rows = run(args)
     except CrnnError as err:

@@ -24,6 +24,7 @@ import sys
 
 from crnn.config import load_config
 from crnn.errors import CrnnError
+from crnn.runlog import setup_console_logging
 from crnn.trainer import fit
 
 
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_console_logging(logging.INFO if rank == 0 else logging.WARNING)
     try:
         state = fit(load_config(args.cfg, args.overrides))
     except CrnnError as err:
