@@ -278,6 +278,16 @@ def test_check_data_lists_every_problem_with_file_and_line(tmp_path):
     assert "train: 5 usable lines" in result.stderr
 
 
+def test_check_data_checks_the_splits_the_config_provides(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 4)
+    result = subprocess.run([sys.executable, "tools/check_data.py", "--cfg", str(TINY), "data.source=folder",
+                             f"data.train={lines}", f"data.validation={lines}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "train: 4 usable lines, 0 problem(s)" in result.stderr
+    assert "validation: 4 usable lines, 0 problem(s)" in result.stderr and "test:" not in result.stderr
+
+
 def test_impossible_device_options_are_refused_before_any_work(tmp_path):
     for override, message in (("train.sync_bn=true", "'train.sync_bn=true' needs CUDA"),
                               ("train.data_parallel=true", "'train.data_parallel=true' needs CUDA"),

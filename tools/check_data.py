@@ -19,18 +19,22 @@ import sys
 from crnn.config import load_config
 from crnn.data import Vocab, load_records
 from crnn.data.check import check_records
+from crnn.data.sources import configured_splits
 from crnn.errors import CrnnError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="experiment YAML")
-    parser.add_argument("--splits", default="train,validation,test", help="comma-separated splits")
+    parser.add_argument("--splits", help="comma-separated splits (default: every split the config provides)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.cfg, args.overrides)
-        splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+        if args.splits:
+            splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+        else:
+            splits = configured_splits(cfg.data)
         records = {split: load_records(cfg.data, split) for split in splits}
         vocab = Vocab.from_texts(records["train"].texts) if "train" in records else None
         total = 0

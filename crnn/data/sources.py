@@ -235,6 +235,16 @@ class SyntheticRecords(LineRecords):
         return [(len(text) * self.height * 2 // 5, self.height) for text in self.texts]
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def configured_splits(data_cfg) -> list[str]:
+    """The splits the config provides: all three for the hub and synthetic sources, else those with a path."""
+    if data_cfg.source in ("hf", "synthetic"):
+        return list(SPLITS)
+    return [split for split in SPLITS if getattr(data_cfg, split)]
+
+
 def load_records(data_cfg, split: str) -> LineRecords:
     """The records of one split, for any `data.source`. Raises DataError with the config key."""
     key = f"data.{split}"
