@@ -12,6 +12,7 @@ fitted to the steps it can do in that time, and reports its validation CER/WER.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -25,18 +26,25 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnn.config import Config, load_config
-from crnn.data import Batch, Vocab, build_dataset, build_loader, load_records, synthetic
+from crnn.data import (
+    Batch,
+    Preprocess,
+    Vocab,
+    build_dataset,
+    build_loader,
+    load_records,
+    make_sample,
+    synthetic,
+)
 from crnn.data.collate import collate
 from crnn.data.samplers import WidthBatchSampler
-from crnn.data.transforms import resize_line
 from crnn.decoding import GreedyDecoder, build_decoders
 from crnn.distributed import resolve_device
-from crnn.engine import TrainSetup, autocast, drop_infeasible, train_step
+from crnn.engine import AMP_NAMES, TrainSetup, autocast, drop_infeasible, train_step
 from crnn.errors import CrnnError
 from crnn.models import build_model
-from crnn.optim import build_optimizer
 from crnn.runlog import setup_console_logging
-from crnn.trainer import fit, resolve_amp
+from crnn.trainer import fit
 
 
 @dataclass
@@ -59,12 +67,10 @@ def make_lines(count: int, seed: int = 0, height: int = 128) -> Lines:
 
 def batches_for(cfg: Config, lines: Lines, vocab: Vocab, batch_size: int) -> list[Batch]:
     """The lines preprocessed as `cfg` says, grouped by width into padded batches."""
-    data = cfg.data
-    samples = []
-    for image, text in zip(lines.images, lines.texts, strict=True):
-        ink = resize_line(image, data.height, data.resize, data.width, data.max_width)
-        samples.append({"index": len(samples), "image": ink, "text": text, "target": vocab.encode(text)})
-    sampler = WidthBatchSampler([s["image"].shape[-1] for s in samples], batch_size, shuffle=False)
+    preprocess = Preprocess.from_config(cfg.data)
+    samples = [make_sample(index, image, text, vocab, preprocess, "train")
+               for index, (image, text) in enumerate(zip(lines.images, lines.texts, strict=True))]
+    sampler = WidthBatchSampler([s.image.shape[-1] for s in samples], batch_size, shuffle=False)
     return [collate([samples[i] for i, _ in keys]) for keys in sampler]
 
 
@@ -113,18 +119,15 @@ def training_memory_mb(model: torch.nn.Module, batch: Batch, setup: TrainSetup) 
     return (4 * weights + sum(saved.values())) / 2**20
 
 
-def step_setup(cfg: Config, model: torch.nn.Module, device: torch.device,
-               amp_dtype: torch.dtype | None) -> TrainSetup:
-    """AdamW at a constant LR: what a training step costs, without the run around it."""
-    optimizer = build_optimizer(cfg.train, model, device)
-    return TrainSetup(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                      torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device,
-                      amp_dtype, cfg.train.grad_clip, cfg.model.shortcut_weight if cfg.model.shortcut else 0.0)
+def with_amp(cfg: Config, amp: str) -> Config:
+    """`cfg` with `train.amp` set (a precision to time)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=amp))
 
 
 def speed_row(cfg_path: str, lines: Lines, device: torch.device, batch_size: int, repeats: int,
-              warmup: int, amp_dtype: torch.dtype | None) -> dict:
-    """All speed figures of one config (see the module docstring)."""
+              warmup: int, amp: str) -> dict:
+    """All speed figures of one config (see the module docstring): in float32 and, unless `amp`
+    (a `train.amp` value) resolves to float32 on `device`, in that precision too."""
     cfg = load_config(cfg_path)
     vocab = Vocab.from_texts(lines.texts)
     batches = batches_for(cfg, lines, vocab, batch_size)
@@ -137,9 +140,12 @@ def speed_row(cfg_path: str, lines: Lines, device: torch.device, batch_size: int
            "gflops_per_line": forward_gflops(model, batches[len(batches) // 2], device),
            "mean_width": sum(int(b.widths.sum()) for b in batches) / count}
     decoders = {"greedy": GreedyDecoder(vocab), **build_decoders(["beam"], vocab, cfg.decode)}
-    precisions = {"fp32": None} | ({AMP_NAMES[amp_dtype]: amp_dtype} if amp_dtype else {})
-    for precision, dtype in precisions.items():
-        setup = step_setup(cfg, model, device, dtype)
+    for train_amp in dict.fromkeys(["off", amp]):  # "off" first, then `amp` unless it is the same
+        setup = TrainSetup.from_config(with_amp(cfg, train_amp), model=model, device=device,
+                                       total_steps=(warmup + repeats) * len(batches))
+        dtype, precision = setup.amp_dtype, AMP_NAMES[setup.amp_dtype]
+        if dtype is None and train_amp != "off":
+            continue  # `amp` means float32 here: already timed
         feasible = [drop_infeasible(model, batch)[0] for batch in batches]
         seconds = median_seconds(lambda s=setup, f=feasible: train_pass(model, f, s), repeats, warmup, device)
         row[f"train_{precision}_lines_per_s"] = count / seconds
@@ -150,9 +156,6 @@ def speed_row(cfg_path: str, lines: Lines, device: torch.device, batch_size: int
                                      repeats, warmup, device)
             row[f"infer_{precision}_{name}_lines_per_s"] = count / seconds
     return row
-
-
-AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def train_pass(model: torch.nn.Module, batches: list[Batch], setup: TrainSetup) -> None:
@@ -177,7 +180,7 @@ def calibrate_steps_per_second(cfg: Config, steps: int = 8) -> float:
     vocab = Vocab.from_texts(records.texts)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, len(vocab)).to(device)
-    setup = step_setup(cfg, model, device, resolve_amp(cfg.train.amp, device))
+    setup = TrainSetup.from_config(cfg, model=model, device=device, total_steps=steps + 2)
     loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, True), True, cfg.train.seed)
     loader.batch_sampler.set_epoch(1)
     start, done = 0.0, 0

@@ -1,20 +1,25 @@
 """Checkpoints: full training state, written atomically, read back with `weights_only=True`.
 
 A checkpoint holds only tensors and plain Python types (the config as a dict, the vocab as a list
-of characters, RNG states as tensors), so loading one from elsewhere cannot run code. Writes go to
-a temporary file in the same folder, are fsync'ed, then renamed over the old file: a crash or kill
-at any instant leaves either the old or the new checkpoint, never a torn one.
+of characters, RNG states as tensors), so loading one from elsewhere cannot run code. Its keys are
+the fields of `TrainingCheckpoint` (with `RunState`'s progress fields alongside), written and read
+in one place. Every file of a run directory is written through `atomic_write`: to a temporary file
+in the same folder, fsync'ed, then renamed over the old file, so a crash or kill at any instant
+leaves either the old or the new file, never a torn or emptied one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 import random
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -64,32 +69,57 @@ def _test_fault_point() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
-    """Atomically write `state` (plus the format marker) to `path`; with `keep_previous` the file
-    it replaces is kept as `previous_path(path)`, a fallback should the new one ever be damaged."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None],
+                 before_replace: Callable[[], None] | None = None) -> None:
+    """Write `path` through `write(stream)` into a temporary file beside it, fsync, rename over.
+
+    Readers (and a crash at any instant) see the old content or the new, never a partial file. On
+    an OSError the temporary file is removed and the error raised. `before_replace` runs between
+    the write and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never shared by two writers
     try:
         with open(temporary, "wb") as stream:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
-        _test_fault_point()
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+        if before_replace is not None:
+            before_replace()
         os.replace(temporary, path)
-    except OSError as err:
+    except OSError:
         temporary.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"could not write checkpoint {path} ({err.strerror or err}); the previous checkpoint "
-            f"there, if any, is intact. Free disk space or set train.output_dir elsewhere."
-        ) from err
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` for UTF-8 text."""
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+    """Atomically write `state` (plus the format marker) to `path`; with `keep_previous` the file
+    it replaces is kept as `previous_path(path)`, a fallback should the new one ever be damaged."""
+    path = Path(path)
+
+    def keep() -> None:
+        _test_fault_point()
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
+
+    try:
+        atomic_write(path, lambda stream: torch.save({"format": FORMAT, "version": VERSION, **state}, stream),
+                     before_replace=keep)
+    except OSError as err:
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({err.strerror or err}); the previous checkpoint "
+            f"there, if any, is intact. Free disk space or set train.output_dir elsewhere."
+        ) from err
 
 
 def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, Any]:
@@ -126,3 +156,56 @@ def load_newest_valid(path: Path, warn: Callable[[str], None]) -> tuple[dict[str
     if candidates:
         raise CheckpointError(f"no readable checkpoint among {', '.join(map(str, candidates))}")
     return None
+
+
+@dataclass
+class RunState:
+    """A run's progress. Its saved fields travel in every checkpoint, as top-level keys."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0
+    best_cer: float = math.inf
+    epochs_without_improvement: int = 0
+    epoch_stats: dict = field(default_factory=dict)  # the unfinished epoch so far (summed over ranks)
+    train_seconds: float = 0.0  # time spent in finished epochs' training loops (train.max_minutes)
+    # the signal that ended this process's run early, if any: not saved, a resumed run starts afresh
+    stopped_by: int | None = field(default=None, metadata={"saved": False})
+
+    @staticmethod
+    def saved_fields() -> list[str]:
+        return [spec.name for spec in dataclasses.fields(RunState) if spec.metadata.get("saved", True)]
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Everything a training checkpoint holds. The file's keys are these fields' names, with
+    `progress` flattened into `RunState.saved_fields()`, so a file reads as a plain dict."""
+
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    config: dict  # Config.to_dict()
+    vocab: list[str]
+    rng: dict  # rng_state()
+    progress: RunState
+    metrics: dict = field(default_factory=dict)  # the epoch's metrics.jsonl record ({} mid-epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        state = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.name != "progress"}
+        return {**state, **{name: getattr(self.progress, name) for name in RunState.saved_fields()}}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], where: str) -> TrainingCheckpoint:
+        """The checkpoint in `state` (from `load_checkpoint`); CheckpointError naming missing keys."""
+        required = [spec.name for spec in dataclasses.fields(cls)
+                    if spec.name != "progress" and spec.default is dataclasses.MISSING
+                    and spec.default_factory is dataclasses.MISSING]
+        missing = [name for name in required + ["epoch", "step"] if name not in state]
+        if missing:
+            raise CheckpointError(f"{where}: not a training checkpoint, it lacks {', '.join(missing)}; "
+                                  f"resume from checkpoints/last.pt of a run of tools/train.py")
+        progress = RunState(**{name: state[name] for name in RunState.saved_fields() if name in state})
+        fields = {spec.name: state[spec.name] for spec in dataclasses.fields(cls)
+                  if spec.name != "progress" and spec.name in state}
+        return cls(**fields, progress=progress)

@@ -1,16 +1,24 @@
-"""One typed, frozen Config: dataclass defaults <- YAML file <- `key=value` overrides.
+"""One typed, frozen, hashable Config: dataclass defaults <- YAML file <- `key=value` overrides.
 
     cfg = load_config("experiments/base.yaml", ["train.epochs=5", "data.batch_size=8"])
 
-Every key is checked against the dataclasses below: an unknown key or a value of the wrong type
-is a ConfigError naming the key (and the YAML line), the valid keys and, where it helps, the
-closest match. Only `build_*` functions read the Config; modules below them take plain arguments.
+Every key is checked when the config is loaded, before any data is read: an unknown key, a value of
+the wrong type, a choice outside its list or a number outside its range is a ConfigError naming the
+key (and the YAML line), the valid keys or values and, where it helps, the closest match. Each
+field declares its own choices or range next to its default (`_choice`, `_range`), so there is one
+list per choice, used by the checks, the tools' argument parsers and the modules that act on it.
+List values are stored as tuples: the Config is deeply frozen and can be hashed.
+
+Modules take plain arguments; the `build_*` functions and the `from_config` constructors are where
+a Config is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,21 +29,54 @@ import yaml
 
 from crnn.errors import ConfigError
 
+DATA_SOURCES = ("hf", "parquet", "folder", "synthetic")
+SPLITS = ("train", "validation", "test")
+RESIZE_MODES = ("keep_aspect", "squash", "fit")
+DOWNSAMPLE_MODES = ("conv", "maxpool")
+COLUMN_POOLS = ("max", "avg")
+LR_SCALINGS = ("none", "linear", "sqrt")
+SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+LM_SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
+DEVICES = "auto, cpu, cuda or cuda:N"
 
-def _choice(default: str, *choices: str) -> Any:
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
+
+
+def _range(default: float, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Any:
+    """A number within [low, high] (or (low, high] with `low_open`)."""
+    return field(default=default, metadata={"range": (low, high, low_open)})
+
+
+def _pattern(default: str, pattern: str, description: str) -> Any:
+    """A string matching the regular expression `pattern`, described to the user as `description`."""
+    return field(default=default, metadata={"pattern": (re.compile(pattern), description)})
+
+
+def _positive(default: float) -> Any:
+    return _range(default, 0, low_open=True)
+
+
+def _non_negative(default: float) -> Any:
+    return _range(default, 0)
+
+
+def _fraction(default: float) -> Any:
+    return _range(default, 0, 1)
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Sizes of the rendered splits of `data.source=synthetic` (lines are rendered on the fly)."""
 
-    train: int = 20000
-    validation: int = 500
-    test: int = 500
+    train: int = _non_negative(20000)
+    validation: int = _non_negative(500)
+    test: int = _non_negative(500)
     seed: int = 1234
-    min_words: int = 2
-    max_words: int = 7
+    min_words: int = _range(2, 1)
+    max_words: int = _range(7, 1)
 
 
 @dataclass(frozen=True)
@@ -43,32 +84,32 @@ class AugmentConfig:
     """Train-only augmentation; each op fires with probability `prob` (0 turns it off)."""
 
     enabled: bool = True
-    prob: float = 0.5
-    shear: float = 0.3  # max |tan(shear angle)|, horizontal
-    rotation: float = 1.0  # max degrees
-    scale: float = 0.15  # max relative change of size (height is restored afterwards)
-    distortion: float = 3.0  # grid distortion: max displacement in pixels at height 64
-    morphology: float = 1.0  # erosion/dilation kernel up to 1 + 2*round(value) pixels at height 64
-    brightness: float = 0.3
-    contrast: float = 0.3
+    prob: float = _fraction(0.5)
+    shear: float = _non_negative(0.3)  # max |tan(shear angle)|, horizontal
+    rotation: float = _non_negative(1.0)  # max degrees
+    scale: float = _fraction(0.15)  # max relative change of size (height is restored afterwards)
+    distortion: float = _non_negative(3.0)  # grid distortion: max displacement in pixels at height 64
+    morphology: float = _non_negative(1.0)  # erosion/dilation kernel up to 1 + 2*round(value) px at height 64
+    brightness: float = _non_negative(0.3)
+    contrast: float = _fraction(0.3)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _choice("hf", "hf", "parquet", "folder", "synthetic")
+    source: str = _choice("hf", DATA_SOURCES)
     name: str = "Teklia/IAM-line"  # hub id for source=hf
     train: str | None = None  # file or folder path for source=parquet|folder
     validation: str | None = None
     test: str | None = None
-    height: int = 128
+    height: int = _positive(128)
     # keep_aspect: height fixed, width follows; squash: resized to height x width (aspect lost);
     # fit: scaled into a height x width canvas keeping the aspect ratio, then padded.
-    resize: str = _choice("keep_aspect", "keep_aspect", "squash", "fit")
-    width: int = 0  # target width for resize=squash|fit
-    max_width: int = 4000  # lines wider than this (after resizing) are scaled down to it
-    batch_size: int = 16  # per process
-    num_workers: int = 2
-    shuffle_window: int = 50  # batches drawn from windows of this many batches, sorted by width
+    resize: str = _choice("keep_aspect", RESIZE_MODES)
+    width: int = _non_negative(0)  # target width for resize=squash|fit
+    max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
+    batch_size: int = _positive(16)  # per process
+    num_workers: int = _non_negative(2)
+    shuffle_window: int = _positive(50)  # batches drawn from windows of this many batches, sorted by width
     check: bool = False  # before training, decode every image and log every problem found
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -77,51 +118,51 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "crnn"  # key in crnn.models.MODELS
-    stem_channels: int = 32
-    stem_kernel: list[int] = field(default_factory=lambda: [7, 7])
-    stem_stride: list[int] = field(default_factory=lambda: [2, 2])  # (height, width)
+    stem_channels: int = _positive(32)
+    stem_kernel: tuple[int, ...] = (7, 7)
+    stem_stride: tuple[int, ...] = (2, 2)  # (height, width)
     stem_pool: bool = False  # 3x3 stride-2 max-pool after the stem, as in ImageNet ResNets
-    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
-    blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
-    strides: list[list[int]] = field(default_factory=lambda: [[1, 1], [2, 2], [2, 1]])
+    channels: tuple[int, ...] = (64, 128, 256)
+    blocks: tuple[int, ...] = (2, 2, 2)
+    strides: tuple[tuple[int, ...], ...] = ((1, 1), (2, 2), (2, 1))
     # conv: a stage's stride is applied by its first block; maxpool: by a max-pool before it
-    downsample: str = _choice("conv", "conv", "maxpool")
-    column_pool: str = _choice("max", "max", "avg")
-    frames: int = 0  # 0: frames follow each line's width; N > 0: adaptive-pool to N frames
-    lstm_layers: int = 2
-    lstm_hidden: int = 256
-    lstm_dropout: float = 0.2
-    head_dropout: float = 0.2
+    downsample: str = _choice("conv", DOWNSAMPLE_MODES)
+    column_pool: str = _choice("max", COLUMN_POOLS)
+    frames: int = _non_negative(0)  # 0: frames follow each line's width; N > 0: adaptive-pool to N frames
+    lstm_layers: int = _non_negative(2)
+    lstm_hidden: int = _positive(256)
+    lstm_dropout: float = _fraction(0.2)
+    head_dropout: float = _fraction(0.2)
     shortcut: bool = True
-    shortcut_weight: float = 0.1
-    shortcut_kernel: int = 3
-    shortcut_dropout: float = 0.2
+    shortcut_weight: float = _non_negative(0.1)
+    shortcut_kernel: int = _positive(3)
+    shortcut_dropout: float = _fraction(0.2)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 100
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
-    max_minutes: float = 0.0  # stop when the training steps have taken this long (0: no limit)
-    lr: float = 1e-3  # peak LR; with lr_scaling it is the LR of one process (see README)
+    epochs: int = _positive(100)
+    max_steps: int = _non_negative(0)  # stop after this many optimizer steps (0: no limit)
+    max_minutes: float = _non_negative(0.0)  # stop when the training steps have taken this long (0: no limit)
+    lr: float = _positive(1e-3)  # peak LR; with lr_scaling it is the LR of one process (see README)
     # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
     # linear multiplies it by N, sqrt by sqrt(N)
-    lr_scaling: str = _choice("none", "none", "linear", "sqrt")
-    weight_decay: float = 5e-5
-    warmup_steps: int = 500
-    schedule: str = _choice("cosine", "cosine", "constant")
-    min_lr_ratio: float = 0.02
-    grad_clip: float = 5.0  # max gradient norm (0: off)
-    amp: str = _choice("auto", "auto", "bf16", "fp16", "off")
+    lr_scaling: str = _choice("none", LR_SCALINGS)
+    weight_decay: float = _non_negative(5e-5)
+    warmup_steps: int = _non_negative(500)
+    schedule: str = _choice("cosine", SCHEDULES)
+    min_lr_ratio: float = _fraction(0.02)
+    grad_clip: float = _non_negative(5.0)  # max gradient norm (0: off)
+    amp: str = _choice("auto", AMP_MODES)
     output_dir: str = ""  # "" -> runs/<config file stem>
     resume: str = ""  # "" (new run), "auto" (continue from last.pt if present) or a path
     seed: int = 0
-    patience: int = 0  # early stopping: epochs without a better validation CER (0: off)
-    val_images: int = 4  # validation images logged to TensorBoard each epoch
-    log_every: int = 20  # steps between TensorBoard training scalars
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    checkpoint_every_steps: int = 0  # also write checkpoints/last.pt every N steps (0: epoch ends only)
+    patience: int = _non_negative(0)  # early stopping: epochs without a better validation CER (0: off)
+    val_images: int = _non_negative(4)  # validation images logged to TensorBoard each epoch
+    log_every: int = _positive(20)  # steps between TensorBoard training scalars
+    device: str = _pattern("auto", r"auto|cpu|cuda(:\d+)?", DEVICES)
+    max_bad_steps: int = _non_negative(5)  # stop after this many non-finite steps in a row
+    checkpoint_every_steps: int = _non_negative(0)  # also write checkpoints/last.pt every N steps (0: epoch ends only)
     oom_retry: bool = True  # on out-of-memory, retry the batch in two halves (single process only)
     data_parallel: bool = False
     sync_bn: bool = False
@@ -133,16 +174,25 @@ class TrainConfig:
 class DecodeConfig:
     """Beam search (torchaudio's flashlight `ctc_decoder`, lexicon-free) and its language model."""
 
-    beam_size: int = 10
-    beam_threshold: float = 25.0  # prune hypotheses this far (log-prob) below the best
-    beam_size_token: int = 16  # tokens considered per frame (0: all); 16 loses nothing measurable
-    nbest: int = 1
+    beam_size: int = _range(10, 1)
+    beam_threshold: float = _positive(25.0)  # prune hypotheses this far (log-prob) below the best
+    beam_size_token: int = _non_negative(16)  # tokens considered per frame (0: all); 16 loses nothing measurable
+    nbest: int = _range(1, 1)
     cuda: bool = False  # on CUDA use torchaudio's cuda_ctc_decoder for the plain beam search
     lm_path: str = ""  # character LM file (tools/build_lm.py, or a KenLM ARPA/binary); "" = built
-    lm_order: int = 6  # n-gram order of the character LM built from the training transcriptions
-    lm_smoothing: str = _choice("kneser_ney", "kneser_ney", "witten_bell", "add_k")
+    lm_order: int = _range(6, 1)  # n-gram order of the character LM built from the training transcriptions
+    lm_smoothing: str = _choice("kneser_ney", LM_SMOOTHINGS)
     lm_weight: float = 0.5
     word_score: float = 0.0  # added at each word boundary (space)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples back to lists (for YAML and checkpoints), recursively."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -153,7 +203,8 @@ class Config:
     decode: DecodeConfig = DecodeConfig()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists: what config.yaml and checkpoints hold."""
+        return _plain(dataclasses.asdict(self))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +212,8 @@ class Config:
 
 
 def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -171,22 +224,24 @@ def _is_optional(tp: Any) -> bool:
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check (and gently convert) one value against a field type; raise ConfigError otherwise."""
+    """Check (and gently convert) one value against a field type; raise ConfigError otherwise.
+
+    A list field (`tuple[T, ...]`) takes a YAML list, a tuple, or a string holding a YAML list."""
     if _is_optional(tp):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
         inner = [arg for arg in typing.get_args(tp) if arg is not type(None)][0]
         return _coerce(value, inner, key, where)
-    origin = typing.get_origin(tp)
-    if origin is list:
+    if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: '{key}' must be a list ({_describe(tp)}), got {value!r}")
-        (item_type,) = typing.get_args(tp)
-        return [_coerce(item, item_type, f"{key}[{i}]", where) for i, item in enumerate(value)]
+        item_type = typing.get_args(tp)[0]
+        return tuple(_coerce(item, item_type, f"{key}[{i}]", where) for i, item in enumerate(value))
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
@@ -205,6 +260,23 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{where}: '{key}' must be {_describe(tp)}, got {value!r}")
+
+
+def _check_field(value: Any, spec: dataclasses.Field, key: str, where: str) -> None:
+    """The field's own choices, pattern or range (declared with `_choice`, `_pattern`, `_range`)."""
+    choices = spec.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    if "pattern" in spec.metadata:
+        pattern, description = spec.metadata["pattern"]
+        if not pattern.fullmatch(value):
+            raise ConfigError(f"{where}: '{key}' must be {description}, got {value!r}")
+    if "range" in spec.metadata:
+        low, high, low_open = spec.metadata["range"]
+        if value < low or (low_open and value == low) or value > high:
+            bound = {(True, True): f"> {low:g}", (False, True): f">= {low:g}"}.get(
+                (low_open, math.isinf(high)), f"in [{low:g}, {high:g}]")
+            raise ConfigError(f"{where}: '{key}' must be {bound}, got {value!r}")
 
 
 def _unknown_key(key: str, prefix: str, valid: list[str], where: str) -> ConfigError:
@@ -233,11 +305,7 @@ def _build(cls: type, data: dict, prefix: str, where: Any) -> Any:
             kwargs[key] = _build(tp, value, f"{full}.", where)
             continue
         kwargs[key] = _coerce(value, tp, full, where(full))
-        choices = fields[key].metadata.get("choices")
-        if choices and kwargs[key] not in choices:
-            raise ConfigError(
-                f"{where(full)}: '{full}' must be one of {', '.join(choices)}, got {value!r}"
-            )
+        _check_field(kwargs[key], fields[key], full, where(full))
     return cls(**kwargs)
 
 
@@ -328,43 +396,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(merged, f"{path}" if path else "config")
 
 
-def _check_ranges(cfg: Config, where: str) -> None:
-    data, model, train = cfg.data, cfg.model, cfg.train
-    positive = {
-        "data.height": data.height, "data.batch_size": data.batch_size, "data.max_width": data.max_width,
-        "data.shuffle_window": data.shuffle_window, "model.stem_channels": model.stem_channels,
-        "model.lstm_hidden": model.lstm_hidden, "train.epochs": train.epochs, "train.lr": train.lr,
-        "train.log_every": train.log_every,
-    }
-    non_negative = {
-        "data.num_workers": data.num_workers, "model.frames": model.frames,
-        "model.lstm_layers": model.lstm_layers, "train.max_steps": train.max_steps,
-        "train.max_minutes": train.max_minutes, "train.warmup_steps": train.warmup_steps,
-        "train.weight_decay": train.weight_decay, "train.grad_clip": train.grad_clip,
-        "train.patience": train.patience, "train.max_bad_steps": train.max_bad_steps,
-        "train.checkpoint_every_steps": train.checkpoint_every_steps,
-    }
-    fractions = {
-        "model.lstm_dropout": model.lstm_dropout, "model.head_dropout": model.head_dropout,
-        "model.shortcut_dropout": model.shortcut_dropout, "data.augment.prob": data.augment.prob,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{where}: '{key}' must be >= 0, got {value}")
-    for key, value in fractions.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where}: '{key}' must be in [0, 1], got {value}")
+def _check_all_fields(section: Any, prefix: str, where: str) -> None:
+    """Every field's declared choices and range, also for a Config built in code."""
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        if dataclasses.is_dataclass(value):
+            _check_all_fields(value, f"{prefix}{spec.name}.", where)
+        else:
+            _check_field(value, spec, f"{prefix}{spec.name}", where)
 
 
 def _check_model_shape(model: ModelConfig, where: str) -> None:
     if not (len(model.channels) == len(model.blocks) == len(model.strides)) or not model.channels:
         raise ConfigError(
             f"{where}: 'model.channels', 'model.blocks' and 'model.strides' must be non-empty lists "
-            f"of the same length (one entry per stage), got {model.channels}, {model.blocks}, "
-            f"{model.strides}"
+            f"of the same length (one entry per stage), got {list(model.channels)}, "
+            f"{list(model.blocks)}, {_plain(model.strides)}"
         )
     if min(model.blocks) < 1 or min(model.channels) < 1:
         raise ConfigError(f"{where}: 'model.blocks' and 'model.channels' must be >= 1")
@@ -372,14 +419,14 @@ def _check_model_shape(model: ModelConfig, where: str) -> None:
     pairs.update({f"model.strides[{i}]": s for i, s in enumerate(model.strides)})
     for key, value in pairs.items():
         if len(value) != 2 or min(value) < 1:
-            raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {value}")
+            raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {list(value)}")
     if model.shortcut_kernel % 2 == 0:
         raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
 
 
 def validate(cfg: Config, where: str = "config") -> None:
-    """Ranges and cross-field checks that the type system cannot express."""
-    _check_ranges(cfg, where)
+    """Every value: declared choices and ranges, then what the fields say together."""
+    _check_all_fields(cfg, "", where)
     _check_model_shape(cfg.model, where)
     data, model = cfg.data, cfg.model
     if model.frames and data.resize == "keep_aspect":
@@ -387,7 +434,11 @@ def validate(cfg: Config, where: str = "config") -> None:
                           f"fixed-width lines: set data.resize=squash or fit with data.width")
     if data.resize != "keep_aspect" and data.width <= 0:
         raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
+    if data.synthetic.min_words > data.synthetic.max_words:
+        raise ConfigError(f"{where}: 'data.synthetic.min_words' ({data.synthetic.min_words}) must not "
+                          f"exceed 'data.synthetic.max_words' ({data.synthetic.max_words})")
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what the run directory's config.yaml holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

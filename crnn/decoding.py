@@ -1,7 +1,7 @@
 """CTC decoding: greedy (best path), beam search, beam search + character language model.
 
-Every decoder is a callable `(log_probs (T, N, C) float32, lengths (N,)) -> N strings`, the
-`Decoder` that `crnn.engine.evaluate` takes; beam decoders also give the n best with `.nbest()`.
+Every decoder is a `Decoder`: a callable `(log_probs (T, N, C) float32, lengths (N,)) -> N
+strings`, as `crnn.engine.evaluate` runs them; beam decoders also give the n best with `.nbest()`.
 `build_decoders(names, vocab, cfg.decode, lm_texts)` builds them by name: greedy, beam, beam_lm.
 
 Beam search is flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`, CPU), with
@@ -18,15 +18,12 @@ Language model (beam_lm): `decode.lm_path` (an ARPA file or a KenLM binary, load
 flashlight's KenLM), else a character n-gram (`crnn.lm.NgramLM`) estimated from the training
 transcriptions and plugged in through torchaudio's `CTCDecoderLM` interface. `decode.lm_weight`
 multiplies natural-log LM probabilities in both cases (KenLM's log10 scores are rescaled).
-
-`load_trained_model(ckpt, overrides)` -> `TrainedModel` (config, vocab, model in eval mode), with
-`.decoders(names)` and `.transcribe(images, decoder)`: what tools/evaluate.py and predict.py share.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,11 +32,11 @@ from torchaudio.models.decoder import CTCDecoderLM, CTCDecoderLMState, ctc_decod
 
 from crnn.config import DecodeConfig
 from crnn.data.vocab import BLANK, Vocab
-from crnn.engine import Decoder
 from crnn.errors import ConfigError
 from crnn.lm import BOS, EOS, UNK, NgramLM, char_to_token
 
 DECODER_NAMES = ("greedy", "beam", "beam_lm")
+Decoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
 BLANK_TOKEN = "<blank>"
 NO_SPACE_SIL_TOKEN = "<sil>"  # a silence token for vocabs without a space: past the last class
 
@@ -299,27 +296,15 @@ def build_language_model(vocab: Vocab, decode_cfg: DecodeConfig,
     return NgramDecoderLM(lm, vocab), decode_cfg.lm_weight
 
 
-def check_decode_config(decode_cfg: DecodeConfig) -> None:
-    """Reject values the decoders cannot use, naming the key."""
-    limits = {"decode.beam_size": (decode_cfg.beam_size, 1), "decode.nbest": (decode_cfg.nbest, 1),
-              "decode.beam_size_token": (decode_cfg.beam_size_token, 0),
-              "decode.lm_order": (decode_cfg.lm_order, 1)}
-    for key, (value, minimum) in limits.items():
-        if value < minimum:
-            raise ConfigError(f"'{key}' must be >= {minimum}, got {value}")
-    if decode_cfg.beam_threshold <= 0:
-        raise ConfigError(f"'decode.beam_threshold' must be > 0, got {decode_cfg.beam_threshold}")
-
-
 def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
                    lm_texts: Sequence[str] | None = None,
                    device: torch.device | None = None) -> dict[str, Decoder]:
     """Decoders by name (greedy, beam, beam_lm), in the order given, configured by `decode_cfg`.
 
     `lm_texts` (training transcriptions) are only read for beam_lm without `decode.lm_path`;
-    `device` is the model's, on which `decode.cuda=true` runs the plain beam search.
+    `device` is the model's, on which `decode.cuda=true` runs the plain beam search. The values of
+    `decode_cfg` were checked when the config was loaded (`crnn.config`).
     """
-    check_decode_config(decode_cfg)
     beam_options = {"beam_size": decode_cfg.beam_size, "beam_threshold": decode_cfg.beam_threshold,
                     "beam_size_token": decode_cfg.beam_size_token, "nbest": decode_cfg.nbest}
     decoders: dict[str, Decoder] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from crnn.config import DEVICES
 from crnn.errors import ConfigError
 
 
@@ -41,14 +42,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"'train.device' must be auto, cpu, cuda or cuda:N, got '{name}'") from None
+        raise ConfigError(f"'train.device' must be {DEVICES}, got '{name}'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("'train.device' asks for CUDA, but no CUDA device is available; use train.device=cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     elif device.type != "cpu":
-        raise ConfigError(f"'train.device' must be auto, cpu, cuda or cuda:N, got '{name}'")
+        raise ConfigError(f"'train.device' must be {DEVICES}, got '{name}'")
     return device
 
 
@@ -64,6 +65,12 @@ def setup(device_name: str = "auto") -> DistInfo:
         options = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **options)
     return DistInfo(rank, local_rank, world_size, device)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 class _BatchFirst(torch.nn.Module):

@@ -1,7 +1,8 @@
 """One training epoch and one evaluation pass, in the shape of torchvision's reference scripts.
 
-Mixed precision: autocast wraps the forward pass and the loss only; the model returns float32
-log-probs, so CTC always runs in float32. With fp16 a GradScaler scales the loss and its
+Mixed precision: `resolve_amp` is the one meaning of `train.amp` (training, validation, evaluation
+and the benchmark all use it); autocast wraps the forward pass and the loss only; the model returns
+float32 log-probs, so CTC always runs in float32. With fp16 a GradScaler scales the loss and its
 gradients are unscaled before clipping.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -19,23 +20,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from crnn.config import Config
 from crnn.data.collate import Batch
 from crnn.data.vocab import BLANK
-from crnn.distributed import all_reduce_sum
-from crnn.errors import CrnnError
+from crnn.distributed import all_reduce_sum, unwrap
+from crnn.errors import ConfigError, CrnnError
 from crnn.metrics import ErrorCounts
-
-Decoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
+from crnn.optim import build_optimizer, build_scheduler
 
 
 class TrainingError(CrnnError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
+    """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
+
+    auto: bf16 on a CUDA GPU that supports it, else fp16 there; float32 on the CPU (CPU autocast
+    is slower than float32 on most CPUs). fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -111,17 +124,31 @@ class EpochStats:
 
 @dataclass
 class TrainSetup:
-    """What a training step needs besides the model and the batch."""
+    """What a training step needs besides the model and the batch. Build it with `from_config`:
+    every setting comes from the Config, so the trainer and the benchmark cannot drift apart."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     device: torch.device
-    amp_dtype: torch.dtype | None = None
-    grad_clip: float = 0.0
-    shortcut_weight: float = 0.1
-    max_bad_steps: int = 5
-    oom_retry: bool = True  # on out-of-memory, retry the batch in two halves (single process)
+    amp_dtype: torch.dtype | None
+    grad_clip: float  # 0: no clipping
+    shortcut_weight: float  # 0 without a shortcut head
+    max_bad_steps: int
+    oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, model: nn.Module, device: torch.device, total_steps: int,
+                    world_size: int = 1) -> TrainSetup:
+        """AdamW and the LR schedule over `total_steps` for `model` (bare, on `device`), the AMP
+        mode (`resolve_amp`), clipping, the shortcut loss weight and the fault settings of `cfg`."""
+        amp_dtype = resolve_amp(cfg.train.amp, device)
+        optimizer = build_optimizer(cfg.train, model, device, world_size)
+        return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, total_steps),
+                   scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                   device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
+                   shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
+                   max_bad_steps=cfg.train.max_bad_steps, oom_retry=cfg.train.oom_retry)
 
 
 def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0,
@@ -285,10 +312,14 @@ def _reduce_eval(result: EvalResult, loss_sum: float, loss_lines: int, device: t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, decoders: dict[str, Decoder],
+def evaluate(model: nn.Module, loader, device: torch.device,
+             decoders: Mapping[str, Callable[[torch.Tensor, torch.Tensor], list[str]]],
              amp_dtype: torch.dtype | None = None, keep_samples: int = 0,
              keep_predictions: bool = False, show_progress: bool = True, desc: str = "validate") -> EvalResult:
-    """Loss and CER/WER for each decoder over `loader`, reduced across ranks."""
+    """Loss and CER/WER for each decoder over `loader`, reduced across ranks.
+
+    `decoders`: name -> a `crnn.decoding.Decoder`, `(log_probs (T, N, C), lengths (N,)) -> N strings`.
+    """
     model.eval()
     result = EvalResult(0.0, {name: ErrorCounts() for name in decoders}, dict.fromkeys(decoders, 0.0), 0.0)
     result.predictions = {name: [] for name in decoders} if keep_predictions else {}

@@ -13,12 +13,9 @@ from PIL import Image
 
 from crnn.checkpoint import load_checkpoint
 from crnn.config import Config, config_from_dict, merge_overrides
-from crnn.data.collate import collate
-from crnn.data.transforms import resize_line
-from crnn.data.vocab import Vocab
-from crnn.decoding import build_decoders
+from crnn.data import Preprocess, Vocab, collate, make_sample
+from crnn.decoding import Decoder, build_decoders
 from crnn.distributed import resolve_device
-from crnn.engine import Decoder
 from crnn.errors import CheckpointError, ConfigError
 from crnn.lm import read_texts
 from crnn.models import build_model
@@ -73,11 +70,8 @@ class TrainedModel:
     @torch.no_grad()
     def transcribe(self, images: Sequence[Image.Image], decoder: Decoder) -> list[str]:
         """Grayscale PIL line images -> texts, run as one padded batch `(N, 1, H, W)`."""
-        data = self.config.data
-        samples = [{"index": i, "text": "", "target": [],
-                    "image": resize_line(image, data.height, data.resize, data.width, data.max_width)}
-                   for i, image in enumerate(images)]
-        batch = collate(samples)
+        preprocess = Preprocess.from_config(self.config.data)
+        batch = collate([make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)])
         output = self.model(batch.images.to(self.device), batch.widths)
         return decoder(output.log_probs, output.lengths)
 

@@ -29,11 +29,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from crnn.config import LM_SMOOTHINGS
 from crnn.errors import DataError
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SPACE = "|"
-SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
 KN_FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)
 ARPA_NEVER = -99.0  # log10 prob that ARPA files give <s>, which is never predicted
 LN10 = math.log(10.0)
@@ -161,8 +161,8 @@ class NgramLM:
     def estimate(cls, texts: Iterable[str], order: int = 6, smoothing: str = "kneser_ney",
                  add_k: float = 0.1) -> NgramLM:
         """Estimate from transcriptions (one sentence each), interpolating order 1 up to `order`."""
-        if smoothing not in SMOOTHINGS:
-            raise DataError(f"LM smoothing must be one of {', '.join(SMOOTHINGS)}, got '{smoothing}'")
+        if smoothing not in LM_SMOOTHINGS:
+            raise DataError(f"LM smoothing must be one of {', '.join(LM_SMOOTHINGS)}, got '{smoothing}'")
         if order < 1:
             raise DataError(f"LM order must be >= 1, got {order}")
         raw = count_ngrams((text_to_tokens(text) for text in texts), order)

@@ -1,6 +1,8 @@
 """The run directory's logs: TensorBoard scalars and images, metrics.jsonl, console lines.
 
-Only rank 0 writes; on other ranks every method is a no-op.
+Only rank 0 writes; on other ranks every method is a no-op. metrics.jsonl grows by appending one
+line per epoch; the one rewrite (dropping epochs a resumed run will redo) goes through
+`atomic_write_text`, so no reader and no crash ever sees it emptied.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import logging
 from pathlib import Path
 
 import torch
+
+from crnn.checkpoint import atomic_write_text
 
 log = logging.getLogger("crnn")
 
@@ -61,6 +65,16 @@ class RunLogger:
         log.info("epoch %d  train_loss %.4f  val_loss %.4f  val_cer %.4f  val_wer %.4f  lr %.2e  "
                  "%.1f lines/s", record["epoch"], record["train_loss"], record["val_loss"],
                  record["val_cer"], record["val_wer"], record["lr"], record["lines_per_s"])
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop metrics.jsonl lines of epochs after `last_epoch`: a resumed run redoes them (the
+        previous process may have logged an epoch whose checkpoint it did not live to write)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        if len(kept) != len(lines):
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def info(self, message: str, *args: object) -> None:
         if self.enabled:

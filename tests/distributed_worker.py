@@ -13,15 +13,15 @@ import torch
 
 from crnn import distributed
 from crnn.config import load_config
-from crnn.engine import unwrap
-from crnn.trainer import Run
+from crnn.distributed import unwrap
+from crnn.trainer import build_run
 
 
 def main() -> None:
     out_dir, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
     info, finished = distributed.setup(cfg.train.device), False
     try:
-        run = Run(cfg, info)
+        run = build_run(cfg, info)
         sampler = run.train_loader.batch_sampler
         sampler.set_epoch(1)
         shard = [index for batch in sampler for index, _ in batch]

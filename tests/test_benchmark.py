@@ -5,9 +5,14 @@ import json
 import subprocess
 import sys
 
-from crnn.benchmark import batches_for, make_lines
+import pytest
+import torch
+
+from crnn.benchmark import batches_for, make_lines, speed_row
 from crnn.config import load_config
 from crnn.data import Vocab
+from crnn.engine import TrainSetup, resolve_amp
+from crnn.errors import ConfigError
 from tests.conftest import REPO, TINY
 from tests.test_training import synthetic_folder
 
@@ -27,7 +32,7 @@ def test_speed_mode_reports_every_figure(tmp_path):
     out = tmp_path / "speed.json"
     result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--cfg", str(TINY),
                              "--lines", "4", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-                             "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--amp", "bf16", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert [row["config"] for row in rows] == ["tiny", "tiny"]
@@ -62,3 +67,27 @@ def test_budget_mode_reports_a_config_error_from_its_training_process(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "tiny.yaml" in result.stderr and "train.bogus" in result.stderr
+
+
+def test_amp_auto_means_the_same_in_training_and_in_the_benchmark():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None  # training's meaning: float32 on the CPU
+    setup = TrainSetup.from_config(load_config(TINY), model=torch.nn.Linear(2, 2), device=cpu, total_steps=1)
+    assert setup.amp_dtype is None
+    row = speed_row(str(TINY), make_lines(2, height=32), cpu, batch_size=2, repeats=1, warmup=0, amp="auto")
+    assert "train_fp32_lines_per_s" in row and not [key for key in row if "bf16" in key or "fp16" in key]
+    row = speed_row(str(TINY), make_lines(2, height=32), cpu, batch_size=2, repeats=1, warmup=0, amp="bf16")
+    assert row["train_bf16_lines_per_s"] > 0 and row["infer_bf16_greedy_lines_per_s"] > 0
+    with pytest.raises(ConfigError, match="'--amp=fp16' needs a CUDA device"):
+        resolve_amp("fp16", cpu, key="--amp")
+
+
+def test_train_setup_takes_every_setting_from_the_config():
+    cfg = load_config(TINY, ["train.grad_clip=2.5", "train.max_bad_steps=7", "train.oom_retry=false",
+                             "model.shortcut_weight=0.3", "train.lr=0.02", "train.warmup_steps=0"])
+    setup = TrainSetup.from_config(cfg, model=torch.nn.Linear(2, 2), device=torch.device("cpu"), total_steps=10)
+    assert (setup.grad_clip, setup.max_bad_steps, setup.oom_retry, setup.shortcut_weight) == (2.5, 7, False, 0.3)
+    assert setup.scheduler.get_last_lr()[0] == pytest.approx(0.02)
+    no_shortcut = load_config(TINY, ["model.shortcut=false"])
+    assert TrainSetup.from_config(no_shortcut, model=torch.nn.Linear(2, 2), device=torch.device("cpu"),
+                                  total_steps=10).shortcut_weight == 0.0

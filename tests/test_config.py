@@ -1,9 +1,20 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from crnn.config import Config, config_from_dict, load_config, parse_overrides
+from crnn.config import (
+    Config,
+    DecodeConfig,
+    config_from_dict,
+    config_yaml,
+    load_config,
+    parse_overrides,
+    validate,
+)
 from crnn.errors import ConfigError
+from tests.conftest import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -19,7 +30,7 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
     assert cfg.data.batch_size == 4
     assert cfg.train.lr == pytest.approx(1e-3)  # YAML's '1e-3' string is read as a float
     assert cfg.train.epochs == 5  # the override wins over the file
-    assert cfg.model.channels == [8, 16, 32]
+    assert cfg.model.channels == (8, 16, 32)
     assert cfg.model.lstm_hidden == Config().model.lstm_hidden  # untouched default
     assert cfg.train.output_dir == "runs/exp"  # runs/<config stem>
 
@@ -70,3 +81,48 @@ def test_round_trip_through_dict_is_frozen_and_equal():
 
 def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": "1"}, "d": "x"}}
+
+
+def test_config_is_deeply_frozen_hashable_and_round_trips_through_yaml(tmp_path):
+    cfg = load_config(REPO / "experiments" / "base.yaml")
+    assert hash(cfg) == hash(load_config(REPO / "experiments" / "base.yaml"))
+    assert hash(cfg) != hash(load_config(REPO / "experiments" / "base.yaml", ["model.channels=[8,16,32]"]))
+    assert cfg.model.strides == ((2, 2), (2, 2), (2, 2)) and isinstance(cfg.model.channels, tuple)
+    assert {cfg: "a dict key"}[load_config(REPO / "experiments" / "base.yaml")] == "a dict key"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(cfg), encoding="utf-8")
+    assert load_config(saved) == cfg
+    assert cfg.to_dict()["model"]["strides"] == [[2, 2], [2, 2], [2, 2]]  # plain lists in files
+
+
+@pytest.mark.parametrize("override,message", [
+    ("decode.beam_size=0", "'decode.beam_size' must be >= 1, got 0"),
+    ("decode.nbest=0", "'decode.nbest' must be >= 1"),
+    ("decode.beam_threshold=0", "'decode.beam_threshold' must be > 0"),
+    ("decode.beam_size_token=-1", "'decode.beam_size_token' must be >= 0"),
+    ("decode.lm_order=0", "'decode.lm_order' must be >= 1"),
+    ("decode.lm_smoothing=laplace", "'decode.lm_smoothing' must be one of kneser_ney, witten_bell, add_k"),
+    ("train.device=gpu", "'train.device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("train.min_lr_ratio=2", r"'train.min_lr_ratio' must be in \[0, 1\]"),
+    ("data.augment.shear=-1", "'data.augment.shear' must be >= 0"),
+    ("model.shortcut_weight=-0.1", "'model.shortcut_weight' must be >= 0"),
+    ("data.synthetic.min_words=9", "'data.synthetic.min_words' \\(9\\) must not exceed 'data.synthetic.max_words'"),
+])
+def test_every_bad_value_is_refused_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "experiments" / "synthetic.yaml", [override])
+
+
+def test_train_tool_refuses_a_bad_decode_value_before_reading_data(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "tools/train.py", "--cfg", "experiments/base.yaml", "decode.beam_size=0",
+                             f"train.output_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "'decode.beam_size' must be >= 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and "hub" not in result.stderr  # before the (offline) data
+    assert not run_dir.exists()
+
+
+def test_a_config_built_in_code_is_checked_like_a_loaded_one():
+    with pytest.raises(ConfigError, match="'decode.beam_size' must be >= 1"):
+        validate(Config(decode=DecodeConfig(beam_size=0)))

@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from crnn.benchmark import Lines, batches_for
 from crnn.config import load_config
-from crnn.data import Vocab, build_dataset, build_loader, load_records
+from crnn.data import Preprocess, Vocab, build_dataset, build_loader, load_records, make_sample
+from crnn.data.check import check_records
 from crnn.data.collate import LineDataset, collate, ctc_min_frames
 from crnn.data.images import decode_image
 from crnn.data.sources import FolderRecords, hub_records, parquet_records
@@ -110,7 +112,7 @@ def test_collate_pads_right_and_keeps_each_width(folder_split):
     folder, texts = folder_split()
     records = FolderRecords(str(folder), "data.train")
     vocab = Vocab.from_texts(texts)
-    dataset = LineDataset(records, vocab, height=16)
+    dataset = LineDataset(records, vocab, Preprocess(16), "train")
     batch = collate([dataset[(i, None)] for i in (0, 1, 4)])
     expected = [round((12 * len(texts[i]) + 16) * 16 / 32) for i in (0, 1, 4)]
     assert batch.widths.tolist() == expected
@@ -124,7 +126,8 @@ def test_collate_pads_right_and_keeps_each_width(folder_split):
 def test_collate_drops_unreadable_samples_and_says_why(folder_split):
     folder, texts = folder_split()
     (folder / "line2.png").write_bytes(b"broken")
-    dataset = LineDataset(FolderRecords(str(folder), "data.train"), Vocab.from_texts(texts), height=16)
+    dataset = LineDataset(FolderRecords(str(folder), "data.train"), Vocab.from_texts(texts), Preprocess(16),
+                          "train")
     batch = collate([dataset[(i, None)] for i in range(4)])
     assert len(batch) == 3 and batch.indices == [0, 1, 3]
     assert len(batch.errors) == 1 and "line2.png: unreadable image" in batch.errors[0]
@@ -150,3 +153,40 @@ def test_loader_groups_by_width_and_augments_only_training(folder_split):
     clean = [b.images for b in build_loader(cfg.data, build_dataset(cfg.data, records, vocab, False), False)]
     again = [b.images for b in evaluation]
     assert all(torch.equal(a, b) for a, b in zip(clean, again, strict=True))  # no augmentation at evaluation
+
+
+def test_one_rule_for_characters_outside_the_vocab_by_purpose():
+    vocab, preprocess, image = Vocab(list(" ab")), Preprocess(16), Image.new("L", (40, 32), 255)
+    space, a, b = vocab.index[" "], vocab.index["a"], vocab.index["b"]
+    train = make_sample(0, image, "ab c", vocab, preprocess, "train")
+    assert train.text == "ab c" and train.target == (a, b, space) and train.image.shape == (1, 16, 20)
+    evaluation = make_sample(1, image, "ab c", vocab, preprocess, "evaluate")
+    assert evaluation.text == "ab c" and evaluation.target == train.target  # the c counts as an error
+    left_out = make_sample(2, image, "ccc", vocab, preprocess, "train", "page.xml line 7")
+    assert left_out.image is None and "page.xml line 7: none of the characters of 'ccc'" in left_out.error
+    kept = make_sample(3, image, "ccc", vocab, preprocess, "evaluate")
+    assert kept.target == () and kept.text == "ccc" and kept.image is not None
+    prediction = make_sample(4, image, "ab", vocab, preprocess, "predict")
+    assert prediction.text == "" and prediction.target == ()
+    with pytest.raises(ValueError, match="purpose must be one of train, evaluate, predict"):
+        make_sample(5, image, "ab", vocab, preprocess, "fine-tune")
+
+
+def test_loader_check_and_benchmark_make_the_same_samples(folder_split):
+    folder, texts = folder_split(texts=("abc", "hello world", "dog"))
+    cfg = load_config(None, ["data.source=folder", f"data.train={folder}", "data.height=16", "data.num_workers=0",
+                             "model.channels=[8]", "model.blocks=[1]", "model.strides=[[2,2]]"])
+    records = load_records(cfg.data, "train")
+    vocab = Vocab(list("abcdeglo"))  # no space, no h, r, w: "hello world" keeps only e, l, l, o, o, l, d
+    dataset = build_dataset(cfg.data, records, vocab, train=False)
+    expected = make_sample(1, records.image(1), texts[1], vocab, Preprocess.from_config(cfg.data), "evaluate")
+    sample = dataset[(1, None)]
+    assert sample._replace(image=None) == expected._replace(image=None)
+    assert torch.equal(sample.image, expected.image)
+    assert vocab.decode(expected.target) == "elloold"
+    problems = check_records(records, cfg.data, cfg.model, vocab, "evaluate")
+    assert [p for p in problems if "not in the vocab" in p] == [
+        "line1.png: characters ' hrw' are not in the vocab (counted as errors)"]
+    lines = Lines([records.image(i) for i in range(3)], texts)
+    batches = batches_for(cfg, lines, vocab, batch_size=3)  # used to raise on the unknown characters
+    assert sorted(batches[0].texts) == sorted(texts) and batches[0].target_lengths.sum() == 3 + 7 + 3

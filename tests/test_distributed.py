@@ -97,6 +97,18 @@ def test_ddp_checkpoint_resumes_in_one_process_and_back(tmp_path):
     assert steps == [5, 15, 20]  # 40 lines / (2 x 4) = 5 steps; one process: 10 steps
 
 
+def test_resuming_on_two_ranks_at_once_loses_no_metrics_line(tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "tools/train.py", "--cfg", str(TINY), *COMMON, "train.epochs=2",
+                    f"train.output_dir={run_dir}"], cwd=REPO, check=True, capture_output=True, timeout=300)
+    before = (run_dir / "metrics.jsonl").read_text()
+    torchrun("tests/resume_worker.py", 20, TINY, *COMMON, "train.epochs=3", "train.resume=auto",
+             f"train.output_dir={run_dir}")
+    assert (run_dir / "metrics.jsonl").read_text() == before  # 20 stale lines dropped, none of the rest
+    assert [m["epoch"] for m in metrics(run_dir)] == [1, 2]
+    assert not list(run_dir.glob(".*.tmp"))
+
+
 def test_data_parallel_wrapper_matches_the_bare_model():
     model = build_model(load_config(TINY).model, num_classes=9).eval()
     wrapped = DataParallelCRNN(model)  # without GPUs DataParallel runs the module itself

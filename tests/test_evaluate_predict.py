@@ -182,3 +182,12 @@ def test_bad_checkpoints_are_one_error_line(tool, kind, message, tmp_path):
     extra = [image] if tool.endswith("predict.py") else []
     line = one_error_line(run_tool(tool, "--ckpt", path, *extra))
     assert message in line and str(path) in line
+
+
+def test_evaluate_precision_follows_the_one_amp_rule(checkpoint, tmp_path):
+    bf16 = run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--amp", "bf16", "--json", tmp_path / "bf16.json")
+    assert bf16.returncode == 0, bf16.stderr
+    assert json.loads((tmp_path / "bf16.json").read_text())["greedy"]["lines"] == 16
+    if not torch.cuda.is_available():
+        assert "'--amp=fp16' needs a CUDA device" in one_error_line(
+            run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--amp", "fp16"))

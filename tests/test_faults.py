@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from crnn import checkpoint as checkpoint_module
 from crnn.checkpoint import load_checkpoint, previous_path, save_checkpoint
-from crnn.config import load_config
+from crnn.config import config_from_dict, load_config, merge_overrides
 from crnn.data import Vocab, build_dataset, build_loader, load_records
 from crnn.data.collate import collate
 from crnn.data.images import decode_image
@@ -21,7 +22,7 @@ from crnn.decoding import GreedyDecoder
 from crnn.engine import TrainingError, TrainSetup, evaluate, train_one_epoch, train_step
 from crnn.errors import CheckpointError, ConfigError, DataError
 from crnn.models import build_model
-from crnn.optim import build_optimizer
+from crnn.runlog import RunLogger
 from crnn.trainer import fit
 from tests.conftest import REPO, TINY
 from tests.test_training import read_metrics, synthetic_folder
@@ -151,11 +152,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
 
 
-def tiny_setup(cfg, model, **options):
-    optimizer = build_optimizer(cfg.train, model, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return TrainSetup(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                      torch.device("cpu"), **options)
+def tiny_setup(cfg, model, *overrides):
+    """The loop's own setup for `cfg` with `overrides`, at a constant LR."""
+    overrides = [*overrides, "train.warmup_steps=0", "train.schedule=constant"]
+    cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides))
+    return TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=100)
 
 
 def tiny_batch(cfg, count=4):
@@ -202,7 +203,7 @@ def test_out_of_memory_retries_in_halves_with_the_same_gradient():
     reference = build_model(cfg.model, len(vocab))
     reference.load_state_dict(model.state_dict())
     model.eval(), reference.eval()  # no dropout/BN updates: both passes see the same function
-    train_step(reference, batch, tiny_setup(cfg, reference, grad_clip=0.0), 1.0, 1, 0, False)
+    train_step(reference, batch, tiny_setup(cfg, reference, "train.grad_clip=0"), 1.0, 1, 0, False)
     original_forward = model.forward
 
     def small_memory(images, widths, **kwargs):
@@ -211,7 +212,7 @@ def test_out_of_memory_retries_in_halves_with_the_same_gradient():
         return original_forward(images, widths, **kwargs)
 
     model.forward = small_memory
-    setup = tiny_setup(cfg, model, grad_clip=0.0)
+    setup = tiny_setup(cfg, model, "train.grad_clip=0")
     finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0, False)
     assert finite
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
@@ -220,7 +221,7 @@ def test_out_of_memory_retries_in_halves_with_the_same_gradient():
             assert p.grad is None, name
             continue
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
-    no_retry = tiny_setup(cfg, model, oom_retry=False)
+    no_retry = tiny_setup(cfg, model, "train.oom_retry=false")
     with pytest.raises(TrainingError, match=r"out of memory on a batch of 4 lines.*lower data.batch_size"):
         train_step(model, batch, no_retry, 1.0, 2, 7, False)
 
@@ -241,7 +242,7 @@ def test_very_wide_line_is_capped_at_max_width(tmp_path):
     cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.max_width=40"])
     records = load_records(cfg.data, "train")
     dataset = build_dataset(cfg.data, records, Vocab.from_texts(records.texts), train=False)
-    assert dataset[(0, None)]["image"].shape[-1] == 40 and dataset.scaled_widths() == [40, 40]
+    assert dataset[(0, None)].image.shape[-1] == 40 and dataset.scaled_widths() == [40, 40]
 
 
 def test_evaluation_reports_unreadable_lines_and_scores_the_rest(tmp_path):
@@ -307,3 +308,23 @@ def test_metrics_of_an_interrupted_epoch_are_not_duplicated(tmp_path):
     os.replace(previous_path(last), last)
     fit(load_config(TINY, ["train.epochs=2", "train.resume=auto", f"train.output_dir={run_dir}"]))
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_only_the_main_rank_rewrites_metrics_and_never_in_place(tmp_path, monkeypatch):
+    lines = "".join(json.dumps({"epoch": epoch}) + "\n" for epoch in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    RunLogger(tmp_path, enabled=False).truncate_metrics(1)  # another rank: leaves the file alone
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+    opened = []
+    original_open = open
+
+    def watching_open(path, mode="r", *args, **kwargs):
+        opened.append((Path(path).name, mode))
+        return original_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watching_open)
+    monkeypatch.setattr("io.open", watching_open)  # what Path.write_text opens with
+    RunLogger(tmp_path, enabled=True).truncate_metrics(2)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines.rsplit('{"epoch": 3}', 1)[0]
+    assert ("metrics.jsonl", "w") not in opened and any(name.endswith(".tmp") for name, _ in opened)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -2,7 +2,7 @@
 
 Speed (all configs in one process, same lines, median of timed passes after warm-up):
     python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \
-        --cfg experiments/reference_bestpractice.yaml --device cpu --json speed.json
+        --cfg experiments/reference_bestpractice.yaml --device cpu --amp bf16 --json speed.json
     python tools/benchmark.py --cfg experiments/base.yaml --device cuda --lines 512 --batch-size 32
 
 Accuracy per compute (each config trains for the same minutes on the same data):
@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from crnn.benchmark import budget_row, make_lines, speed_row
+from crnn.config import AMP_MODES
 from crnn.distributed import resolve_device
+from crnn.engine import AMP_NAMES, resolve_amp
 from crnn.errors import CrnnError
 from crnn.runlog import setup_console_logging
 
@@ -44,7 +46,7 @@ BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]], amp: str = "") -> None:
     columns = [(key.format(amp=amp), title.format(amp=amp), fmt) for key, title, fmt in columns]
-    columns = [c for c in columns if any(c[0] in row for row in rows)]
+    columns = list({c[0]: c for c in columns if any(c[0] in row for row in rows)}.values())  # once each
     print("| " + " | ".join(title for _, title, _ in columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
@@ -63,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", action="append", required=True, help="a config to compare (repeat)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                        help="the mixed precision timed next to fp32 (auto: bf16, or fp16 on GPUs without bf16)")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
+                        help="the precision timed next to fp32, as train.amp means it (auto: bf16 on GPUs "
+                             "that have it, fp16 on other GPUs, fp32 alone on CPU; bf16 runs on CPU too)")
     parser.add_argument("--lines", type=int, default=0, help="lines per timed pass (default 32 CPU, 256 GPU)")
     parser.add_argument("--batch-size", type=int, default=0, help="default 8 on CPU, 32 on GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (the median is reported)")
@@ -97,16 +100,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         return rows
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    amp = args.amp if args.amp != "auto" else ("bf16" if not cuda or torch.cuda.is_bf16_supported() else "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    precision = AMP_NAMES[resolve_amp(args.amp, device, key="--amp")]
     lines = make_lines(args.lines or (256 if cuda else 32))
     batch_size = args.batch_size or (32 if cuda else 8)
     torch.backends.cudnn.benchmark = True
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores'}), "
           f"{torch.get_num_threads()} threads, {len(lines.texts)} lines, batch {batch_size}, "
-          f"median of {args.repeats} after {args.warmup} warm-up", file=sys.stderr)
-    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, args.warmup, amp_dtype) for cfg in args.cfg]
-    print_table(rows, SPEED_COLUMNS, amp)
+          f"median of {args.repeats} after {args.warmup} warm-up; precision timed: fp32"
+          f"{'' if precision == 'fp32' else ' and ' + precision} (--amp {args.amp})", file=sys.stderr)
+    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, args.warmup, args.amp) for cfg in args.cfg]
+    print_table(rows, SPEED_COLUMNS, precision)
     return rows
 
 

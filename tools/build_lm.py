@@ -24,8 +24,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from crnn.config import LM_SMOOTHINGS
 from crnn.errors import CrnnError, DataError
-from crnn.lm import SMOOTHINGS, NgramLM, read_texts, text_to_tokens
+from crnn.lm import NgramLM, read_texts, text_to_tokens
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("texts", nargs="+", type=Path, help="train_texts.txt or *.parquet (column text)")
     parser.add_argument("--out", type=Path, help="ARPA file to write")
     parser.add_argument("--order", type=int, default=6, help="n-gram order (default 6)")
-    parser.add_argument("--smoothing", default="kneser_ney", choices=SMOOTHINGS)
+    parser.add_argument("--smoothing", default="kneser_ney", choices=LM_SMOOTHINGS)
     parser.add_argument("--add-k", type=float, default=0.1, help="k of --smoothing add_k (default 0.1)")
     parser.add_argument("--tokens-out", type=Path,
                         help="also write the texts as space-separated LM tokens, one line each (for lmplz)")

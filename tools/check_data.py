@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = Vocab.from_texts(records["train"].texts) if "train" in records else None
         total = 0
         for split, split_records in records.items():
-            problems = check_records(split_records, cfg.data, cfg.model, vocab, show_progress=True)
+            purpose = "train" if split == "train" else "evaluate"
+            problems = check_records(split_records, cfg.data, cfg.model, vocab, purpose, show_progress=True)
             for problem in problems:
                 print(f"{split}\t{problem}")
             print(f"{split}: {len(split_records)} usable lines, {len(problems)} problem(s)", file=sys.stderr)

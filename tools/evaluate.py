@@ -9,6 +9,9 @@ Any other dataset (data.* overrides on top of the checkpoint's config), beam set
     python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --decoders beam_lm \
         --lm lm.arpa decode.lm_weight=0.8 decode.beam_size=20
 
+The forward pass runs in float32 unless `--amp` (auto, bf16, fp16, off: as `train.amp` means them)
+asks for autocast, e.g. `--amp bf16` to evaluate in the precision the run validated in.
+
 Prints one row per decoder: CER, WER, lines, lines/s of decoding alone and lines/s of the whole
 pass (loading, forward, loss and every decoder). `--json OUT` writes, per decoder, cer, wer,
 lines, lines_per_s (whole pass), decode_lines_per_s and the sums behind the rates (char_errors,
@@ -32,9 +35,10 @@ import json
 import sys
 from pathlib import Path
 
+from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
 from crnn.decoding import DECODER_NAMES
-from crnn.engine import EvalResult, evaluate
+from crnn.engine import EvalResult, evaluate, resolve_amp
 from crnn.errors import ConfigError, CrnnError
 from crnn.inference import TrainedModel, load_trained_model
 from crnn.metrics import worst_lines_first
@@ -43,13 +47,16 @@ from crnn.metrics import worst_lines_first
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--decoders", default="greedy",
                         help=f"comma-separated, from {', '.join(DECODER_NAMES)} (default: greedy)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--errors", type=Path, help="write per-line errors (TSV, worst first) here")
     parser.add_argument("--lm", help="language model file for beam_lm (same as decode.lm_path=...)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="off", choices=AMP_MODES,
+                        help="autocast of the forward pass, as train.amp means it (default off: float32, so the "
+                             "figures do not depend on the GPU's precision)")
     parser.add_argument("overrides", nargs="*", help="data.* / decode.* overrides, e.g. data.batch_size=8")
     return parser.parse_args(argv)
 
@@ -66,9 +73,10 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def run(trained: TrainedModel, split: str, names: list[str]) -> tuple[EvalResult, list[str]]:
+def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off") -> tuple[EvalResult, list[str]]:
     """Evaluate every decoder in one pass over `split`; returns the result and the line ids."""
     cfg = trained.config
+    amp_dtype = resolve_amp(amp, trained.device, key="--amp")
     decoders = trained.decoders(names)  # first: a missing LM is found before the data is read
     records = load_records(cfg.data, split)
     if records.problems:
@@ -77,8 +85,7 @@ def run(trained: TrainedModel, split: str, names: list[str]) -> tuple[EvalResult
     if unknown:
         warn(f"characters not in the checkpoint's vocab (counted as errors): {''.join(sorted(unknown))!r}")
     loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)
-    # float32 forward (no autocast): the reported numbers do not depend on the GPU's AMP support
-    result = evaluate(trained.model, loader, trained.device, decoders, keep_predictions=True,
+    result = evaluate(trained.model, loader, trained.device, decoders, amp_dtype, keep_predictions=True,
                       desc=f"evaluate {split}")
     if result.unreadable:
         warn(f"{result.unreadable} unreadable line(s) left out; first: {result.problems[0]}")
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         names = decoder_names(args.decoders)
         overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
         trained = load_trained_model(args.ckpt, overrides, args.device)
-        result, ids = run(trained, args.split, names)
+        result, ids = run(trained, args.split, names, args.amp)
         rows = summary(result)
         print_table(rows)
         if args.json:

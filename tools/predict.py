@@ -24,8 +24,7 @@ from PIL import Image
 
 from crnn.data.images import decode_image
 from crnn.data.sources import IMAGE_SUFFIXES
-from crnn.decoding import DECODER_NAMES
-from crnn.engine import Decoder
+from crnn.decoding import DECODER_NAMES, Decoder
 from crnn.errors import CrnnError, DataError
 from crnn.inference import TrainedModel, load_trained_model
 

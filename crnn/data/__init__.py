@@ -1,4 +1,5 @@
-"""Data pipeline: records (sources.py) -> LineDataset (collate.py) -> width-grouped DataLoader."""
+"""Data pipeline: records (sources.py) -> samples (samples.py) -> LineDataset and collate (collate.py)
+-> width-grouped DataLoader (samplers.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,20 @@ import torch
 from crnn.config import DataConfig
 from crnn.data.collate import Batch, LineDataset, collate
 from crnn.data.samplers import WidthBatchSampler
+from crnn.data.samples import Preprocess, Sample, make_sample
 from crnn.data.sources import LineRecords, load_records
 from crnn.data.transforms import Augmenter
 from crnn.data.vocab import Vocab
 
-__all__ = ["Batch", "LineDataset", "LineRecords", "Vocab", "build_dataset", "build_loader", "load_records"]
+__all__ = ["Batch", "LineDataset", "LineRecords", "Preprocess", "Sample", "Vocab", "build_dataset", "build_loader",
+           "collate", "load_records", "make_sample"]
 
 
 def build_dataset(data_cfg: DataConfig, records: LineRecords, vocab: Vocab, train: bool) -> LineDataset:
     """Augmentation only for training and only when `data.augment.enabled`."""
     augmenter = Augmenter(data_cfg.augment) if train and data_cfg.augment.enabled else None
-    return LineDataset(records, vocab, data_cfg.height, data_cfg.resize, data_cfg.width,
-                       data_cfg.max_width, augmenter)
+    return LineDataset(records, vocab, Preprocess.from_config(data_cfg), "train" if train else "evaluate",
+                       augmenter)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

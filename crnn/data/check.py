@@ -7,38 +7,39 @@ from tqdm import tqdm
 
 from crnn.config import DataConfig, ModelConfig
 from crnn.data.collate import ctc_min_frames
+from crnn.data.samples import Preprocess, read_sample
 from crnn.data.sources import LineRecords
-from crnn.data.transforms import resize_line
 from crnn.data.vocab import Vocab
-from crnn.errors import DataError
 from crnn.models import build_model
 
 
 def check_records(records: LineRecords, data_cfg: DataConfig, model_cfg: ModelConfig,
-                  vocab: Vocab | None = None, show_progress: bool = False) -> list[str]:
+                  vocab: Vocab | None = None, purpose: str = "train", show_progress: bool = False) -> list[str]:
     """Every problem of `records`, one message each naming the file/line: entries left out when
     loading (empty or malformed transcriptions, missing images), images that do not decode, lines
-    whose text needs more CTC frames than the model gives their width, characters outside `vocab`.
+    whose text needs more CTC frames than the model gives their width, characters outside `vocab`
+    (the training vocabulary; without one, the split's own characters are taken as known).
+
+    Each line is made into a sample exactly as training (`purpose="train"`) or evaluation
+    ("evaluate") makes it (`crnn.data.samples`).
     """
     problems = list(records.problems)
-    model = build_model(model_cfg, len(vocab) if vocab else 2)
+    known = vocab or Vocab.from_texts(records.texts)
+    model = build_model(model_cfg, len(known))
+    preprocess = Preprocess.from_config(data_cfg)
     for index in tqdm(range(len(records)), desc=records.name, disable=not show_progress, leave=False):
-        where, text = records.ids[index], records.texts[index]
-        try:
-            image = records.image(index)
-        except DataError as err:
-            problems.append(str(err))
+        sample = read_sample(records, index, known, preprocess, purpose)
+        if sample.image is None:
+            problems.append(sample.error)
             continue
-        width = resize_line(image, data_cfg.height, data_cfg.resize, data_cfg.width,
-                            data_cfg.max_width).shape[-1]
+        where, text, width = records.ids[index], records.texts[index], sample.image.shape[-1]
         frames = int(model.output_lengths(torch.tensor([width]))[0])
-        labels = [vocab.index[c] for c in text if c in vocab.index] if vocab else [ord(c) for c in text]
-        needed = ctc_min_frames(labels)
+        needed = ctc_min_frames(sample.target)
         if frames < needed:
             problems.append(f"{where}: {len(text)} characters need {needed} CTC frames, but the line "
                             f"({width} px wide at height {data_cfg.height}) gives {frames}; it is skipped")
-        unknown = vocab.unknown(text) if vocab else set()
+        unknown = known.unknown(text)
         if unknown:
-            problems.append(f"{where}: characters {''.join(sorted(unknown))!r} are not in the vocab "
-                            f"(they count as errors)")
+            effect = "left out of the training target" if purpose == "train" else "counted as errors"
+            problems.append(f"{where}: characters {''.join(sorted(unknown))!r} are not in the vocab ({effect})")
     return problems

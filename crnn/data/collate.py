@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from crnn.data.samplers import Key
+from crnn.data.samples import Preprocess, Sample, read_sample
 from crnn.data.sources import LineRecords
-from crnn.data.transforms import Augmenter, resize_line
+from crnn.data.transforms import Augmenter
 from crnn.data.vocab import Vocab
-from crnn.errors import DataError
 
 
 @dataclass
@@ -54,63 +55,51 @@ class Batch:
 
 
 class LineDataset(torch.utils.data.Dataset):
-    """Indexed by sampler keys `(index, augmentation seed or None)`; returns a dict per line.
+    """Indexed by sampler keys `(index, augmentation seed or None)`; returns a `Sample` per line.
 
-    A line whose image cannot be decoded comes back as `{"index", "error"}` so that collate can
-    drop and count it instead of killing the worker. Characters outside the vocab are left out of
-    the CTC target (the reference text keeps them, so they count as errors in CER/WER).
+    A line that cannot be used (an image that does not decode, ...) comes back as an unusable
+    sample, so that collate can drop and count it instead of killing the worker. `purpose` ("train"
+    or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`).
     """
 
-    def __init__(self, records: LineRecords, vocab: Vocab, height: int, resize: str = "keep_aspect",
-                 width: int = 0, max_width: int = 4000, augmenter: Augmenter | None = None):
-        self.records, self.vocab, self.augmenter = records, vocab, augmenter
-        self.height, self.resize, self.width, self.max_width = height, resize, width, max_width
+    def __init__(self, records: LineRecords, vocab: Vocab, preprocess: Preprocess, purpose: str,
+                 augmenter: Augmenter | None = None):
+        self.records, self.vocab, self.preprocess = records, vocab, preprocess
+        self.purpose, self.augmenter = purpose, augmenter
 
     def __len__(self) -> int:
         return len(self.records)
 
     def scaled_widths(self) -> list[int]:
         """Width of each line after resizing, from image headers (used to group batches)."""
-        if self.resize != "keep_aspect":
-            return [self.width] * len(self.records)
-        return [
-            min(self.max_width, max(1, round(w * self.height / h))) if h else self.max_width
-            for w, h in self.records.sizes()
-        ]
+        return [self.preprocess.scaled_width(width, height) for width, height in self.records.sizes()]
 
-    def __getitem__(self, key: Key) -> dict:
+    def __getitem__(self, key: Key) -> Sample:
         index, augmentation_seed = key
-        try:
-            image = self.records.image(index)
-        except DataError as err:
-            return {"index": index, "error": str(err)}
-        ink = resize_line(image, self.height, self.resize, self.width, self.max_width)
-        if self.augmenter is not None and augmentation_seed is not None:
+        sample = read_sample(self.records, index, self.vocab, self.preprocess, self.purpose)
+        if sample.image is not None and self.augmenter is not None and augmentation_seed is not None:
             generator = torch.Generator().manual_seed(augmentation_seed)
-            ink = self.augmenter(ink, generator)
-        text = self.records.texts[index]
-        target = [self.vocab.index[char] for char in text if char in self.vocab.index]
-        return {"index": index, "image": ink, "text": text, "target": target}
+            sample = sample._replace(image=self.augmenter(sample.image, generator))
+        return sample
 
 
-def collate(samples: list[dict]) -> Batch:
+def collate(samples: list[Sample]) -> Batch:
     """Right-pad images to the widest line; the CTC lengths come from each line's own width."""
-    errors = [sample["error"] for sample in samples if "error" in sample]
-    samples = [sample for sample in samples if "error" not in sample]
+    errors = [sample.error for sample in samples if sample.image is None]
+    samples = [sample for sample in samples if sample.image is not None]
     if not samples:
         empty = torch.zeros(0, dtype=torch.long)
         return Batch(torch.zeros(0, 1, 1, 1), empty, empty, empty, empty, [], [], errors)
-    widths = torch.tensor([sample["image"].shape[-1] for sample in samples])
+    widths = torch.tensor([sample.image.shape[-1] for sample in samples])
     max_width = int(widths.max())
-    images = torch.stack([F.pad(sample["image"], (0, max_width - sample["image"].shape[-1]))
-                          for sample in samples])
-    targets = torch.tensor([i for sample in samples for i in sample["target"]], dtype=torch.long)
-    target_lengths = torch.tensor([len(sample["target"]) for sample in samples])
-    min_frames = torch.tensor([ctc_min_frames(sample["target"]) for sample in samples])
-    return Batch(images, widths, targets, target_lengths, min_frames, [s["text"] for s in samples],
-                 [s["index"] for s in samples], errors)
+    images = torch.stack([F.pad(sample.image, (0, max_width - sample.image.shape[-1])) for sample in samples])
+    targets = torch.tensor([i for sample in samples for i in sample.target], dtype=torch.long)
+    target_lengths = torch.tensor([len(sample.target) for sample in samples])
+    min_frames = torch.tensor([ctc_min_frames(sample.target) for sample in samples])
+    return Batch(images, widths, targets, target_lengths, min_frames, [s.text for s in samples],
+                 [s.index for s in samples], errors)
 
 
-def ctc_min_frames(target: list[int]) -> int:
+def ctc_min_frames(target: Sequence[int]) -> int:
     """CTC needs one frame per label plus a blank between equal neighbours ('ll' needs 3)."""
     return len(target) + sum(a == b for a, b in zip(target, target[1:], strict=False))

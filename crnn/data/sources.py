@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
+from crnn.config import SPLITS, DataConfig
 from crnn.data.images import decode_image, image_size
 from crnn.errors import DataError
 
-SPLITS = ("train", "validation", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
 
@@ -235,17 +235,15 @@ class SyntheticRecords(LineRecords):
         return [(len(text) * self.height * 2 // 5, self.height) for text in self.texts]
 
 
-SPLITS = ("train", "validation", "test")
 
-
-def configured_splits(data_cfg) -> list[str]:
+def configured_splits(data_cfg: DataConfig) -> list[str]:
     """The splits the config provides: all three for the hub and synthetic sources, else those with a path."""
     if data_cfg.source in ("hf", "synthetic"):
         return list(SPLITS)
     return [split for split in SPLITS if getattr(data_cfg, split)]
 
 
-def load_records(data_cfg, split: str) -> LineRecords:
+def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
     """The records of one split, for any `data.source`. Raises DataError with the config key."""
     key = f"data.{split}"
     if data_cfg.source == "synthetic":

@@ -1,0 +1,94 @@
+"""A text line on its way to the model: one typed `Sample`, made by `make_sample` for every purpose.
+
+The training loader, validation and evaluation, inference, the benchmark and the data check all
+turn a line into a sample here, so they agree on the preprocessing and on the CTC target.
+
+Characters outside the vocabulary (one rule, by purpose):
+- "train": the character is left out of the CTC target and the rest of the line still trains. The
+  model has no output for it, so being read as nothing is the best it can learn for that glyph,
+  while leaving the whole line out would throw away the supervision of all its other characters.
+  A line with no known character at all is left out (an error sample, counted and reported like an
+  unreadable image): its ink would only be taught as blank.
+- "evaluate": the same target (it only feeds the validation loss); the reference text keeps every
+  character, so unknown ones count as errors in CER/WER. Never a crash, never left out.
+- "predict": there is no reference; the target is empty.
+Unknown characters are reported by split at start-up (`Vocab.unknown`), not per line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+
+from crnn.config import DataConfig
+from crnn.data.sources import LineRecords
+from crnn.data.transforms import resize_line
+from crnn.data.vocab import Vocab
+from crnn.errors import DataError
+
+PURPOSES = ("train", "evaluate", "predict")
+
+
+class Sample(NamedTuple):
+    """One line, ready to be batched by `collate`."""
+
+    index: int  # the line's index in its records (or in the caller's list)
+    image: torch.Tensor | None  # (1, H, W) ink in [0, 1]; None when the line cannot be used
+    text: str  # the reference transcription ("" when predicting)
+    target: tuple[int, ...]  # CTC labels: the classes of the text's characters that are in the vocab
+    error: str = ""  # why the line cannot be used (then `image` is None)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Grayscale PIL line -> ink tensor `(1, height, W)`, as `data.height/resize/width/max_width` say."""
+
+    height: int
+    resize: str = "keep_aspect"
+    width: int = 0
+    max_width: int = 4000
+
+    @classmethod
+    def from_config(cls, data_cfg: DataConfig) -> Preprocess:
+        return cls(data_cfg.height, data_cfg.resize, data_cfg.width, data_cfg.max_width)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return resize_line(image, self.height, self.resize, self.width, self.max_width)
+
+    def scaled_width(self, width: int, height: int) -> int:
+        """The width `__call__` gives an image of this size (0 x 0: unknown, assume the widest)."""
+        if self.resize != "keep_aspect":
+            return self.width
+        return min(self.max_width, max(1, round(width * self.height / height))) if height else self.max_width
+
+
+def unusable(index: int, error: str) -> Sample:
+    """A line left out, and why; `collate` drops it and counts it."""
+    return Sample(index, None, "", (), error)
+
+
+def make_sample(index: int, image: Image.Image, text: str, vocab: Vocab, preprocess: Preprocess,
+                purpose: str, where: str = "") -> Sample:
+    """The one way a line becomes a sample (see the module docstring for the vocabulary rule)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    if purpose == "predict":
+        text = ""
+    target = tuple(vocab.index[char] for char in text if char in vocab.index)
+    if purpose == "train" and not target:
+        return unusable(index, f"{where or f'line {index}'}: none of the characters of {text!r} is in "
+                               f"the vocabulary, line left out")
+    return Sample(index, preprocess(image), text, target)
+
+
+def read_sample(records: LineRecords, index: int, vocab: Vocab, preprocess: Preprocess, purpose: str) -> Sample:
+    """Decode line `index` of `records` and make its sample; an image that cannot be decoded gives
+    an unusable sample (so a DataLoader worker never dies of one bad file)."""
+    try:
+        image = records.image(index)
+    except DataError as err:
+        return unusable(index, str(err))
+    return make_sample(index, image, records.texts[index], vocab, preprocess, purpose, records.ids[index])
