@@ -34,13 +34,14 @@ from crnn.data import (
     build_loader,
     load_records,
     make_sample,
+    shut_down,
     synthetic,
 )
 from crnn.data.collate import collate
 from crnn.data.samplers import WidthBatchSampler
 from crnn.decoding import GreedyDecoder, build_decoders
 from crnn.distributed import resolve_device
-from crnn.engine import AMP_NAMES, TrainSetup, autocast, drop_infeasible, train_step
+from crnn.engine import AMP_NAMES, TrainSetup, autocast, drop_infeasible, prepare_batch, train_step
 from crnn.errors import CrnnError
 from crnn.models import build_model
 from crnn.runlog import setup_console_logging
@@ -71,7 +72,7 @@ def batches_for(cfg: Config, lines: Lines, vocab: Vocab, batch_size: int) -> lis
     samples = [make_sample(index, image, text, vocab, preprocess, "train")
                for index, (image, text) in enumerate(zip(lines.images, lines.texts, strict=True))]
     sampler = WidthBatchSampler([s.image.shape[-1] for s in samples], batch_size, shuffle=False)
-    return [collate([samples[i] for i, _ in keys]) for keys in sampler]
+    return [collate([samples[i] for i, _ in keys], cfg.data.width_multiple) for keys in sampler]
 
 
 def median_seconds(run, repeats: int, warmup: int, device: torch.device) -> float:
@@ -93,7 +94,8 @@ def forward_gflops(model: torch.nn.Module, batch: Batch, device: torch.device) -
     """Forward GFLOPs per line (multiply-adds count as two), from torch's FLOP counter."""
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(batch.images.to(device), batch.widths)
+        batch = batch.to(device)
+        model(batch.images, batch.widths)
     return counter.get_total_flops() / 1e9 / len(batch)
 
 
@@ -169,32 +171,128 @@ def infer_pass(model: torch.nn.Module, batches: list[Batch], decoder, device: to
                dtype: torch.dtype | None) -> None:
     model.eval()
     for batch in batches:
+        batch = batch.to(device)
         with autocast(device, dtype):
-            output = model(batch.images.to(device, non_blocking=True), batch.widths)
+            output = model(batch.images, batch.widths)
         decoder(output.log_probs, output.lengths)
 
 
-def calibrate_steps_per_second(cfg: Config, steps: int = 8) -> float:
-    """Training steps per second of `cfg` on its own data (after two warm-up steps)."""
+@dataclass
+class LoopTiming:
+    """What `time_loop` saw over its timed steps."""
+
+    steps: int = 0
+    lines: int = 0
+    seconds: float = 0.0  # wall time of the timed steps, loader included
+    wait_seconds: float = 0.0  # of which: waiting for the loader's next batch
+    model_seconds: float = 0.0  # the same steps again on the same (prepared) batches, without the loader
+    padded_pixels: int = 0  # columns x lines of the batches as stepped (after augmentation)
+    line_pixels: int = 0  # columns the lines themselves fill
+    shapes: set = dataclasses.field(default_factory=set)
+    cached_lines: int = 0  # lines the decode cache held when timing began
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_parts(cfg: Config):
+    """Records, vocab, device, model, setup and training loader, as `tools/train.py` builds them."""
     records = load_records(cfg.data, "train")
     vocab = Vocab.from_texts(records.texts)
     device = resolve_device(cfg.train.device)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # as fit() sets it
+    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(vocab)).to(device)
-    setup = TrainSetup.from_config(cfg, model=model, device=device, total_steps=steps + 2)
-    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, True), True, cfg.train.seed)
-    loader.batch_sampler.set_epoch(1)
-    start, done = 0.0, 0
+    setup = TrainSetup.from_config(cfg, model=model, device=device, total_steps=10**6)
+    dataset = build_dataset(cfg.data, records, vocab, True, cfg.data.cache_mb * 2**20)
+    loader = build_loader(cfg.data, dataset, True, cfg.train.seed, pin_memory=device.type == "cuda")
+    return model, setup, loader
+
+
+def loop_batches(loader, warm_epoch: bool):
+    """The loader's batches, epoch after epoch (a whole first epoch first, if `warm_epoch`)."""
+    epoch = 1
+    while True:
+        loader.batch_sampler.set_epoch(epoch)
+        yield from ((epoch == 1 and warm_epoch, batch) for batch in loader)
+        epoch += 1
+
+
+def time_loop(cfg: Config, steps: int, warmup: int, warm_epoch: bool = False, model_only: bool = True) -> LoopTiming:
+    """The real training loop on `cfg`'s data: the DataLoader (workers decoding, the cache), the
+    batch augmentation on the device and the training step, timed over `steps` steps after `warmup`
+    steps (and after a whole epoch, with `warm_epoch`, so that the decode cache is full). Then, if
+    `model_only`, the same steps again on the same prepared batches, without the loader."""
+    model, setup, loader = training_parts(cfg)
+    timing, kept, done = LoopTiming(), [], 0
     model.train()
-    for batch in loader:
-        batch, _ = drop_infeasible(model, batch)
+
+    def step(batch: Batch) -> Batch:
+        batch, _ = drop_infeasible(model, prepare_batch(batch, setup))
         if len(batch):
             train_step(model, batch, setup, 1.0, 0, done, False)
-            done += 1
-        if done == 2 and not start:
-            start = time.perf_counter()
-        if done == steps + 2:
-            break
-    return steps / (time.perf_counter() - start)
+        return batch
+
+    try:
+        batches = loop_batches(loader, warm_epoch)
+        while warm_epoch or done < warmup:
+            warming, batch = next(batches)
+            done += bool(len(step(batch)))
+            warm_epoch = warming
+        synchronize(setup.device)
+        start, timing.cached_lines = time.perf_counter(), cached_lines(loader)
+        while timing.steps < steps:
+            before = time.perf_counter()
+            _, batch = next(batches)
+            timing.wait_seconds += time.perf_counter() - before
+            batch = step(batch)
+            if len(batch):
+                count_batch(timing, batch)
+                if model_only:
+                    kept.append(batch)
+        synchronize(setup.device)
+        timing.seconds = time.perf_counter() - start
+    finally:
+        shut_down(loader)
+    if model_only:
+        timing.model_seconds = median_seconds(lambda: [train_step(model, b, setup, 1.0, 0, 0, False) for b in kept],
+                                              1, 0, setup.device)
+    return timing
+
+
+def cached_lines(loader) -> int:
+    cache = loader.dataset.cache
+    return cache.lines_filled if cache is not None else 0
+
+
+def count_batch(timing: LoopTiming, batch: Batch) -> None:
+    timing.steps += 1
+    timing.lines += len(batch)
+    timing.padded_pixels += len(batch) * batch.images.shape[-1]
+    timing.line_pixels += int(batch.widths.sum())
+    timing.shapes.add(tuple(batch.images.shape))
+
+
+def loop_row(cfg_path: str, overrides: list[str], steps: int, warmup: int, warm_epoch: bool) -> dict:
+    """`tools/benchmark.py --loop`: the real loop's figures for one config."""
+    cfg = load_config(cfg_path, overrides)
+    timing = time_loop(cfg, steps, warmup, warm_epoch)
+    return {"config": Path(cfg_path).stem, "steps": timing.steps, "lines": timing.lines,
+            "batch_size": cfg.data.batch_size, "workers": cfg.data.num_workers,
+            "augment": cfg.data.augment.enabled, "width_multiple": cfg.data.width_multiple,
+            "loop_lines_per_s": timing.lines / max(timing.seconds, 1e-9),
+            "model_lines_per_s": timing.lines / max(timing.model_seconds, 1e-9),
+            "data_wait_fraction": timing.wait_seconds / max(timing.seconds, 1e-9),
+            "padding_fraction": 1 - timing.line_pixels / max(timing.padded_pixels, 1),
+            "distinct_shapes": len(timing.shapes), "cached_lines_at_start": timing.cached_lines}
+
+
+def calibrate_steps_per_second(cfg: Config, steps: int = 8) -> float:
+    """Training steps per second of `cfg` on its own data: the real loop after two warm-up steps."""
+    timing = time_loop(cfg, steps, 2, model_only=False)
+    return timing.steps / max(timing.seconds, 1e-9)
 
 
 def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root: Path) -> dict:

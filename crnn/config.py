@@ -108,7 +108,13 @@ class DataConfig:
     width: int = _non_negative(0)  # target width for resize=squash|fit
     max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
     batch_size: int = _positive(16)  # per process
+    # each batch is padded on the right to a multiple of this many pixels, so that the GPU kernels
+    # (cuDNN autotuning) see a bounded set of shapes; 1 pads to the widest line only
+    width_multiple: int = _positive(64)
     num_workers: int = _non_negative(2)
+    # decoded, resized lines are kept (uint8, in memory shared by all DataLoader workers) up to this
+    # many MB for both splits together, so that later epochs do not decode images again (0: off)
+    cache_mb: int = _non_negative(2048)
     shuffle_window: int = _positive(50)  # batches drawn from windows of this many batches, sorted by width
     check: bool = False  # before training, decode every image and log every problem found
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -166,7 +172,8 @@ class TrainConfig:
     oom_retry: bool = True  # on out-of-memory, retry the batch in two halves (single process only)
     data_parallel: bool = False
     sync_bn: bool = False
-    compile: bool = False
+    compile: bool = False  # refused (see validate): torch.compile is not yet shown to pay here
+    cudnn_benchmark: bool = False  # cuDNN autotuning: one search per batch shape (see data.width_multiple)
     deterministic: bool = False
 
 
@@ -178,7 +185,7 @@ class DecodeConfig:
     beam_threshold: float = _positive(25.0)  # prune hypotheses this far (log-prob) below the best
     beam_size_token: int = _non_negative(16)  # tokens considered per frame (0: all); 16 loses nothing measurable
     nbest: int = _range(1, 1)
-    cuda: bool = False  # on CUDA use torchaudio's cuda_ctc_decoder for the plain beam search
+    cuda: bool = False  # refused (see validate): torchaudio's CUDA beam search aborts the process
     lm_path: str = ""  # character LM file (tools/build_lm.py, or a KenLM ARPA/binary); "" = built
     lm_order: int = _range(6, 1)  # n-gram order of the character LM built from the training transcriptions
     lm_smoothing: str = _choice("kneser_ney", LM_SMOOTHINGS)
@@ -424,6 +431,21 @@ def _check_model_shape(model: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
 
 
+def _check_refused(cfg: Config, where: str) -> None:
+    """Options kept so that older configs and checkpoints load, but refused when switched on."""
+    if cfg.train.compile:
+        raise ConfigError(
+            f"{where}: 'train.compile=true' is not supported: with lines of varying width torch.compile "
+            f"recompiled for each new shape and did not finish 25 steps of synthetic.yaml in 80 s on an "
+            f"H100, and on the CPU (PyTorch 2.11) it crashed the process when the batch shape changed. "
+            f"Set train.compile=false")
+    if cfg.decode.cuda:
+        raise ConfigError(
+            f"{where}: 'decode.cuda=true' is no longer supported: torchaudio's CUDA CTC beam search aborts "
+            f"the process on H100 GPUs (cudaErrorIllegalAddress, pytorch/audio#3754) and torchaudio is no "
+            f"longer developed. Set decode.cuda=false: the beam search runs on the CPU")
+
+
 def validate(cfg: Config, where: str = "config") -> None:
     """Every value: declared choices and ranges, then what the fields say together."""
     _check_all_fields(cfg, "", where)
@@ -434,6 +456,7 @@ def validate(cfg: Config, where: str = "config") -> None:
                           f"fixed-width lines: set data.resize=squash or fit with data.width")
     if data.resize != "keep_aspect" and data.width <= 0:
         raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
+    _check_refused(cfg, where)
     if data.synthetic.min_words > data.synthetic.max_words:
         raise ConfigError(f"{where}: 'data.synthetic.min_words' ({data.synthetic.min_words}) must not "
                           f"exceed 'data.synthetic.max_words' ({data.synthetic.max_words})")

@@ -5,8 +5,8 @@ strings`, as `crnn.engine.evaluate` runs them; beam decoders also give the n bes
 `build_decoders(names, vocab, cfg.decode, lm_texts)` builds them by name: greedy, beam, beam_lm.
 
 Beam search is flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`, CPU), with
-`log_add` on, so a labelling's probability sums over its alignments. With `decode.cuda=true` the
-plain beam search runs on the GPU instead (torchaudio `cuda_ctc_decoder`: blank 0, no LM).
+`log_add` on, so a labelling's probability sums over its alignments. (torchaudio's CUDA beam
+search aborts the process on H100 GPUs: `decode.cuda=true` is refused when the config loads.)
 
 Tokens: blank is index 0 and the vocab's characters follow (as in `crnn.data.Vocab`). The space
 character is the decoder's silence token, i.e. its word boundary: `decode.word_score` is
@@ -182,43 +182,6 @@ class BeamDecoder:
         return self.vocab.decode(kept)
 
 
-class CudaBeamDecoder:
-    """torchaudio's CUDA CTC beam search (`cuda_ctc_decoder`): no LM, blank must be 0.
-
-    It wants float32 contiguous `(N, T, C)` log-probs and int32 lengths on the GPU; frames whose
-    blank probability is over `blank_skip_threshold` are skipped, as torchaudio does by default.
-    """
-
-    def __init__(self, vocab: Vocab, beam_size: int = 10, nbest: int = 1,
-                 device: torch.device | None = None, blank_skip_threshold: float = 0.95):
-        if not torch.cuda.is_available():
-            raise ConfigError("decode.cuda=true needs a CUDA device and none is available; set "
-                              "decode.cuda=false to run the beam search on the CPU")
-        try:
-            from torchaudio.models.decoder import cuda_ctc_decoder
-        except (ImportError, OSError, RuntimeError) as err:
-            raise ConfigError(f"decode.cuda=true: this torchaudio has no CUDA CTC decoder ({err}); "
-                              f"set decode.cuda=false") from None
-        self.vocab = vocab
-        self.device = device if device is not None and device.type == "cuda" else torch.device("cuda")
-        tokens = decoder_tokens(vocab)[0][: len(vocab)]  # exactly one token per class
-        with torch.cuda.device(self.device):  # its workspace lives on this device's stream
-            self.decoder = cuda_ctc_decoder(tokens, nbest=min(nbest, beam_size), beam_size=beam_size,
-                                            blank_skip_threshold=blank_skip_threshold)
-
-    def nbest(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
-        """log_probs `(T, N, C)`, lengths `(N,)` -> per line, its best hypotheses, best first."""
-        emissions = log_probs.detach().to(self.device, torch.float32).transpose(0, 1).contiguous()
-        lengths = lengths.detach().to(self.device, torch.int32)
-        with torch.cuda.device(self.device):
-            results = self.decoder(emissions, lengths)
-        return [[Hypothesis(self.vocab.decode([t for t in hypothesis.tokens if t != BLANK]),
-                            float(hypothesis.score)) for hypothesis in line] for line in results]
-
-    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        return [line[0].text if line else "" for line in self.nbest(log_probs, lengths)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Building decoders from the `decode` config section.
 
@@ -297,13 +260,11 @@ def build_language_model(vocab: Vocab, decode_cfg: DecodeConfig,
 
 
 def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
-                   lm_texts: Sequence[str] | None = None,
-                   device: torch.device | None = None) -> dict[str, Decoder]:
+                   lm_texts: Sequence[str] | None = None) -> dict[str, Decoder]:
     """Decoders by name (greedy, beam, beam_lm), in the order given, configured by `decode_cfg`.
 
-    `lm_texts` (training transcriptions) are only read for beam_lm without `decode.lm_path`;
-    `device` is the model's, on which `decode.cuda=true` runs the plain beam search. The values of
-    `decode_cfg` were checked when the config was loaded (`crnn.config`).
+    `lm_texts` (training transcriptions) are only read for beam_lm without `decode.lm_path`. The
+    values of `decode_cfg` were checked when the config was loaded (`crnn.config`).
     """
     beam_options = {"beam_size": decode_cfg.beam_size, "beam_threshold": decode_cfg.beam_threshold,
                     "beam_size_token": decode_cfg.beam_size_token, "nbest": decode_cfg.nbest}
@@ -311,8 +272,6 @@ def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
     for name in names:
         if name == "greedy":
             decoders[name] = GreedyDecoder(vocab)
-        elif name == "beam" and decode_cfg.cuda:
-            decoders[name] = CudaBeamDecoder(vocab, decode_cfg.beam_size, decode_cfg.nbest, device)
         elif name == "beam":
             decoders[name] = BeamDecoder(vocab, **beam_options)
         elif name == "beam_lm":

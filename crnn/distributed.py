@@ -25,6 +25,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    backend: str = ""  # the process group's (nccl, gloo), "" without torchrun
 
     @property
     def distributed(self) -> bool:
@@ -54,17 +55,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device_name: str = "auto") -> DistInfo:
-    """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun), join the process group, pick the device."""
+    """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun), join the process group, pick the device.
+
+    Under torchrun the process group is joined whatever the number of processes, one included."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         options = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **options)
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, device, dist.get_backend() if dist.is_initialized() else "")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from crnn.config import Config
+from crnn.data import BatchAugmenter, build_augmenter
 from crnn.data.collate import Batch
 from crnn.data.vocab import BLANK
 from crnn.distributed import all_reduce_sum, unwrap
@@ -62,6 +63,15 @@ def ctc_line_losses(log_probs: torch.Tensor, lengths: torch.Tensor, targets: tor
     """Per-line CTC negative log-likelihood `(N,)`, computed in float32."""
     return F.ctc_loss(log_probs.float(), targets, lengths, target_lengths, blank=BLANK,
                       reduction="none", zero_infinity=False)
+
+
+def prepare_batch(batch: Batch, setup: TrainSetup) -> Batch:
+    """A loader's batch on the training device, augmented (each line by its own seed) if configured."""
+    batch = batch.to(setup.device)
+    if setup.augmenter is not None and len(batch):
+        images, widths = setup.augmenter(batch.images, batch.widths, batch.seeds)
+        batch = dataclasses.replace(batch, images=images, widths=widths)
+    return batch
 
 
 def drop_infeasible(model: nn.Module, batch: Batch) -> tuple[Batch, int]:
@@ -136,19 +146,22 @@ class TrainSetup:
     shortcut_weight: float  # 0 without a shortcut head
     max_bad_steps: int
     oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
+    augmenter: BatchAugmenter | None  # training batches' augmentation, on the device
 
     @classmethod
     def from_config(cls, cfg: Config, *, model: nn.Module, device: torch.device, total_steps: int,
                     world_size: int = 1) -> TrainSetup:
         """AdamW and the LR schedule over `total_steps` for `model` (bare, on `device`), the AMP
-        mode (`resolve_amp`), clipping, the shortcut loss weight and the fault settings of `cfg`."""
+        mode (`resolve_amp`), clipping, the shortcut loss weight, the fault settings and the batch
+        augmentation of `cfg`."""
         amp_dtype = resolve_amp(cfg.train.amp, device)
         optimizer = build_optimizer(cfg.train, model, device, world_size)
         return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, total_steps),
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
                    shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
-                   max_bad_steps=cfg.train.max_bad_steps, oom_retry=cfg.train.oom_retry)
+                   max_bad_steps=cfg.train.max_bad_steps, oom_retry=cfg.train.oom_retry,
+                   augmenter=build_augmenter(cfg.data))
 
 
 def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0,
@@ -158,14 +171,13 @@ def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: 
     The loss is the per-line mean over `normalizer` lines (default: this batch), so the halves of
     a split batch add up to the gradient of the whole. Returns the detached (main, shortcut) sums.
     """
-    images = batch.images.to(setup.device, non_blocking=True)
-    targets = batch.targets.to(setup.device, non_blocking=True)
+    batch = batch.to(setup.device)  # a no-op for a batch prepare_batch has moved
     with autocast(setup.device, setup.amp_dtype):
-        output = model(images, batch.widths)
-        main = ctc_line_losses(output.log_probs, output.lengths, targets, batch.target_lengths).sum()
+        output = model(batch.images, batch.widths)
+        main = ctc_line_losses(output.log_probs, output.lengths, batch.targets, batch.target_lengths).sum()
         shortcut = torch.zeros((), device=setup.device)
         if output.shortcut_log_probs is not None:
-            shortcut = ctc_line_losses(output.shortcut_log_probs, output.lengths, targets,
+            shortcut = ctc_line_losses(output.shortcut_log_probs, output.lengths, batch.targets,
                                        batch.target_lengths).sum()
         loss = weight * (main + setup.shortcut_weight * shortcut) / (normalizer or len(batch))
     setup.scaler.scale(loss).backward()
@@ -260,7 +272,7 @@ def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, ste
                     leave=False)
     for batch in progress:
         stats.batches += 1
-        batch, too_long = drop_infeasible(model, batch)
+        batch, too_long = drop_infeasible(model, prepare_batch(batch, setup))
         stats.count_skipped(batch.errors, too_long)
         weight = 1.0
         if len(batch) == 0:
@@ -329,14 +341,15 @@ def evaluate(model: nn.Module, loader, device: torch.device,
         result.problems.extend(batch.errors)
         if len(batch) == 0:
             continue
+        batch = batch.to(device)
         with autocast(device, amp_dtype):
-            output = model(batch.images.to(device, non_blocking=True), batch.widths)
+            output = model(batch.images, batch.widths)
         feasible = output.lengths.cpu() >= batch.min_frames
         result.too_long += int((~feasible).sum())
         if feasible.any():
-            kept = batch.select(feasible)
-            losses = ctc_line_losses(output.log_probs[:, feasible.to(device)], output.lengths[feasible],
-                                     kept.targets.to(device), kept.target_lengths)
+            kept, on_device = batch.select(feasible), feasible.to(device)
+            losses = ctc_line_losses(output.log_probs[:, on_device], output.lengths[on_device], kept.targets,
+                                     kept.target_lengths)
             loss_sum, loss_lines = loss_sum + float(losses.sum()), loss_lines + len(kept)
         for name, decoder in decoders.items():
             decode_start = time.perf_counter()
@@ -348,7 +361,7 @@ def evaluate(model: nn.Module, loader, device: torch.device,
             if name == next(iter(decoders)) and len(result.samples) < keep_samples:
                 take = keep_samples - len(result.samples)
                 result.samples.extend(
-                    (batch.images[i, :, :, : int(batch.widths[i])], batch.texts[i], hypotheses[i])
+                    (batch.images[i, :, :, : int(batch.widths[i])].cpu(), batch.texts[i], hypotheses[i])
                     for i in range(min(take, len(batch))))
     result.seconds = time.perf_counter() - start
     return _reduce_eval(result, loss_sum, loss_lines, device)

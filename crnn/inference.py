@@ -65,14 +65,16 @@ class TrainedModel:
                     f"tools/train.py). Build a FILE with: python tools/build_lm.py TRAIN_TEXTS.txt|"
                     f"TRAIN.parquet --out lm.arpa")
             lm_texts = read_texts(self.train_texts_path)
-        return build_decoders(names, self.vocab, self.config.decode, lm_texts, self.device)
+        return build_decoders(names, self.vocab, self.config.decode, lm_texts)
 
     @torch.no_grad()
     def transcribe(self, images: Sequence[Image.Image], decoder: Decoder) -> list[str]:
         """Grayscale PIL line images -> texts, run as one padded batch `(N, 1, H, W)`."""
-        preprocess = Preprocess.from_config(self.config.data)
-        batch = collate([make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)])
-        output = self.model(batch.images.to(self.device), batch.widths)
+        data = self.config.data
+        preprocess = Preprocess.from_config(data)
+        samples = [make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)]
+        batch = collate(samples, data.width_multiple).to(self.device)
+        output = self.model(batch.images, batch.widths)
         return decoder(output.log_probs, output.lengths)
 
 

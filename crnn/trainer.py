@@ -36,7 +36,7 @@ from crnn.checkpoint import (
     set_rng_state,
 )
 from crnn.config import Config, config_from_dict, config_yaml
-from crnn.data import Batch, LineRecords, Vocab, build_dataset, build_loader, load_records
+from crnn.data import Batch, LineRecords, Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.check import check_records
 from crnn.decoding import GreedyDecoder
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
@@ -136,14 +136,19 @@ def start_run_directory(cfg: Config, dist: DistInfo, logger: RunLogger, data: Ru
         logger.truncate_metrics(resume.progress.epoch)
 
 
-def build_loaders(cfg: Config, dist: DistInfo, data: RunData) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders, sharded over the ranks."""
+def build_loaders(cfg: Config, dist: DistInfo, logger: RunLogger, data: RunData) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders, sharded over the ranks; `data.cache_mb` of decoded lines
+    for both (the training split first)."""
     shard = {"rank": dist.rank, "world_size": dist.world_size, "pin_memory": dist.device.type == "cuda"}
-    train_loader = build_loader(cfg.data, build_dataset(cfg.data, data.train, data.vocab, True), True,
-                                cfg.train.seed, **shard)
-    val_loader = build_loader(cfg.data, build_dataset(cfg.data, data.validation, data.vocab, False), False,
-                              cfg.train.seed, **shard)
-    return train_loader, val_loader
+    budget = cfg.data.cache_mb * 2**20
+    train_set = build_dataset(cfg.data, data.train, data.vocab, True, budget)
+    used = train_set.cache.nbytes if train_set.cache else 0
+    val_set = build_dataset(cfg.data, data.validation, data.vocab, False, budget - used)
+    for split, dataset in (("train", train_set), ("validation", val_set)):
+        if dataset.cache is not None:
+            logger.info("%s: decoded lines cached for later epochs: %s", split, dataset.cache.describe())
+    return (build_loader(cfg.data, train_set, True, cfg.train.seed, **shard),
+            build_loader(cfg.data, val_set, False, cfg.train.seed, **shard))
 
 
 def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
@@ -196,9 +201,10 @@ def log_run(logger: RunLogger, cfg: Config, dist: DistInfo, data: RunData, model
     logger.info("data: %d train lines, %d validation lines, %d classes (blank included)",
                 len(data.train), len(data.validation), len(data.vocab))
     logger.info("model: %.2fM parameters, device %s, amp %s", parameters / 1e6, dist.device, setup.amp_dtype)
-    logger.info("%d process(es) x batch %d = effective batch %d; peak lr %.2e (train.lr_scaling=%s); "
-                "%d step(s) per epoch", dist.world_size, cfg.data.batch_size, dist.world_size * cfg.data.batch_size,
-                scaled_lr(cfg.train, dist.world_size), cfg.train.lr_scaling, steps_per_epoch)
+    logger.info("%d process(es)%s x batch %d = effective batch %d; peak lr %.2e (train.lr_scaling=%s); "
+                "%d step(s) per epoch", dist.world_size, f" ({dist.backend})" if dist.backend else "",
+                cfg.data.batch_size, dist.world_size * cfg.data.batch_size, scaled_lr(cfg.train, dist.world_size),
+                cfg.train.lr_scaling, steps_per_epoch)
 
 
 def build_run(cfg: Config, dist: DistInfo) -> Run:
@@ -210,7 +216,7 @@ def build_run(cfg: Config, dist: DistInfo) -> Run:
     resume, resume_path = resumed if resumed else (None, None)
     data = load_data(cfg, dist, logger, resume)  # may fail: nothing is written before
     start_run_directory(cfg, dist, logger, data, resume)
-    train_loader, val_loader = build_loaders(cfg, dist, data)
+    train_loader, val_loader = build_loaders(cfg, dist, logger, data)
     steps_per_epoch = len(train_loader.batch_sampler)
     model, setup = build_training(cfg, dist, data.vocab, steps_per_epoch)
     log_run(logger, cfg, dist, data, model, setup, steps_per_epoch)
@@ -328,6 +334,17 @@ class Run:
         return saved if self.dist.is_main else EpochStats(batches=saved.batches)
 
     def train(self) -> RunState:
+        try:
+            self._train_epochs()
+        finally:  # the workers stop with the run, not at interpreter exit (which can hang or abort)
+            shut_down(self.train_loader)
+            shut_down(self.val_loader)
+        self.logger.info("done: best validation CER %.4f; run directory %s", self.state.best_cer,
+                         self.cfg.train.output_dir)
+        self.logger.close()
+        return self.state
+
+    def _train_epochs(self) -> None:
         with StopRequest() as stop:
             for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
                 stats = self.resumed_stats()
@@ -344,10 +361,6 @@ class Run:
                 stats.reduce(self.dist.device)
                 if self.end_epoch(epoch, stats, self.validate()):
                     break
-        self.logger.info("done: best validation CER %.4f; run directory %s", self.state.best_cer,
-                         self.cfg.train.output_dir)
-        self.logger.close()
-        return self.state
 
 
 def fit(cfg: Config) -> RunState:
@@ -358,7 +371,8 @@ def fit(cfg: Config) -> RunState:
         seed_everything(cfg.train.seed + dist_info.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = not cfg.train.deterministic
+        # autotuning searches once per batch shape: it can pay with bounded shapes (data.width_multiple)
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         state = build_run(cfg, dist_info).train()
         finished = True
         return state

@@ -24,7 +24,7 @@ def test_lines_have_realistic_widths_and_each_config_its_own_preprocessing():
     kept = batches_for(load_config(TINY), lines, vocab, batch_size=4)
     squashed = batches_for(load_config(TINY, ["data.resize=squash", "data.width=300"]), lines, vocab, 4)
     assert sorted(w for b in kept for w in b.widths.tolist()) == sorted(round(i.width / 2) for i in lines.images)
-    assert all(b.images.shape[-2:] == (32, 300) for b in squashed)
+    assert all(b.images.shape[-2:] == (32, 320) and b.widths.tolist() == [300] * len(b) for b in squashed)  # 5 x 64
     assert sum(len(b) for b in kept) == 6
 
 
@@ -91,3 +91,20 @@ def test_train_setup_takes_every_setting_from_the_config():
     no_shortcut = load_config(TINY, ["model.shortcut=false"])
     assert TrainSetup.from_config(no_shortcut, model=torch.nn.Linear(2, 2), device=torch.device("cpu"),
                                   total_steps=10).shortcut_weight == 0.0
+
+
+def test_loop_mode_times_the_real_loop_against_the_model_alone(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 24)
+    out = tmp_path / "loop.json"
+    result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--loop", "--steps", "4",
+                             "--warmup", "2", "--warm-epoch", "--data", f"{lines},{lines}", "--device", "cpu",
+                             "--json", str(out), "data.num_workers=1", "data.batch_size=4"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["steps"] == 4 and row["lines"] == 16 and row["workers"] == 1 and row["augment"]
+    assert row["loop_lines_per_s"] > 0 and row["model_lines_per_s"] > 0
+    assert 0.0 <= row["data_wait_fraction"] < 1.0 and 0.0 <= row["padding_fraction"] < 1.0
+    assert 1 <= row["distinct_shapes"] <= 4
+    assert row["cached_lines_at_start"] == 24  # a whole epoch first: every line decoded once
+    assert "| tiny | 4 |" in result.stdout

@@ -126,3 +126,8 @@ def test_train_tool_refuses_a_bad_decode_value_before_reading_data(tmp_path):
 def test_a_config_built_in_code_is_checked_like_a_loaded_one():
     with pytest.raises(ConfigError, match="'decode.beam_size' must be >= 1"):
         validate(Config(decode=DecodeConfig(beam_size=0)))
+
+
+def test_torch_compile_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"'train.compile=true' is not supported: .*recompiled.*train.compile=false"):
+        load_config(REPO / "experiments" / "synthetic.yaml", ["train.compile=true"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from crnn.config import LM_SMOOTHINGS, DecodeConfig
+from crnn.config import LM_SMOOTHINGS, DecodeConfig, load_config
 from crnn.data import Vocab
 from crnn.decoding import (
     BeamDecoder,
@@ -144,10 +144,10 @@ def test_build_decoders_by_name_and_its_errors(tmp_path):
         build_decoders(["beam_lm"], vocab, DecodeConfig(lm_path=str(tmp_path / "missing.arpa")))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without CUDA")
-def test_cuda_beam_search_without_cuda_is_a_clear_error():
-    with pytest.raises(ConfigError, match="decode.cuda=true needs a CUDA device"):
-        build_decoders(["beam"], Vocab(list("ab")), DecodeConfig(cuda=True))
+def test_the_cuda_beam_search_that_aborts_on_h100_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"'decode.cuda=true' is no longer supported.*aborts the process.*"
+                                          r"decode.cuda=false"):
+        load_config(None, ["decode.cuda=true"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,20 @@ Speed (all configs in one process, same lines, median of timed passes after warm
         --cfg experiments/reference_bestpractice.yaml --device cpu --amp bf16 --json speed.json
     python tools/benchmark.py --cfg experiments/base.yaml --device cuda --lines 512 --batch-size 32
 
+The real training loop (DataLoader workers, decode cache, augmentation on the device, the step), on
+real lines, against the model-only step on the same batches:
+    python tools/benchmark.py --cfg experiments/base.yaml --loop --steps 100 --warmup 10 \
+        --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet \
+        data.height=128 data.num_workers=12 --json loop.json
+    (--warm-epoch first runs a whole untimed epoch, so that the decode cache is full)
+
 Accuracy per compute (each config trains for the same minutes on the same data):
     python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \
         --cfg experiments/reference_bestpractice.yaml --budget-minutes 30 \
         --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet
 
 `--data TRAIN,VALIDATION` takes parquet files or gt.tsv folders; more `key=value` overrides apply to
-every config (e.g. data.num_workers=1).
+every config (e.g. data.num_workers=1) in --loop and --budget-minutes modes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from crnn.benchmark import budget_row, make_lines, speed_row
+from crnn.benchmark import budget_row, loop_row, make_lines, speed_row
 from crnn.config import AMP_MODES
 from crnn.distributed import resolve_device
 from crnn.engine import AMP_NAMES, resolve_amp
@@ -39,6 +46,9 @@ SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"
                  ("infer_fp32_beam_lines_per_s", "beam fp32", "{:.1f}"),
                  ("infer_{amp}_greedy_lines_per_s", "greedy {amp}", "{:.1f}"),
                  ("train_memory_mb", "train MB", "{:.0f}")]
+LOOP_COLUMNS = [("config", "config", "{}"), ("steps", "steps", "{}"), ("loop_lines_per_s", "loop lines/s", "{:.1f}"),
+                ("model_lines_per_s", "model lines/s", "{:.1f}"), ("data_wait_fraction", "data wait", "{:.1%}"),
+                ("padding_fraction", "padding", "{:.1%}"), ("distinct_shapes", "shapes", "{}")]
 BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("steps", "steps", "{}"),
                   ("epochs", "epochs", "{}"), ("best_val_cer", "best val CER", "{:.4f}"),
                   ("best_val_wer", "best val WER", "{:.4f}")]
@@ -71,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", type=int, default=0, help="lines per timed pass (default 32 CPU, 256 GPU)")
     parser.add_argument("--batch-size", type=int, default=0, help="default 8 on CPU, 32 on GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    parser.add_argument("--warmup", type=int, help="untimed passes first (speed: 1) or steps (--loop: 10)")
+    parser.add_argument("--loop", action="store_true", help="time the real training loop on --data instead")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps of --loop (default 50)")
+    parser.add_argument("--warm-epoch", action="store_true", help="--loop: one whole untimed epoch first")
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--budget-minutes", type=float, help="train each config this long instead")
-    parser.add_argument("--data", help="TRAIN,VALIDATION for --budget-minutes")
+    parser.add_argument("--data", help="TRAIN,VALIDATION for --loop and --budget-minutes")
     parser.add_argument("--output", default=f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}",
                         help="run directories of --budget-minutes")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for every config (budget mode)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every config (--loop, --budget-minutes)")
     args = parser.parse_args(argv)
     setup_console_logging()
     try:
@@ -91,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.loop:
+        if not args.data:
+            raise CrnnError("--loop needs --data TRAIN,VALIDATION")
+        overrides = [*data_overrides(args.data), f"train.device={args.device}", *args.overrides]
+        warmup = 10 if args.warmup is None else args.warmup
+        rows = [loop_row(cfg, overrides, args.steps, warmup, args.warm_epoch) for cfg in args.cfg]
+        print_table(rows, LOOP_COLUMNS)
+        return rows
     if args.budget_minutes:
         if not args.data:
             raise CrnnError("--budget-minutes needs --data TRAIN,VALIDATION")
@@ -106,9 +127,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.backends.cudnn.benchmark = True
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores'}), "
           f"{torch.get_num_threads()} threads, {len(lines.texts)} lines, batch {batch_size}, "
-          f"median of {args.repeats} after {args.warmup} warm-up; precision timed: fp32"
+          f"median of {args.repeats} after {1 if args.warmup is None else args.warmup} warm-up; precision timed: fp32"
           f"{'' if precision == 'fp32' else ' and ' + precision} (--amp {args.amp})", file=sys.stderr)
-    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, args.warmup, args.amp) for cfg in args.cfg]
+    warmup = 1 if args.warmup is None else args.warmup
+    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, warmup, args.amp) for cfg in args.cfg]
     print_table(rows, SPEED_COLUMNS, precision)
     return rows
 

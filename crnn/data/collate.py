@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from crnn.data.augment import round_up
+from crnn.data.cache import LineCache
 from crnn.data.samplers import Key
-from crnn.data.samples import Preprocess, Sample, read_sample
+from crnn.data.samples import Preprocess, Sample, make_sample, read_sample
 from crnn.data.sources import LineRecords
-from crnn.data.transforms import Augmenter
 from crnn.data.vocab import Vocab
 
 
 @dataclass
 class Batch:
-    """A padded batch. images `(N, 1, H, W)`; widths, target_lengths `(N,)`; targets `(sum L,)`."""
+    """A padded batch. images `(N, 1, H, W)`: uint8 ink from the loader, float ink in [0, 1] once
+    `to(device)`; widths, target_lengths, min_frames `(N,)` on the CPU; targets `(sum L,)`."""
 
     images: torch.Tensor
     widths: torch.Tensor
@@ -27,26 +31,36 @@ class Batch:
     texts: list[str]
     indices: list[int]
     errors: list[str] = field(default_factory=list)  # samples dropped from this batch, and why
+    seeds: list[int | None] = field(default_factory=list)  # per line: augmentation seed or None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def select(self, keep: torch.Tensor) -> Batch:
-        """The lines where the boolean `(N,)` mask `keep` is set (targets re-cut to match)."""
+        """The lines where the boolean `(N,)` mask `keep` is set (targets re-cut to match); the
+        padded width is kept, so the shape stays one of the bounded set."""
         pieces = torch.split(self.targets, self.target_lengths.tolist())
         kept = [i for i in range(len(self)) if keep[i]]
         targets = torch.cat([pieces[i] for i in kept]) if kept else self.targets[:0]
-        widths = self.widths[kept]
-        return Batch(self.images[kept, ..., : int(widths.max()) if kept else 1], widths, targets,
-                     self.target_lengths[kept], self.min_frames[kept], [self.texts[i] for i in kept],
-                     [self.indices[i] for i in kept], self.errors)
+        return Batch(self.images[kept], self.widths[kept], targets, self.target_lengths[kept],
+                     self.min_frames[kept], [self.texts[i] for i in kept], [self.indices[i] for i in kept],
+                     self.errors, [self.seeds[i] for i in kept] if self.seeds else [])
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch as the model takes it, on `device`: images as float ink in [0, 1] (they cross
+        as uint8, a quarter of the bytes), targets there too; widths and lengths stay on the CPU
+        (the model moves what it needs; CTC wants the lengths on the CPU)."""
+        images = self.images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return dataclasses.replace(self, images=images, targets=self.targets.to(device, non_blocking=True))
 
     @classmethod
     def blank(cls, height: int, width: int) -> Batch:
         """One line of blank paper with an empty transcription (a valid CTC target)."""
         empty = torch.zeros(0, dtype=torch.long)
-        return cls(torch.zeros(1, 1, height, width), torch.tensor([width]), empty,
-                   torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [""], [-1])
+        return cls(torch.zeros(1, 1, height, width, dtype=torch.uint8), torch.tensor([width]), empty,
+                   torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [""], [-1], [], [None])
 
     def pin_memory(self) -> Batch:
         # only these go to the device; lengths stay on the CPU, where CTC and packing want them
@@ -59,45 +73,53 @@ class LineDataset(torch.utils.data.Dataset):
 
     A line that cannot be used (an image that does not decode, ...) comes back as an unusable
     sample, so that collate can drop and count it instead of killing the worker. `purpose` ("train"
-    or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`).
+    or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`). With a
+    `LineCache`, a line is decoded once and read from shared memory afterwards. The augmentation
+    seed travels with the sample; augmentation itself runs on the device (`crnn.data.augment`).
     """
 
     def __init__(self, records: LineRecords, vocab: Vocab, preprocess: Preprocess, purpose: str,
-                 augmenter: Augmenter | None = None):
+                 cache: LineCache | None = None):
         self.records, self.vocab, self.preprocess = records, vocab, preprocess
-        self.purpose, self.augmenter = purpose, augmenter
+        self.purpose, self.cache = purpose, cache
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def scaled_widths(self) -> list[int]:
-        """Width of each line after resizing, from image headers (used to group batches)."""
+    @functools.cached_property
+    def widths(self) -> list[int]:
+        """Width of each line after resizing, from image headers (to group batches, size the cache)."""
         return [self.preprocess.scaled_width(width, height) for width, height in self.records.sizes()]
 
     def __getitem__(self, key: Key) -> Sample:
         index, augmentation_seed = key
-        sample = read_sample(self.records, index, self.vocab, self.preprocess, self.purpose)
-        if sample.image is not None and self.augmenter is not None and augmentation_seed is not None:
-            generator = torch.Generator().manual_seed(augmentation_seed)
-            sample = sample._replace(image=self.augmenter(sample.image, generator))
-        return sample
+        ink = self.cache.get(index) if self.cache is not None else None
+        if ink is None:
+            sample = read_sample(self.records, index, self.vocab, self.preprocess, self.purpose)
+            if self.cache is not None and sample.image is not None:
+                self.cache.put(index, sample.image)
+        else:
+            sample = make_sample(index, ink, self.records.texts[index], self.vocab, self.preprocess,
+                                 self.purpose, self.records.ids[index])
+        return sample._replace(seed=augmentation_seed)
 
 
-def collate(samples: list[Sample]) -> Batch:
-    """Right-pad images to the widest line; the CTC lengths come from each line's own width."""
+def collate(samples: list[Sample], width_multiple: int = 1) -> Batch:
+    """Right-pad images to the widest line, rounded up to `width_multiple` (a bounded set of batch
+    shapes); the CTC lengths come from each line's own width."""
     errors = [sample.error for sample in samples if sample.image is None]
     samples = [sample for sample in samples if sample.image is not None]
     if not samples:
         empty = torch.zeros(0, dtype=torch.long)
-        return Batch(torch.zeros(0, 1, 1, 1), empty, empty, empty, empty, [], [], errors)
+        return Batch(torch.zeros(0, 1, 1, 1, dtype=torch.uint8), empty, empty, empty, empty, [], [], errors)
     widths = torch.tensor([sample.image.shape[-1] for sample in samples])
-    max_width = int(widths.max())
-    images = torch.stack([F.pad(sample.image, (0, max_width - sample.image.shape[-1])) for sample in samples])
+    canvas = round_up(int(widths.max()), width_multiple)
+    images = torch.stack([F.pad(sample.image, (0, canvas - sample.image.shape[-1])) for sample in samples])
     targets = torch.tensor([i for sample in samples for i in sample.target], dtype=torch.long)
     target_lengths = torch.tensor([len(sample.target) for sample in samples])
     min_frames = torch.tensor([ctc_min_frames(sample.target) for sample in samples])
     return Batch(images, widths, targets, target_lengths, min_frames, [s.text for s in samples],
-                 [s.index for s in samples], errors)
+                 [s.index for s in samples], errors, [s.seed for s in samples])
 
 
 def ctc_min_frames(target: Sequence[int]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -15,13 +15,24 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def batch_sizes(count: int, batch_size: int, batches: int) -> list[int]:
+    """`count` lines in `batches` batches (count / batch_size <= batches <= count): as many full
+    batches as leave at least one line for each of the others, which share the rest evenly."""
+    full = batches if batch_size == 1 else min(batches, (count - batches) // (batch_size - 1))
+    if full == batches:
+        return [batch_size] * full
+    rest = [len(part) for part in np.array_split(np.arange(count - full * batch_size), batches - full)]
+    return [batch_size] * full + rest
+
+
 class WidthBatchSampler:
     """Batches of lines of similar width, so that little of each padded batch is wasted.
 
     Training (`shuffle=True`): the epoch's permutation (from `seed` and the epoch) is cut into
-    windows of `window` batches, each window is sorted by width and cut into batches, and the batch
-    order is shuffled. The batch count is rounded up to a multiple of `world_size`, with sizes
-    evened out, so every rank gets the same number of batches and every sample is used exactly
+    windows of `window` batches, each window is sorted by width (the width each line will have once
+    augmented, given `augmented_width`) and cut into batches, and the batch order is shuffled. Batches hold exactly `batch_size` lines but for the last few (`batch_sizes`),
+    so the GPU sees few distinct shapes. The batch count is rounded up to a multiple of
+    `world_size`, so every rank gets the same number of batches and every sample is used exactly
     once per epoch (no duplicates to pad the shards). Rank r takes batches r, r + W, r + 2W, ...
 
     Evaluation (`shuffle=False`): lines sorted by width, cut into batches of `batch_size`; rank r
@@ -30,17 +41,36 @@ class WidthBatchSampler:
     """
 
     def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 window: int = 50, augment: bool = False, rank: int = 0, world_size: int = 1):
+                 window: int = 50, augmented_width: Callable[[int, int], int] | None = None,
+                 rank: int = 0, world_size: int = 1):
         if len(widths) == 0:
             raise ValueError("cannot sample batches from an empty split")
         self.widths = np.asarray(widths)
         self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, window
-        self.augment, self.rank, self.world_size = augment, rank, world_size
+        self.augmented_width, self.rank, self.world_size = augmented_width, rank, world_size
         self.epoch, self.start_batch = 0, 0
+        self._seeds: tuple[int, list[int]] = (-1, [])
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order; `start_batch` skips this rank's first batches (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
+
+    def _epoch_seeds(self, epoch: int) -> list[int] | None:
+        """Each line's augmentation seed in `epoch`, or None without augmentation (kept for the
+        epoch: the batches and their keys both need them)."""
+        if self.augmented_width is None:
+            return None
+        if self._seeds[0] != epoch:
+            self._seeds = (epoch, [augmentation_seed(self.seed, epoch, index) for index in range(len(self.widths))])
+        return self._seeds[1]
+
+    def epoch_widths(self) -> np.ndarray:
+        """The widths batches are grouped by: with augmentation, the widths lines will have once
+        augmented (a sheared or scaled line changes width), so that little padding is added."""
+        seeds = self._epoch_seeds(self.epoch)
+        if seeds is None:
+            return self.widths
+        return np.array([self.augmented_width(int(width), seed) for width, seed in zip(self.widths, seeds, strict=True)])
 
     def global_batches(self) -> list[np.ndarray]:
         """All batches of the epoch, over all ranks, in the order they are dealt out."""
@@ -50,12 +80,12 @@ class WidthBatchSampler:
             return [order[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(count)
-        span = self.window * self.batch_size
+        span, widths = self.window * self.batch_size, self.epoch_widths()
         order = np.concatenate([
-            chunk[np.argsort(self.widths[chunk], kind="stable")]
+            chunk[np.argsort(widths[chunk], kind="stable")]
             for chunk in np.split(order, range(span, count, span))
         ])
-        batches = np.array_split(order, self.num_global_batches())
+        batches = np.split(order, np.cumsum(batch_sizes(count, self.batch_size, self.num_global_batches()))[:-1])
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def num_global_batches(self) -> int:
@@ -71,8 +101,6 @@ class WidthBatchSampler:
 
     def __iter__(self) -> Iterator[list[Key]]:
         mine = self.global_batches()[self.rank::self.world_size]
+        seeds = self._epoch_seeds(self.epoch) if self.shuffle else None
         for batch in mine[self.start_batch:]:
-            yield [
-                (int(i), augmentation_seed(self.seed, self.epoch, int(i)) if self.augment else None)
-                for i in batch
-            ]
+            yield [(int(i), None if seeds is None else seeds[i]) for i in batch]

@@ -25,7 +25,7 @@ from PIL import Image
 
 from crnn.config import DataConfig
 from crnn.data.sources import LineRecords
-from crnn.data.transforms import resize_line
+from crnn.data.transforms import resize_line, resized_size
 from crnn.data.vocab import Vocab
 from crnn.errors import DataError
 
@@ -36,10 +36,11 @@ class Sample(NamedTuple):
     """One line, ready to be batched by `collate`."""
 
     index: int  # the line's index in its records (or in the caller's list)
-    image: torch.Tensor | None  # (1, H, W) ink in [0, 1]; None when the line cannot be used
+    image: torch.Tensor | None  # (1, H, W) uint8 ink, 0 (paper) to 255; None when the line cannot be used
     text: str  # the reference transcription ("" when predicting)
     target: tuple[int, ...]  # CTC labels: the classes of the text's characters that are in the vocab
     error: str = ""  # why the line cannot be used (then `image` is None)
+    seed: int | None = None  # its augmentation seed (crnn.data.augment); None: not augmented
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class Preprocess:
         """The width `__call__` gives an image of this size (0 x 0: unknown, assume the widest)."""
         if self.resize != "keep_aspect":
             return self.width
-        return min(self.max_width, max(1, round(width * self.height / height))) if height else self.max_width
+        if not height:
+            return self.max_width
+        return resized_size(width, height, self.height, self.resize, self.width, self.max_width)[0]
 
 
 def unusable(index: int, error: str) -> Sample:
@@ -70,9 +73,11 @@ def unusable(index: int, error: str) -> Sample:
     return Sample(index, None, "", (), error)
 
 
-def make_sample(index: int, image: Image.Image, text: str, vocab: Vocab, preprocess: Preprocess,
+def make_sample(index: int, image: Image.Image | torch.Tensor, text: str, vocab: Vocab, preprocess: Preprocess,
                 purpose: str, where: str = "") -> Sample:
-    """The one way a line becomes a sample (see the module docstring for the vocabulary rule)."""
+    """The one way a line becomes a sample (see the module docstring for the vocabulary rule).
+
+    `image`: the grayscale PIL line, or its ink already preprocessed (from `crnn.data.cache`)."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
     if purpose == "predict":
@@ -81,7 +86,8 @@ def make_sample(index: int, image: Image.Image, text: str, vocab: Vocab, preproc
     if purpose == "train" and not target:
         return unusable(index, f"{where or f'line {index}'}: none of the characters of {text!r} is in "
                                f"the vocabulary, line left out")
-    return Sample(index, preprocess(image), text, target)
+    ink = image if isinstance(image, torch.Tensor) else preprocess(image)
+    return Sample(index, ink, text, target)
 
 
 def read_sample(records: LineRecords, index: int, vocab: Vocab, preprocess: Preprocess, purpose: str) -> Sample:

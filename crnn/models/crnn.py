@@ -16,7 +16,7 @@ from crnn.models.registry import register_model
 
 class CRNNOutput(NamedTuple):
     log_probs: torch.Tensor  # (T, N, classes), float32
-    lengths: torch.Tensor  # (N,) valid frames per line, on the device of `widths`
+    lengths: torch.Tensor  # (N,) valid frames per line, on the images' device
     shortcut_log_probs: torch.Tensor | None  # (T, N, classes) or None
 
 
@@ -50,7 +50,11 @@ class CRNN(nn.Module):
 
     def forward(self, images: torch.Tensor, widths: torch.Tensor,
                 with_shortcut: bool | None = None) -> CRNNOutput:
-        """The shortcut head runs in training mode, or when `with_shortcut=True`."""
+        """The shortcut head runs in training mode, or when `with_shortcut=True`.
+
+        `widths` may be on any device: they are moved to the images' here, the one place, so the
+        lengths and everything derived from them (the BiLSTM's reversal index) live there too."""
+        widths = widths.to(images.device, non_blocking=True)
         columns = self.columns(self.encoder(images))
         lengths = self.output_lengths(widths).clamp(max=columns.shape[0])
         log_probs = self.head(columns, lengths).float().log_softmax(-1)

@@ -10,8 +10,7 @@ def reversal_index(lengths: torch.Tensor, frames: int) -> torch.Tensor:
     """`(T, N)` index that reverses each line within its own length and leaves its padding in
     place; applying it twice gives the identity."""
     time = torch.arange(frames, device=lengths.device)[:, None]
-    lengths = lengths.to(time.device)[None, :]
-    return torch.where(time < lengths, lengths - 1 - time, time)
+    return torch.where(time < lengths[None, :], lengths[None, :] - 1 - time, time)
 
 
 class BiLSTM(nn.Module):
@@ -32,7 +31,7 @@ class BiLSTM(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """features `(T, N, C)`, lengths `(N,)` -> `(T, N, 2 * hidden)`."""
-        index = reversal_index(lengths, features.shape[0])[..., None]
+        index = reversal_index(lengths.to(features.device), features.shape[0])[..., None]
         for layer, (forward, backward) in enumerate(zip(self.forward_layers, self.backward_layers, strict=True)):
             if layer:
                 features = self.dropout(features)

@@ -1,0 +1,216 @@
+"""Train-only augmentation of a padded batch, on the device the batch trains on.
+
+The DataLoader workers only decode and resize; `BatchAugmenter` then warps, thickens or thins and
+re-lights every line of the batch with a few batched tensor ops on the training device (the GPU,
+or the CPU when training there: the same code runs on CPU tensors).
+
+Each line draws its parameters from its own `torch.Generator`, seeded by the sampler with a seed
+that depends only on (train.seed, epoch, line), in a fixed order: a line is augmented the same way
+whatever batch it lands in, on any rank and after a resume. Per line, each op fires with
+probability `data.augment.prob`:
+- warp: shear, rotation, scale (never taller) and a grid distortion (a smooth random displacement
+  field), composed into one sampling grid: one interpolation, not three. The line's width follows
+  (a sheared or widened line gets wider), so its CTC length does too;
+- erosion or dilation with a square kernel of 3 to 1 + 2 * round(morphology * height / 64) pixels;
+- contrast and brightness.
+Everything right of a line's (new) width stays blank paper (zero ink).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from crnn.config import AugmentConfig
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _fires(generator: torch.Generator, prob: float) -> bool:
+    return float(torch.rand((), generator=generator)) < prob
+
+
+@dataclass
+class LineParams:
+    """One line's draw. The identity unless an op fired."""
+
+    width: int  # the line's width before augmentation
+    out_width: int  # after the warp
+    inverse: torch.Tensor | None = None  # (2, 2) output -> source map about the centres; None: no warp
+    field: torch.Tensor | None = None  # (2, 2, cells) distortion in pixels, or None
+    morphology: int = 0  # kernel size, 0: none
+    dilate: bool = False
+    contrast: float = 1.0
+    brightness: float = 0.0
+
+
+@dataclass
+class Warp:
+    shear: float = 0.0
+    angle: float = 0.0  # radians
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    distort: float = 0.0  # max displacement, pixels
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.shear or self.angle or self.distort) and self.scale_x == self.scale_y == 1.0
+
+    def out_width(self, width: int, height: int) -> int:
+        """A warped line's width: scaled, plus the room its shear takes."""
+        return width if self.is_identity else max(8, round(width * self.scale_x + abs(self.shear) * height))
+
+
+def draw_warp(cfg: AugmentConfig, height: int, generator: torch.Generator) -> Warp:
+    """The first draws of a line: its warp, which decides its new width."""
+    warp = Warp()
+    if _fires(generator, cfg.prob):
+        warp.shear = _uniform(generator, -cfg.shear, cfg.shear)
+    if _fires(generator, cfg.prob):
+        warp.angle = math.radians(_uniform(generator, -cfg.rotation, cfg.rotation))
+    if _fires(generator, cfg.prob):
+        warp.scale_x = _uniform(generator, 1 - cfg.scale, 1 + cfg.scale)
+        warp.scale_y = _uniform(generator, 1 - cfg.scale, 1.0)  # never taller: keep ascenders
+    if _fires(generator, cfg.prob):
+        warp.distort = cfg.distortion * height / 64
+    return warp
+
+
+def augmented_width(cfg: AugmentConfig, height: int, width: int, seed: int) -> int:
+    """The width a line of `width` px will have once augmented with `seed` (for the sampler, which
+    groups lines by the width they will have, so that augmentation adds little padding)."""
+    return draw_warp(cfg, height, torch.Generator().manual_seed(seed)).out_width(width, height)
+
+
+def draw_params(cfg: AugmentConfig, width: int, height: int, seed: int | None) -> LineParams:
+    """The line's parameters from its seed (None: no augmentation), always drawn in this order."""
+    params = LineParams(width, width)
+    if seed is None:
+        return params
+    generator = torch.Generator().manual_seed(seed)
+    warp = draw_warp(cfg, height, generator)
+    params.out_width = warp.out_width(width, height)
+    if not warp.is_identity:
+        # forward map (source -> output), about the centres: rotation . shear . scale
+        cos, sin = math.cos(warp.angle), math.sin(warp.angle)
+        forward = torch.tensor([[cos, -sin], [sin, cos]]) @ torch.tensor([[1.0, warp.shear], [0.0, 1.0]])
+        params.inverse = torch.linalg.inv(forward @ torch.diag(torch.tensor([warp.scale_x, warp.scale_y])))
+        if warp.distort:
+            cells = (2, max(2, params.out_width // max(1, height // 2)))
+            params.field = (torch.rand((2, *cells), generator=generator) * 2 - 1) * warp.distort
+    radius = round(cfg.morphology * height / 64)
+    if radius >= 1 and _fires(generator, cfg.prob):
+        params.morphology = 1 + 2 * int(torch.randint(1, radius + 1, (), generator=generator))
+        params.dilate = _fires(generator, 0.5)
+    if _fires(generator, cfg.prob):
+        params.contrast = _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast)
+        params.brightness = _uniform(generator, -cfg.brightness, cfg.brightness) * 0.5
+    return params
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def column_mask(widths: torch.Tensor, width: int) -> torch.Tensor:
+    """`(N, 1, 1, width)` bool: True left of each line's width."""
+    return (torch.arange(width, device=widths.device)[None, :] < widths[:, None])[:, None, None, :]
+
+
+class BatchAugmenter:
+    """`(N, 1, H, W)` float ink on any device + widths `(N,)` + per-line seeds -> the augmented
+    batch `(N, 1, H, W')` and its new widths (on the CPU), W' rounded up to `width_multiple`."""
+
+    def __init__(self, cfg: AugmentConfig, width_multiple: int = 1):
+        self.cfg, self.width_multiple = cfg, width_multiple
+
+    def __call__(self, images: torch.Tensor, widths: torch.Tensor,
+                 seeds: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        height = images.shape[2]
+        params = [draw_params(self.cfg, int(width), height, seed) for width, seed in zip(widths, seeds, strict=True)]
+        new_widths = torch.tensor([p.out_width for p in params])
+        canvas = round_up(max(int(new_widths.max()), 1), self.width_multiple)
+        images = self._warp(images, params, canvas)
+        mask = column_mask(new_widths.to(images.device), canvas)
+        images = self._morphology(images * mask, params, mask)
+        contrast = torch.tensor([p.contrast for p in params], device=images.device)[:, None, None, None]
+        brightness = torch.tensor([p.brightness for p in params], device=images.device)[:, None, None, None]
+        return ((images * contrast + brightness).clamp_(0.0, 1.0) * mask), new_widths
+
+    def _warp(self, images: torch.Tensor, params: list[LineParams], canvas: int) -> torch.Tensor:
+        """Lines that warp are resampled on one grid each (one grid_sample for all of them); the
+        others are copied onto the new canvas as they are."""
+        count, _, height, width = images.shape
+        out = images.new_zeros(count, 1, height, canvas)
+        keep = min(width, canvas)
+        out[..., :keep] = images[..., :keep]
+        warped = [i for i, p in enumerate(params) if p.inverse is not None]
+        if warped:
+            grid = self._grid([params[i] for i in warped], height, width, canvas, images.device)
+            out[warped] = F.grid_sample(images[warped], grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False)
+        return out
+
+    @staticmethod
+    def _grid(params: list[LineParams], height: int, width: int, canvas: int,
+              device: torch.device) -> torch.Tensor:
+        """`(n, H, canvas, 2)` sampling grid: output pixel centres -> source positions, normalised
+        for the padded input batch of `width` columns."""
+        out_widths = torch.tensor([p.out_width for p in params], device=device, dtype=torch.float32)
+        inverse = torch.stack([p.inverse for p in params]).to(device)  # (n, 2, 2)
+        xs = torch.arange(canvas, device=device) + 0.5 - out_widths[:, None] / 2  # (n, canvas), centred
+        ys = (torch.arange(height, device=device) + 0.5 - height / 2)[None, :, None]  # (1, H, 1)
+        source_x = inverse[:, 0, 0, None, None] * xs[:, None, :] + inverse[:, 0, 1, None, None] * ys
+        source_y = inverse[:, 1, 0, None, None] * xs[:, None, :] + inverse[:, 1, 1, None, None] * ys
+        if any(p.field is not None for p in params):
+            field = distortion_field(params, height, canvas, device)
+            source_x, source_y = source_x + field[:, 0], source_y + field[:, 1]
+        line_widths = torch.tensor([p.width for p in params], device=device, dtype=torch.float32)
+        # a source x, relative to its line's centre, -> the padded batch's normalised x
+        grid_x = (2 * source_x + line_widths[:, None, None]) / width - 1
+        return torch.stack([grid_x, 2 * source_y / height], dim=-1)
+
+    def _morphology(self, images: torch.Tensor, params: list[LineParams], mask: torch.Tensor) -> torch.Tensor:
+        """Erosion / dilation, one max-pool per (kernel, kind) group of lines."""
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, p in enumerate(params):
+            if p.morphology:
+                groups.setdefault((p.morphology, p.dilate), []).append(i)
+        for (size, dilate), lines in groups.items():
+            chosen = images[lines]
+            if dilate:
+                chosen = F.max_pool2d(chosen, size, stride=1, padding=size // 2)
+            else:  # the blank right of a line must not erode its last columns: fill it with ink first
+                chosen = torch.where(mask[lines], chosen, 1.0)
+                chosen = -F.max_pool2d(-chosen, size, stride=1, padding=size // 2)
+            images[lines] = chosen
+        return images
+
+
+def distortion_field(params: list[LineParams], height: int, canvas: int, device: torch.device) -> torch.Tensor:
+    """`(n, 2, H, canvas)` displacement in pixels: each line's coarse `(2, 2, cells)` field upsampled
+    bicubically (corners aligned) over its own output width, zero for lines without one.
+
+    The coarse fields are padded to one width by repeating each line's last column, so that one
+    bicubic grid_sample upsamples them all as `F.interpolate` would each one alone."""
+    cells = max(p.field.shape[-1] if p.field is not None else 2 for p in params)
+    coarse = torch.zeros(len(params), 2, 2, cells)
+    for i, p in enumerate(params):
+        if p.field is not None:
+            coarse[i] = F.pad(p.field, (0, cells - p.field.shape[-1]), mode="replicate")
+    coarse = coarse.to(device)
+    own_cells = torch.tensor([p.field.shape[-1] if p.field is not None else 2 for p in params], device=device)
+    out_widths = torch.tensor([p.out_width for p in params], device=device)
+    columns = torch.arange(canvas, device=device)[None, :]  # (1, canvas)
+    position = columns * (own_cells[:, None] - 1) / (out_widths[:, None] - 1).clamp(min=1)  # in cells
+    grid_x = (2 * position / max(cells - 1, 1) - 1)[:, None, :].expand(-1, height, -1)
+    grid_y = (2 * torch.arange(height, device=device) / max(height - 1, 1) - 1)[None, :, None].expand_as(grid_x)
+    field = F.grid_sample(coarse, torch.stack([grid_x, grid_y], dim=-1).float(), mode="bicubic",
+                          padding_mode="border", align_corners=True)
+    has_field = torch.tensor([p.field is not None for p in params], device=device)
+    return field * has_field[:, None, None, None]

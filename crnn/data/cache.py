@@ -1,0 +1,70 @@
+"""Decode once: resized lines kept in memory that all DataLoader workers share.
+
+Decoding and resizing a line image costs milliseconds of a worker's time every epoch; the result is
+a small uint8 tensor. `LineCache` keeps those tensors in one block of shared memory allocated
+before the workers start: every worker (and the main process) reads and fills the same block, so
+the cache takes its size once, not once per worker. Under torchrun each process (rank) has its own.
+
+A line has a slot when the cache is built, sized from its image header (`Preprocess.scaled_width`);
+lines are given slots in index order until `budget_bytes` is used up, and a line whose decoded size
+differs from its slot (e.g. a synthetic line, whose size is only estimated) is simply not cached.
+A slot is written once, by the one worker that decodes that line in the first epoch, and marked
+filled after the write: readers never see half a line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def shared_memory_free_bytes() -> int | None:
+    """Free space of /dev/shm (where shared tensors live on Linux), or None if unknown."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+class LineCache:
+    """uint8 ink `(1, height, width)` per line index, in shared memory."""
+
+    def __init__(self, widths: list[int], height: int, budget_bytes: int):
+        free = shared_memory_free_bytes()
+        if free is not None:  # never fill /dev/shm: writing past it would kill the workers (SIGBUS)
+            budget_bytes = min(budget_bytes, free // 2)
+        self.height = height
+        self.widths = np.asarray(widths, dtype=np.int64)
+        sizes = self.widths * height
+        ends = np.cumsum(sizes)
+        self.slots = int(np.searchsorted(ends, budget_bytes, side="right"))  # lines 0..slots-1 have one
+        self.offsets = ends - sizes
+        self.nbytes = int(ends[self.slots - 1]) if self.slots else 0
+        self.pixels = torch.empty(self.nbytes, dtype=torch.uint8).share_memory_()
+        self.filled = torch.zeros(len(widths), dtype=torch.uint8).share_memory_()
+
+    def get(self, index: int) -> torch.Tensor | None:
+        if index >= self.slots or not self.filled[index]:
+            return None
+        start, width = int(self.offsets[index]), int(self.widths[index])
+        return self.pixels[start:start + width * self.height].view(1, self.height, width)
+
+    def put(self, index: int, ink: torch.Tensor) -> None:
+        """Keep `ink` `(1, height, width)` if line `index` has a slot of that size."""
+        width = int(self.widths[index])
+        if index >= self.slots or self.filled[index] or ink.shape != (1, self.height, width):
+            return
+        start = int(self.offsets[index])
+        self.pixels[start:start + width * self.height] = ink.reshape(-1)
+        self.filled[index] = 1
+
+    @property
+    def lines_filled(self) -> int:
+        return int(self.filled.sum())
+
+    def describe(self) -> str:
+        return (f"{self.slots} of {len(self.widths)} lines, {self.nbytes / 2**20:.0f} MB of shared memory "
+                f"(one copy for all DataLoader workers)")

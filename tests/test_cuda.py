@@ -1,0 +1,187 @@
+"""Every CUDA path, on a machine with a GPU; skipped where CUDA is absent (so, in CI).
+
+    python -m pytest -q tests/test_cuda.py      # on the GPU machine
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crnn.config import config_from_dict, load_config, merge_overrides
+from crnn.data import BatchAugmenter, Vocab, build_dataset, build_loader, load_records
+from crnn.data.collate import collate
+from crnn.engine import TrainingError, TrainSetup, ctc_line_losses, train_one_epoch, train_step
+from crnn.models import build_model
+from tests.conftest import REPO, TINY
+from tests.test_augment import STRONG, ink_lines, pad_batch
+from tests.test_training import read_metrics, synthetic_folder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def run_tool(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    """tools/train.py for a tiny epoch on the GPU: the run directory."""
+    run_dir = tmp_path_factory.mktemp("gpu") / "run"
+    result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "train.epochs=2",
+                      "data.num_workers=2", f"train.output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_forward_and_backward_with_widths_left_on_the_cpu():
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY).model, 12)
+    images, widths = torch.rand(3, 1, 32, 128), torch.tensor([128, 90, 40])  # widths stay on the CPU
+    expected = model.eval()(images, widths)
+    model = model.to(CUDA)
+    output = model(images.to(CUDA), widths)
+    assert output.log_probs.is_cuda and output.lengths.is_cuda
+    assert torch.equal(output.lengths.cpu(), expected.lengths)
+    assert torch.allclose(output.log_probs.cpu(), expected.log_probs, atol=1e-4)
+    model.train()
+    output = model(images.to(CUDA), widths)
+    targets, target_lengths = torch.tensor([1, 2, 3, 4, 5, 6], device=CUDA), torch.tensor([3, 2, 1])
+    ctc_line_losses(output.log_probs, output.lengths, targets, target_lengths).sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_twenty_steps_on_varying_widths(amp, tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 40)
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4", f"train.amp={amp}",
+                             "train.device=cuda"])
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    model = build_model(cfg.model, len(vocab)).to(CUDA)
+    setup = TrainSetup.from_config(cfg, model=model, device=CUDA, total_steps=20)
+    assert setup.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, True), True, pin_memory=True)
+    loader.batch_sampler.set_epoch(1)
+    assert len({batch.images.shape[-1] for batch in loader}) > 1  # the widths vary
+    step, bad_steps = 0, 0
+    for epoch in (1, 2):
+        loader.batch_sampler.set_epoch(epoch)
+        stats, step = train_one_epoch(model, loader, setup, epoch, step, show_progress=False,
+                                      after_step=lambda done, _: done >= 20)
+        bad_steps += stats.bad_steps
+    assert step == 20 and bad_steps <= (3 if amp == "fp16" else 0)  # fp16: the scaler finds its scale
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_batch_augmentation_on_the_gpu_equals_the_cpu():
+    lines, seeds = ink_lines(5), [21, 22, 23, None, 25]
+    images, widths = pad_batch(lines)
+    augmenter = BatchAugmenter(STRONG, width_multiple=64)
+    on_cpu, cpu_widths = augmenter(images, widths, seeds)
+    on_gpu, gpu_widths = augmenter(images.to(CUDA), widths, seeds)
+    assert torch.equal(cpu_widths, gpu_widths) and on_gpu.is_cuda
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-3)
+
+
+def test_train_tool_runs_on_the_gpu(gpu_run):
+    assert [m["epoch"] for m in read_metrics(gpu_run)] == [1, 2]
+    assert (gpu_run / "checkpoints" / "best.pt").is_file()
+
+
+def test_evaluate_with_every_decoder_and_predict_on_the_gpu(gpu_run, tmp_path):
+    checkpoint = gpu_run / "checkpoints" / "best.pt"
+    rows = {}
+    for device in ("cuda", "cpu"):
+        result = run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--decoders", "greedy,beam,beam_lm",
+                          "--device", device, "--json", tmp_path / f"{device}.json")
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    for name in ("greedy", "beam", "beam_lm"):
+        assert rows["cuda"][name]["lines"] == rows["cpu"][name]["lines"] == 16
+        assert rows["cuda"][name]["cer"] == pytest.approx(rows["cpu"][name]["cer"], abs=0.02)
+    lines = synthetic_folder(tmp_path / "lines", 3)
+    for device in ("cuda", "auto"):
+        result = run_tool("tools/predict.py", "--ckpt", checkpoint, "--device", device, lines)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(result.stdout.strip().splitlines()) == 3
+
+
+def test_compile_is_refused_before_any_work_on_the_gpu_too(tmp_path):
+    result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "train.compile=true",
+                      f"train.output_dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2 and "'train.compile=true' is not supported" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_one_process_with_nccl(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_tool("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "tools/train.py",
+                      "--cfg", TINY, "train.device=cuda", f"train.output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nccl" in result.stderr and [m["epoch"] for m in read_metrics(run_dir)] == [1]
+
+
+def test_data_parallel_on_the_gpu(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "train.data_parallel=true",
+                      f"train.output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1]
+
+
+def test_benchmark_speed_and_loop_modes_on_the_gpu(tmp_path):
+    result = run_tool("tools/benchmark.py", "--cfg", TINY, "--device", "cuda", "--lines", "8", "--batch-size", "4",
+                      "--repeats", "1", "--json", tmp_path / "speed.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "speed.json").read_text())
+    assert row["train_fp32_lines_per_s"] > 0 and row["train_bf16_lines_per_s"] > 0
+    lines = synthetic_folder(tmp_path / "lines", 16)
+    result = run_tool("tools/benchmark.py", "--cfg", TINY, "--device", "cuda", "--loop", "--steps", "4",
+                      "--data", f"{lines},{lines}", "--json", tmp_path / "loop.json", "data.num_workers=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "loop.json").read_text())
+    assert row["loop_lines_per_s"] > 0 and row["model_lines_per_s"] > 0
+
+
+def test_out_of_memory_is_retried_in_halves_or_named(tmp_path):
+    """A memory cap that the whole batch exceeds and half of it does not: the retry in halves
+    succeeds; without the retry the error names the batch and the keys to lower."""
+    cfg = load_config(TINY, ["data.resize=squash", "data.width=3000", "train.device=cuda", "train.amp=off"])
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    dataset = build_dataset(cfg.data, records, vocab, train=False)
+    batch = collate([dataset[(i, None)] for i in range(48)], cfg.data.width_multiple)
+    half = collate([dataset[(i, None)] for i in range(24)], cfg.data.width_multiple)
+    model = build_model(cfg.model, len(vocab)).to(CUDA).train()
+    setup = TrainSetup.from_config(cfg, model=model, device=CUDA, total_steps=10)
+    peaks = {}
+    for name, lines in (("half", half), ("whole", batch)):
+        train_step(model, lines, setup, 1.0, 0, 0, False)  # optimizer state allocated, warm
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, lines, setup, 1.0, 0, 0, False)
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    assert peaks["whole"] > 1.5 * peaks["half"], peaks
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(CUDA).total_memory
+    cap = torch.cuda.memory_allocated() + (peaks["half"] + peaks["whole"]) / 2
+    torch.cuda.set_per_process_memory_fraction(cap / total, CUDA)
+    try:
+        finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0, False)
+        assert finite
+        no_retry = TrainSetup.from_config(config_from_dict(merge_overrides(cfg.to_dict(), ["train.oom_retry=false"])),
+                                          model=model, device=CUDA, total_steps=10)
+        torch.cuda.empty_cache()
+        with pytest.raises(TrainingError, match=r"out of memory on a batch of 48 lines.*lower data.batch_size"):
+            train_step(model, batch, no_retry, 1.0, 2, 7, False)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+        torch.cuda.empty_cache()

@@ -1,0 +1,78 @@
+"""The DataLoader side of the loop: decode once (a cache shared by the workers), clean stops."""
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from crnn.config import load_config
+from crnn.data import Vocab, build_dataset, build_loader, load_records, shut_down
+from crnn.data.cache import LineCache
+from crnn.trainer import fit
+from tests.conftest import REPO, TINY
+from tests.test_training import synthetic_folder
+
+
+def lines_by_index(loader, epoch):
+    loader.batch_sampler.set_epoch(epoch)
+    found, errors = {}, []
+    for batch in loader:
+        errors += batch.errors
+        for index, image, width in zip(batch.indices, batch.images, batch.widths, strict=True):
+            found[index] = image[..., : int(width)].clone()
+    return found, errors
+
+
+def test_lines_are_decoded_once_into_memory_that_every_worker_shares(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 12)
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.num_workers=2", "data.batch_size=3"])
+    records = load_records(cfg.data, "train")
+    dataset = build_dataset(cfg.data, records, Vocab.from_texts(records.texts), True, cache_bytes=10**8)
+    loader = build_loader(cfg.data, dataset, True, seed=0)
+    try:
+        first, errors = lines_by_index(loader, 1)
+        assert sorted(first) == list(range(12)) and not errors
+        assert dataset.cache.lines_filled == 12  # filled by the workers, seen by this process
+        for png in lines.glob("*.png"):
+            png.unlink()  # later epochs must not need the files
+        second, errors = lines_by_index(loader, 2)  # other batches, so other workers, read each line
+        assert not errors, errors[:2]
+        assert all(torch.equal(first[i], second[i]) for i in range(12))
+    finally:
+        shut_down(loader)
+
+
+def test_the_cache_keeps_to_its_budget_and_skips_lines_of_unexpected_size():
+    cache = LineCache([10, 20, 30, 40], height=2, budget_bytes=2 * (10 + 20 + 30) + 5)
+    assert cache.slots == 3 and cache.nbytes == 120
+    cache.put(0, torch.ones(1, 2, 10, dtype=torch.uint8))
+    cache.put(1, torch.ones(1, 2, 21, dtype=torch.uint8))  # not the size its header promised
+    cache.put(3, torch.ones(1, 2, 40, dtype=torch.uint8))  # over the budget
+    assert cache.get(0).shape == (1, 2, 10) and cache.get(1) is None and cache.get(3) is None
+    assert cache.lines_filled == 1 and "3 of 4 lines, 0 MB" in cache.describe()
+
+
+def test_an_abandoned_loader_with_persistent_workers_exits_at_once(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 24)
+    script = textwrap.dedent(f"""
+        from crnn.config import load_config
+        from crnn.data import Vocab, build_dataset, build_loader, load_records
+        cfg = load_config({str(TINY)!r}, ["data.source=folder", "data.train={lines}", "data.num_workers=2",
+                                           "data.batch_size=2"])
+        records = load_records(cfg.data, "train")
+        loader = build_loader(cfg.data, build_dataset(cfg.data, records, Vocab.from_texts(records.texts), True,
+                                                      10**7), True)
+        loader.batch_sampler.set_epoch(1)
+        next(iter(loader))  # one batch of twelve, then leave without a word
+        print("left")
+        """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "left", result.stderr[-2000:]
+    assert "Aborted" not in result.stderr and "terminate called" not in result.stderr
+
+
+def test_a_run_stops_its_loader_workers_when_it_ends(tmp_path):
+    fit(load_config(TINY, ["data.num_workers=2", f"train.output_dir={tmp_path / 'run'}"]))
+    assert multiprocessing.active_children() == []
