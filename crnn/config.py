@@ -29,7 +29,7 @@ import yaml
 
 from crnn.errors import ConfigError
 
-DATA_SOURCES = ("hf", "parquet", "folder", "synthetic")
+DATA_SOURCES = ("hf", "parquet", "folder", "synthetic", "xml")
 SPLITS = ("train", "validation", "test")
 RESIZE_MODES = ("keep_aspect", "squash", "fit")
 DOWNSAMPLE_MODES = ("conv", "maxpool")
@@ -95,10 +95,19 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class XmlConfig:
+    """`data.source=xml`: ALTO / PAGE pages, their lines cropped once (crnn/data/xml_pages.py)."""
+
+    cache_dir: str = ""  # "": crops kept in memory; a folder: crops kept there, keyed by file content
+    baseline_above: float = _positive(60.0)  # a line given only by its baseline: band, in page pixels,
+    baseline_below: float = _non_negative(20.0)  # above and below the baseline
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = _choice("hf", DATA_SOURCES)
     name: str = "Teklia/IAM-line"  # hub id for source=hf
-    train: str | None = None  # file or folder path for source=parquet|folder
+    train: str | None = None  # file or folder path for source=parquet|folder; folder, file or glob for xml
     validation: str | None = None
     test: str | None = None
     height: int = _positive(128)
@@ -118,6 +127,7 @@ class DataConfig:
     shuffle_window: int = _positive(50)  # batches drawn from windows of this many batches, sorted by width
     check: bool = False  # before training, decode every image and log every problem found
     synthetic: SyntheticConfig = SyntheticConfig()
+    xml: XmlConfig = XmlConfig()
     augment: AugmentConfig = AugmentConfig()
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from crnn.checkpoint import load_checkpoint
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, collate, make_sample
+from crnn.data.xml_pages import XmlPage, crop_lines, page_image
 from crnn.decoding import Decoder, build_decoders
 from crnn.distributed import resolve_device
 from crnn.errors import CheckpointError, ConfigError
@@ -76,6 +77,18 @@ class TrainedModel:
         batch = collate(samples, data.width_multiple).to(self.device)
         output = self.model(batch.images, batch.widths)
         return decoder(output.log_probs, output.lengths)
+
+
+    def transcribe_page(self, page: XmlPage, decoder: Decoder, batch_size: int = 16) -> tuple[dict[str, str], list[str]]:
+        """Every line of an ALTO / PAGE page, cropped as in training: (line id -> text, problems
+        of the lines that could not be cropped). DataError if the page image cannot be read."""
+        xml = self.config.data.xml
+        crops = crop_lines(page, page_image(page), (xml.baseline_above, xml.baseline_below), need_text=False)
+        texts: dict[str, str] = {}
+        for start in range(0, len(crops.crops), batch_size):
+            chunk = slice(start, start + batch_size)
+            texts.update(zip(crops.ids[chunk], self.transcribe(crops.crops[chunk], decoder), strict=True))
+        return texts, crops.problems
 
 
 def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: str = "auto") -> TrainedModel:

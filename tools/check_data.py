@@ -3,11 +3,14 @@
     python tools/check_data.py --cfg experiments/base.yaml
     python tools/check_data.py --cfg experiments/base.yaml data.source=folder data.train=lines/train \
         data.validation=lines/val --splits train,validation
+    python tools/check_data.py --cfg experiments/base.yaml data.source=xml data.train=pages/train --splits train
 
 Checks each split: gt.tsv lines that are empty, whitespace-only, not UTF-8 or without a TAB;
 entries whose image is missing; images with no gt.tsv entry; images that do not decode (unreadable,
 truncated, zero-size, over the pixel limit); lines whose text needs more CTC frames than their
-width gives; characters of validation/test lines missing from the training vocabulary.
+width gives; characters of validation/test lines missing from the training vocabulary; for XML
+pages, malformed files, missing page images, lines without text, without a region or with a
+degenerate one, or reaching outside their page.
 Prints one line per problem (file, line or row, what is wrong) and exits with 1 if there are any.
 """
 

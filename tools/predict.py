@@ -1,8 +1,18 @@
-"""Transcribe line images with a trained checkpoint: prints `path<TAB>text` per image.
+"""Transcribe line images, or every line of ALTO / PAGE XML pages, with a trained checkpoint.
 
     python tools/predict.py --ckpt runs/base/checkpoints/best.pt line1.png line2.jpg
     python tools/predict.py --ckpt runs/base/checkpoints/best.pt lines/ --batch-size 32
     python tools/predict.py --ckpt runs/base/checkpoints/best.pt lines/ --decoder beam_lm --device cuda
+    python tools/predict.py --ckpt runs/base/checkpoints/best.pt pages/*.xml --out transcribed/
+    python tools/predict.py --ckpt runs/base/checkpoints/best.pt pages/ --out transcribed/
+
+Images: prints `path<TAB>text` per image. XML pages (files ending in .xml, or a folder holding
+some; ALTO v2-v4 or PAGE, as
+a transcription platform exports a segmentation): every text line is cropped as in training
+(`crnn.data.xml_pages`), transcribed, and the page is written to --out DIR under its own name with
+the recognised text filled in (ALTO: one `String` per line; PAGE: the line's `TextEquiv`), ready
+to import back; `page.xml:LINE_ID<TAB>text` is printed per line. A line that cannot be cropped
+(no or a degenerate region, outside the page) keeps its former text and is reported on stderr.
 
 A directory stands for its image files (PNG, JPEG, WebP, TIFF, BMP, GIF; sorted by name, not
 recursive). Images in any mode (RGB, RGBA, 16-bit, palette) are converted to grayscale and
@@ -24,6 +34,7 @@ from PIL import Image
 
 from crnn.data.images import decode_image
 from crnn.data.sources import IMAGE_SUFFIXES
+from crnn.data.xml_pages import read_page, write_page
 from crnn.decoding import DECODER_NAMES, Decoder
 from crnn.errors import CrnnError, DataError
 from crnn.inference import TrainedModel, load_trained_model
@@ -32,7 +43,8 @@ from crnn.inference import TrainedModel, load_trained_model
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_DIR_OR_XML")
+    parser.add_argument("--out", type=Path, help="folder for the transcribed XML pages (needed with XML inputs)")
     parser.add_argument("--decoder", default="greedy", choices=DECODER_NAMES)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -41,6 +53,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     return args
+
+
+def split_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(XML pages, line images or their folders): a folder holding XML files stands for its pages
+    (its images are then page images, not lines)."""
+    pages, lines = [], []
+    for item in inputs:
+        found = sorted(item.glob("*.xml")) if item.is_dir() else []
+        if found:
+            pages += found
+        elif item.suffix.lower() == ".xml":
+            pages.append(item)
+        else:
+            lines.append(item)
+    return pages, lines
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -86,14 +113,38 @@ def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], b
     return unreadable
 
 
+def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path], out: Path, batch_size: int) -> int:
+    """Write each XML page to `out` with its lines transcribed; returns how many pages failed."""
+    failed = 0
+    for path in pages:
+        try:
+            page = read_page(path)
+            texts, problems = trained.transcribe_page(page, decoder, batch_size)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        for problem in problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        for line_id, text in texts.items():
+            print(f"{path}:{line_id}\t{text}", flush=True)
+        written = write_page(page, texts, out / path.name)
+        print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {out / path.name}", file=sys.stderr)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        paths = expand_inputs(args.inputs)
+        pages, lines = split_inputs(args.inputs)
+        if pages and args.out is None:
+            raise CrnnError("XML pages need --out DIR, the folder the transcribed pages are written to")
+        paths = expand_inputs(lines)
         overrides = [f"decode.lm_path={args.lm}"] if args.lm else []
         trained = load_trained_model(args.ckpt, overrides, args.device)
         decoder = trained.decoders([args.decoder])[args.decoder]
         unreadable = transcribe_all(trained, decoder, paths, args.batch_size)
+        unreadable += transcribe_pages(trained, decoder, pages, args.out, args.batch_size) if pages else 0
     except CrnnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Line records from the four data sources: hub dataset, parquet files, image folder, synthetic.
+"""Line records from the data sources: hub dataset, parquet files, image folder, synthetic, and
+page XML (ALTO / PAGE, in xml_pages.py).
 
 Every source gives the same `LineRecords` interface: texts known up front (for the vocab and for
 checks), image sizes known up front (to group batches by width), images decoded on demand (in the
@@ -258,4 +259,9 @@ def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
         raise DataError(f"'{key}' is not set: data.source={data_cfg.source} needs a path for the {split} split")
     if data_cfg.source == "parquet":
         return parquet_records(path, key)
+    if data_cfg.source == "xml":
+        from crnn.data.xml_pages import XmlRecords  # it builds on LineRecords, defined here
+
+        xml = data_cfg.xml
+        return XmlRecords(path, key, (xml.baseline_above, xml.baseline_below), xml.cache_dir)
     return FolderRecords(path, key)

@@ -1,0 +1,456 @@
+"""Text lines from transcription platforms' page XML: ALTO (v2 to v4) and PAGE (2010 to 2019).
+
+`data.source=xml`: a split is a folder (or a glob) of XML files, each detected as ALTO or PAGE by
+its root element, whose page image sits beside it or is named in it (ALTO
+`sourceImageInformation/fileName`, PAGE `Page@imageFilename`). Every text line becomes a sample:
+
+- its region is the line's polygon (ALTO `Shape/Polygon`, PAGE `Coords`), else its box (ALTO
+  `HPOS/VPOS/WIDTH/HEIGHT`), else a band around its baseline, `data.xml.baseline_above` pixels
+  above and `data.xml.baseline_below` below it; the crop is the region's bounding box with
+  everything outside the region painted white;
+- its transcription is ALTO's `String CONTENT`s (joined by `SP`, or by spaces), PAGE's line
+  `TextEquiv/Unicode` (else its words' joined by spaces), in Unicode NFC.
+
+What cannot be used is left out, counted and reported with its file and line id: XML that does not
+parse or is neither ALTO nor PAGE, a page image that cannot be found or read, a line without
+text (for training), a line without a region or with a degenerate one (fewer than 3 distinct
+points, no area), a line reaching more than 2 px outside its page (the XML may not belong to
+that image). Page coordinates are scaled when the XML's page size differs from the image's.
+
+Crops are made once, when the split is loaded: kept in memory as PNG, or with
+`data.xml.cache_dir` in a folder keyed by the XML's and the image's content (and the crop
+settings), so later runs, evaluate and predict reuse them without opening the page images.
+
+`write_page` writes a page back with recognised text in every line (tools/predict.py --out).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import unicodedata
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from crnn.data.images import decode_image
+from crnn.data.sources import LineRecords
+from crnn.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+OUTSIDE_TOLERANCE = 2.0  # pixels a point may lie outside its page (rounding) before the line is refused
+CROP_VERSION = 1  # part of the cache key: bump when the cropping changes
+
+
+def _local(tag: str) -> str:
+    """'{namespace}TextLine' -> 'TextLine'."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def _children(element: ET.Element, name: str) -> list[ET.Element]:
+    return [child for child in element if _local(child.tag) == name]
+
+
+def _child(element: ET.Element, name: str) -> ET.Element | None:
+    found = _children(element, name)
+    return found[0] if found else None
+
+
+def _descendants(element: ET.Element, name: str) -> list[ET.Element]:
+    return [node for node in element.iter() if _local(node.tag) == name]
+
+
+Point = tuple[float, float]
+
+
+def parse_points(text: str | None) -> list[Point]:
+    """'x,y x,y ...' (PAGE, ALTO v2/v3) or 'x y x y ...' (ALTO v4) -> points; [] if malformed."""
+    if not text:
+        return []
+    try:
+        numbers = [float(value) for value in text.replace(",", " ").split()]
+    except ValueError:
+        return []
+    if len(numbers) % 2:
+        return []
+    return list(zip(numbers[0::2], numbers[1::2], strict=True))
+
+
+@dataclass
+class XmlLine:
+    """One text line of a page, as the XML gives it (coordinates in the XML's page pixels)."""
+
+    id: str
+    text: str | None  # NFC, None without a transcription
+    polygon: list[Point]  # [] when the XML gives none
+    box: tuple[float, float, float, float] | None  # x0, y0, x1, y1
+    baseline: list[Point]
+    element: ET.Element = field(repr=False)
+
+
+@dataclass
+class XmlPage:
+    path: Path
+    kind: str  # "alto" or "page"
+    image_name: str  # as the XML names it ("" if it does not)
+    size: tuple[float, float] | None  # the page's width and height in the XML, if given
+    lines: list[XmlLine]
+    tree: ET.ElementTree = field(repr=False)
+
+
+def _nfc(text: str) -> str | None:
+    text = unicodedata.normalize("NFC", text).strip()
+    return text or None
+
+
+def _alto_text(line: ET.Element) -> str | None:
+    parts, spaced = [], bool(_children(line, "SP"))
+    for child in line:
+        name = _local(child.tag)
+        if name in ("String", "HYP"):
+            if parts and not spaced and name == "String":
+                parts.append(" ")  # Strings without SP between them are words
+            parts.append(child.get("CONTENT", ""))
+        elif name == "SP":
+            parts.append(" ")
+    return _nfc("".join(parts))
+
+
+def _alto_line(line: ET.Element, number: int) -> XmlLine:
+    shape = _child(line, "Shape")
+    polygon = _child(shape, "Polygon") if shape is not None else None
+    box = None
+    try:
+        x, y, w, h = (float(line.get(key)) for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT"))
+        box = (x, y, x + w, y + h)
+    except (TypeError, ValueError):
+        pass
+    return XmlLine(line.get("ID") or f"line {number}", _alto_text(line),
+                   parse_points(polygon.get("POINTS")) if polygon is not None else [], box,
+                   parse_points(line.get("BASELINE")), line)
+
+
+def _page_points(element: ET.Element | None) -> list[Point]:
+    """PAGE Coords/Baseline: a `points` attribute (2013+) or Point children (2010)."""
+    if element is None:
+        return []
+    if element.get("points") is not None:
+        return parse_points(element.get("points"))
+    try:
+        return [(float(p.get("x")), float(p.get("y"))) for p in _children(element, "Point")]
+    except (TypeError, ValueError):
+        return []
+
+
+def _page_text(element: ET.Element) -> str | None:
+    """The element's own TextEquiv (the lowest `index` first), None if it has none."""
+    equivs = sorted(_children(element, "TextEquiv"), key=lambda e: int(e.get("index", "0") or 0))
+    for equiv in equivs:
+        unicode = _child(equiv, "Unicode")
+        if unicode is not None and unicode.text is not None:
+            return _nfc(unicode.text)
+    return None
+
+
+def _page_line(line: ET.Element, number: int) -> XmlLine:
+    text = _page_text(line)
+    if text is None:
+        words = [_page_text(word) for word in _children(line, "Word")]
+        text = _nfc(" ".join(word for word in words if word))
+    return XmlLine(line.get("id") or f"line {number}", text, _page_points(_child(line, "Coords")), None,
+                   _page_points(_child(line, "Baseline")), line)
+
+
+def read_page(path: Path) -> XmlPage:
+    """Parse an ALTO or PAGE file; DataError if it does not parse or is neither."""
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as err:
+        raise DataError(f"{path}: malformed XML ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    root = tree.getroot()
+    kind = {"alto": "alto", "PcGts": "page"}.get(_local(root.tag))
+    if kind is None:
+        raise DataError(f"{path}: neither ALTO nor PAGE XML (root element <{_local(root.tag)}>)")
+    if kind == "alto":
+        return _read_alto(path, tree)
+    return _read_page_xml(path, tree)
+
+
+def _read_alto(path: Path, tree: ET.ElementTree) -> XmlPage:
+    root = tree.getroot()
+    unit = next((node.text for node in _descendants(root, "MeasurementUnit")), "pixel") or "pixel"
+    if unit.strip() != "pixel":
+        raise DataError(f"{path}: ALTO MeasurementUnit '{unit.strip()}' is not supported; export in pixels")
+    names = [node.text or "" for node in _descendants(root, "fileName")]
+    pages = _descendants(root, "Page")
+    size = None
+    if pages and pages[0].get("WIDTH") and pages[0].get("HEIGHT"):
+        size = (float(pages[0].get("WIDTH")), float(pages[0].get("HEIGHT")))
+    lines = [_alto_line(line, i + 1) for i, line in enumerate(_descendants(root, "TextLine"))]
+    return XmlPage(path, "alto", names[0].strip() if names else "", size, lines, tree)
+
+
+def _read_page_xml(path: Path, tree: ET.ElementTree) -> XmlPage:
+    page = next(iter(_descendants(tree.getroot(), "Page")), None)
+    if page is None:
+        raise DataError(f"{path}: PAGE XML without a <Page> element")
+    size = None
+    if page.get("imageWidth") and page.get("imageHeight"):
+        size = (float(page.get("imageWidth")), float(page.get("imageHeight")))
+    lines = [_page_line(line, i + 1) for i, line in enumerate(_descendants(page, "TextLine"))]
+    return XmlPage(path, "page", page.get("imageFilename", "").strip(), size, lines, tree)
+
+
+def find_image(page: XmlPage) -> Path:
+    """The page image: as named (relative to the XML's folder, or only its file name there), else an
+    image beside the XML with the XML's own name. DataError if none exists."""
+    folder, tried = page.path.parent, []
+    if page.image_name:
+        named = Path(page.image_name.replace("\\", "/"))
+        tried += [named if named.is_absolute() else folder / named, folder / named.name]
+    tried += [page.path.with_suffix(suffix) for suffix in IMAGE_SUFFIXES]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    named = f" (the XML names '{page.image_name}')" if page.image_name else ""
+    raise DataError(f"{page.path}: page image not found{named}; put it beside the XML file")
+
+
+def line_region(line: XmlLine, band: tuple[float, float]) -> list[Point]:
+    """The line's outline: polygon, else box, else a band of `band` = (above, below) px around the
+    baseline. [] when the XML gives none of them."""
+    if line.polygon:
+        return line.polygon
+    if line.box:
+        x0, y0, x1, y1 = line.box
+        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    if len(line.baseline) >= 2:
+        above, below = band
+        return [(x, y - above) for x, y in line.baseline] + [(x, y + below) for x, y in reversed(line.baseline)]
+    return []
+
+
+def _area(points: list[Point]) -> float:
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True))) / 2
+
+
+def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | None:
+    """Why this region cannot be cropped from a page of `page_size`, or None."""
+    if not points:
+        return "no polygon, box or baseline"
+    if len(set(points)) < 3 or _area(points) < 1.0:
+        return f"degenerate polygon ({len(set(points))} distinct points, no area)"
+    width, height = page_size
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    tolerance = OUTSIDE_TOLERANCE
+    if min(xs) < -tolerance or min(ys) < -tolerance or max(xs) > width + tolerance or max(ys) > height + tolerance:
+        return (f"coordinates outside the {width}x{height} page (x {min(xs):g}..{max(xs):g}, y "
+                f"{min(ys):g}..{max(ys):g}); does the XML belong to this image?")
+    return None
+
+
+def crop_region(image: Image.Image, points: list[Point]) -> Image.Image:
+    """The region's bounding box of `image` (mode L), white outside the region."""
+    width, height = image.size
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    left, top = max(0, int(min(xs))), max(0, int(min(ys)))
+    right, bottom = min(width, int(max(xs)) + 1), min(height, int(max(ys)) + 1)
+    crop = image.crop((left, top, right, bottom))
+    mask = Image.new("L", crop.size, 0)
+    ImageDraw.Draw(mask).polygon([(x - left, y - top) for x, y in points], fill=255)
+    return Image.composite(crop, Image.new("L", crop.size, 255), mask)
+
+
+@dataclass
+class PageCrops:
+    """What cropping one page gave: per usable line its id, text and crop; the problems."""
+
+    ids: list[str] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    crops: list[Image.Image] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def page_image(page: XmlPage) -> Image.Image:
+    """The page's image, grayscale; DataError if it cannot be found or read."""
+    image_path = find_image(page)
+    return decode_image(image_path, str(image_path))
+
+
+def crop_lines(page: XmlPage, image: Image.Image, band: tuple[float, float], need_text: bool = True) -> PageCrops:
+    """Crop every line of `page` from its `image`. With `need_text`, lines without a transcription
+    are problems too (training, evaluation); without, they are cropped (prediction)."""
+    result = PageCrops()
+    scale_x, scale_y = 1.0, 1.0
+    if page.size and page.size != image.size:
+        scale_x, scale_y = image.width / page.size[0], image.height / page.size[1]
+    for line in page.lines:
+        where = f"{page.path} line {line.id}"
+        if need_text and line.text is None:
+            result.problems.append(f"{where}: no transcription, line left out")
+            continue
+        region = [(x * scale_x, y * scale_y) for x, y in line_region(line, band)]
+        problem = region_problem(region, image.size)
+        if problem:
+            result.problems.append(f"{where}: {problem}, line left out")
+            continue
+        result.ids.append(line.id)
+        result.texts.append(line.text)
+        result.crops.append(crop_region(image, region))
+    return result
+
+
+def crop_page(page: XmlPage, band: tuple[float, float]) -> PageCrops:
+    """`crop_lines` for training and evaluation; a page image that cannot be read is a problem."""
+    try:
+        image = page_image(page)
+    except DataError as err:
+        return PageCrops(problems=[f"{err} ({len(page.lines)} line(s) left out)"])
+    return crop_lines(page, image, band)
+
+
+def xml_files(spec: str, key: str) -> list[Path]:
+    """`data.train` etc. for source=xml: a folder of *.xml, a single file, or a glob pattern."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.xml"))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(match) for match in glob.glob(str(path)) if match.endswith(".xml"))
+    if not files:
+        raise DataError(f"{key}: no XML files found at {spec} (a folder of *.xml, a file or a glob)")
+    return files
+
+
+def _png(image: Image.Image) -> bytes:
+    stream = io.BytesIO()
+    image.save(stream, format="PNG", compress_level=1)
+    return stream.getvalue()
+
+
+def _cache_key(xml_path: Path, image_path: Path, band: tuple[float, float]) -> str:
+    digest = hashlib.sha256()
+    for part in (xml_path.read_bytes(), image_path.read_bytes(), json.dumps([band, CROP_VERSION]).encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:32]
+
+
+def _save_crops(folder: Path, crops: PageCrops) -> None:
+    """Write a page's crops and manifest into a fresh folder, then rename it into place (so a
+    folder that exists is complete; two runs writing the same page at once both succeed)."""
+    temporary = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for i, crop in enumerate(crops.crops):
+        crop.save(temporary / f"{i}.png", compress_level=1)
+    manifest = {"ids": crops.ids, "texts": crops.texts, "problems": crops.problems,
+                "sizes": [list(crop.size) for crop in crops.crops]}
+    (temporary / "lines.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    try:
+        os.replace(temporary, folder)
+    except OSError:  # another process put it there first
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+class XmlRecords(LineRecords):
+    """The lines of a split of ALTO / PAGE XML pages (see the module docstring)."""
+
+    def __init__(self, spec: str, key: str, band: tuple[float, float], cache_dir: str = "",
+                 show_progress: bool = True):
+        self.name, self.problems, self.texts, self.ids = spec, [], [], []
+        self._images: list[bytes | Path] = []  # a crop as PNG bytes, or its file in the cache
+        self._sizes: list[tuple[int, int]] = []
+        self.pages = 0
+        for path in tqdm(xml_files(spec, key), desc=f"{key}: cropping lines", disable=not show_progress,
+                         leave=False):
+            self._add_page(path, band, Path(cache_dir).expanduser() if cache_dir else None)
+        if not self.texts:
+            raise DataError(f"{key}: no usable text lines in {spec} ({len(self.problems)} problem(s); first: "
+                            f"{' | '.join(self.problems[:3]) or '-'})")
+
+    def _add_page(self, path: Path, band: tuple[float, float], cache_dir: Path | None) -> None:
+        try:
+            page = read_page(path)
+            folder = cache_dir / _cache_key(path, find_image(page), band) if cache_dir else None
+        except DataError as err:
+            self.problems.append(str(err))
+            return
+        self.pages += 1
+        if folder is not None and not (folder / "lines.json").is_file():
+            _save_crops(folder, crop_page(page, band))
+        if folder is not None:
+            manifest = json.loads((folder / "lines.json").read_text(encoding="utf-8"))
+            images = [folder / f"{i}.png" for i in range(len(manifest["ids"]))]
+            sizes = [tuple(size) for size in manifest["sizes"]]
+            ids, texts, problems = manifest["ids"], manifest["texts"], manifest["problems"]
+        else:
+            crops = crop_page(page, band)
+            images, sizes = [_png(crop) for crop in crops.crops], [crop.size for crop in crops.crops]
+            ids, texts, problems = crops.ids, crops.texts, crops.problems
+        self.ids += [f"{path}:{line_id}" for line_id in ids]
+        self.texts += texts
+        self._images += images
+        self._sizes += sizes
+        self.problems += problems
+
+    def image(self, index: int) -> Image.Image:
+        return decode_image(self._images[index], self.ids[index])
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return list(self._sizes)
+
+
+def _namespaces(path: Path) -> dict[str, str]:
+    """The prefixes a file declares, so that writing it back keeps them (ElementTree would invent
+    ns0, ns1, ...)."""
+    return dict(node for _, node in ET.iterparse(path, events=("start-ns",)))
+
+
+def write_page(page: XmlPage, texts: dict[str, str], out_path: Path) -> int:
+    """Write `page` to `out_path` with `texts` (line id -> recognised text) as the transcription of
+    those lines: ALTO, one `String` per line (with the line's box); PAGE, the line's `TextEquiv`.
+    The lines' former words and transcriptions are replaced. Returns the lines written."""
+    for prefix, uri in _namespaces(page.path).items():
+        ET.register_namespace(prefix, uri)
+    written = 0
+    for line in page.lines:
+        if line.id not in texts:
+            continue
+        if page.kind == "alto":
+            _set_alto_text(line.element, texts[line.id])
+        else:
+            _set_page_text(line.element, texts[line.id])
+        written += 1
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    page.tree.write(out_path, encoding="UTF-8", xml_declaration=True)
+    return written
+
+
+def _set_alto_text(line: ET.Element, text: str) -> None:
+    for child in [c for c in line if _local(c.tag) in ("String", "SP", "HYP")]:
+        line.remove(child)
+    string = ET.SubElement(line, line.tag[: -len("TextLine")] + "String")
+    for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT"):
+        if line.get(key) is not None:
+            string.set(key, line.get(key))
+    string.set("CONTENT", text)
+
+
+def _set_page_text(line: ET.Element, text: str) -> None:
+    namespace = line.tag[: -len("TextLine")]
+    for child in [c for c in line if _local(c.tag) in ("Word", "TextEquiv")]:
+        line.remove(child)
+    equiv = ET.Element(namespace + "TextEquiv")
+    ET.SubElement(equiv, namespace + "Unicode").text = text
+    later = [i for i, c in enumerate(line) if _local(c.tag) in ("TextStyle", "UserDefined", "Labels")]
+    line.insert(later[0] if later else len(line), equiv)

@@ -1,0 +1,221 @@
+"""ALTO and PAGE XML pages as a data source, and predict's XML output, on pages the tests make."""
+
+import json
+import random
+import subprocess
+import sys
+import unicodedata
+
+import pytest
+from PIL import Image
+
+from crnn.config import load_config
+from crnn.data import load_records, synthetic
+from crnn.data.xml_pages import read_page
+from crnn.trainer import fit
+from tests.conftest import REPO, TINY
+
+COPISTE_PAGES = REPO.parent / "shared" / "data" / "copiste-pages"
+ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
+PAGE_NS = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15"
+
+
+def place_lines(texts, seed=0):
+    """A 1400 x 120*N white page with the lines rendered at x=40, y=40+120*i; their boxes."""
+    page = Image.new("L", (1400, 120 * len(texts) + 80), 255)
+    boxes = []
+    for i, text in enumerate(texts):
+        drawable = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # ASCII fonts
+        line = synthetic.render_line(drawable, random.Random(f"{seed}:{i}"), 64)
+        x, y = 40, 40 + 120 * i
+        page.paste(line, (x, y))
+        boxes.append((x, y, x + line.width, y + line.height))
+    return page, boxes
+
+
+def polygon(box, inset=0):
+    x0, y0, x1, y1 = box
+    return [(x0 + inset, y0), (x1, y0 + inset), (x1 - inset, y1), (x0, y1 - inset)]
+
+
+def alto(lines, image_name, size):
+    """lines: (id, text or None, {"polygon": [...], "box": (...), "baseline": [...]})."""
+    body = []
+    for line_id, text, geometry in lines:
+        attributes = f'ID="{line_id}"'
+        if "box" in geometry:
+            x0, y0, x1, y1 = geometry["box"]
+            attributes += f' HPOS="{x0}" VPOS="{y0}" WIDTH="{x1 - x0}" HEIGHT="{y1 - y0}"'
+        if "baseline" in geometry:
+            attributes += ' BASELINE="' + " ".join(f"{x} {y}" for x, y in geometry["baseline"]) + '"'
+        shape = ""
+        if "polygon" in geometry:
+            points = " ".join(f"{x} {y}" for x, y in geometry["polygon"])
+            shape = f'<Shape><Polygon POINTS="{points}"/></Shape>'
+        words = "" if text is None else "<SP/>".join(f'<String CONTENT="{word}"/>' for word in text.split(" "))
+        body.append(f"<TextLine {attributes}>{shape}{words}</TextLine>")
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<alto xmlns="{ALTO_NS}" '
+            f'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><Description>'
+            f"<MeasurementUnit>pixel</MeasurementUnit><sourceImageInformation><fileName>{image_name}</fileName>"
+            f'</sourceImageInformation></Description><Layout><Page WIDTH="{size[0]}" HEIGHT="{size[1]}">'
+            f'<PrintSpace><TextBlock ID="b1">{"".join(body)}</TextBlock></PrintSpace></Page></Layout></alto>\n')
+
+
+def page_xml(lines, image_name, size):
+    """lines: (id, text or None, words or None, {"polygon": [...], "baseline": [...]})."""
+    body = []
+    for line_id, text, words, geometry in lines:
+        parts = []
+        if "polygon" in geometry:
+            parts.append('<Coords points="' + " ".join(f"{x},{y}" for x, y in geometry["polygon"]) + '"/>')
+        if "baseline" in geometry:
+            parts.append('<Baseline points="' + " ".join(f"{x},{y}" for x, y in geometry["baseline"]) + '"/>')
+        for i, word in enumerate(words or []):
+            parts.append(f'<Word id="{line_id}_w{i}"><Coords points="0,0 1,0 1,1"/><TextEquiv><Unicode>{word}'
+                         f"</Unicode></TextEquiv></Word>")
+        if text is not None:
+            parts.append(f"<TextEquiv><Unicode>{text}</Unicode></TextEquiv>")
+        body.append(f'<TextLine id="{line_id}">{"".join(parts)}</TextLine>')
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<PcGts xmlns="{PAGE_NS}"><Metadata><Creator>test'
+            f'</Creator></Metadata><Page imageFilename="{image_name}" imageWidth="{size[0]}" '
+            f'imageHeight="{size[1]}"><TextRegion id="r1"><Coords points="0,0 10,0 10,10"/>{"".join(body)}'
+            f"</TextRegion></Page></PcGts>\n")
+
+
+# a decomposed é (e + U+0301): the transcription must come out in NFC
+TEXTS = ["le chat noir", "une ville", "de\u0301ja vu"]
+
+
+@pytest.fixture
+def pages(tmp_path):
+    """A split with one ALTO page and one PAGE page (three good lines each, plus bad ones), a
+    malformed file and a page whose image is missing; returns the folder and the good texts."""
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    image, boxes = place_lines(TEXTS)
+    image.convert("RGB").save(folder / "scan_a.jpg", quality=95)
+    size = image.size
+    baseline = [(boxes[2][0], boxes[2][3] - 14), (boxes[2][2], boxes[2][3] - 14)]
+    (folder / "a.xml").write_text(alto([
+        ("l1", TEXTS[0], {"polygon": polygon(boxes[0], 4), "box": boxes[0]}),
+        ("l2", TEXTS[1], {"box": boxes[1]}),
+        ("l3", TEXTS[2], {"baseline": baseline}),
+        ("empty", None, {"box": boxes[0]}),
+        ("flat", "xx", {"polygon": [(10, 10), (200, 10), (400, 10)]}),
+        ("outside", "yy", {"box": (1300, 10, 1500, 60)}),
+    ], "scan_a.jpg", size), encoding="utf-8")
+    image.save(folder / "b.png")
+    (folder / "b.xml").write_text(page_xml([
+        ("p1", TEXTS[0], None, {"polygon": polygon(boxes[0])}),
+        ("p2", None, TEXTS[1].split(" "), {"polygon": polygon(boxes[1])}),
+        ("p3", TEXTS[2], None, {"baseline": baseline}),
+        ("nothing", "zz", None, {}),
+    ], "b.png", size), encoding="utf-8")
+    (folder / "broken.xml").write_text("<alto><Layout>", encoding="utf-8")
+    (folder / "lost.xml").write_text(alto([("x1", "lost", {"box": boxes[0]})], "lost.jpg", size), encoding="utf-8")
+    return folder
+
+
+def xml_config(*overrides):
+    return load_config(TINY, ["data.source=xml", *overrides])
+
+
+def test_lines_texts_and_crops_from_alto_and_page(pages):
+    records = load_records(xml_config(f"data.train={pages}").data, "train")
+    nfc = [unicodedata.normalize("NFC", text) for text in TEXTS]
+    assert records.texts == nfc + nfc  # a.xml, then b.xml (p2's text from its words)
+    assert records.ids[0] == f"{pages / 'a.xml'}:l1" and records.ids[3] == f"{pages / 'b.xml'}:p1"
+    image, boxes = place_lines(TEXTS)
+    for index, box in zip(range(3), boxes, strict=True):
+        crop = records.image(index)
+        assert crop.mode == "L" and abs(crop.width - (box[2] - box[0])) <= 1
+        assert crop.getextrema()[0] < 100  # the ink is there
+    polygon_crop = records.image(0)
+    assert polygon_crop.getpixel((0, 0)) == 255  # outside the (inset) polygon: white
+    band = records.image(2)  # from the baseline: 60 px above, 20 below by default
+    assert band.height == 81
+
+
+def test_every_bad_input_is_reported_with_file_and_line_and_the_rest_loads(pages):
+    records = load_records(xml_config(f"data.train={pages}").data, "train")
+    problems = " | ".join(records.problems)
+    for expected in (f"{pages / 'a.xml'} line empty: no transcription",
+                     f"{pages / 'a.xml'} line flat: degenerate polygon",
+                     f"{pages / 'a.xml'} line outside: coordinates outside the 1400x440 page",
+                     f"{pages / 'b.xml'} line nothing: no polygon, box or baseline",
+                     f"{pages / 'broken.xml'}: malformed XML",
+                     f"{pages / 'lost.xml'}: page image not found (the XML names 'lost.jpg')"):
+        assert expected in problems, (expected, problems)
+    assert len(records.problems) == 6 and len(records) == 6
+
+
+def test_crops_are_made_once_and_reused_from_the_cache_folder(pages, tmp_path, monkeypatch):
+    cfg = xml_config(f"data.train={pages}", f"data.xml.cache_dir={tmp_path / 'cache'}")
+    first = load_records(cfg.data, "train")
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one folder per page that has an image
+    decoded = []
+    monkeypatch.setattr("crnn.data.xml_pages.page_image", lambda page: decoded.append(page) or None)
+    again = load_records(cfg.data, "train")
+    assert decoded == []  # no page image decoded: every crop came from the cache
+    assert again.texts == first.texts and again.sizes() == first.sizes() and again.problems == first.problems
+    assert again.image(1).tobytes() == first.image(1).tobytes()
+    monkeypatch.undo()
+    (pages / "a.xml").write_text((pages / "a.xml").read_text().replace('"ville"', '"village"'))
+    changed = load_records(cfg.data, "train")  # a changed file is a new key: cropped again
+    assert "une village" in changed.texts and len(list((tmp_path / "cache").iterdir())) == 3
+
+
+@pytest.fixture
+def xml_run(pages, tmp_path):
+    """A tiny model trained on the XML pages (train = validation), as tools/train.py would."""
+    run_dir = tmp_path / "run"
+    fit(xml_config(f"data.train={pages}", f"data.validation={pages}", "train.epochs=2", "data.batch_size=3",
+                   f"train.output_dir={run_dir}"))
+    return run_dir
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_train_evaluate_and_check_data_on_xml(pages, xml_run, tmp_path):
+    assert [json.loads(line)["epoch"] for line in (xml_run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    result = run_tool("tools/evaluate.py", "--ckpt", xml_run / "checkpoints" / "best.pt", "--split", "validation",
+                      "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["greedy"]["lines"] == 6
+    assert "6 line(s)" in result.stderr and "left out" in result.stderr
+    check = run_tool("tools/check_data.py", "--cfg", TINY, "--splits", "train", "data.source=xml",
+                     f"data.train={pages}")
+    assert check.returncode == 1 and "train: 6 usable lines, 6 problem(s)" in check.stderr
+    assert f"{pages / 'a.xml'} line flat: degenerate polygon" in check.stdout
+
+
+def test_predict_fills_the_xml_and_the_pages_read_back(pages, xml_run, tmp_path):
+    out = tmp_path / "out"
+    result = run_tool("tools/predict.py", "--ckpt", xml_run / "checkpoints" / "best.pt", pages / "a.xml",
+                      pages / "b.xml", "--out", out)
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split("\t", 1) for line in result.stdout.strip().splitlines())
+    assert len(printed) == 4 + 3  # every line with a region, "empty" included; not flat/outside/nothing
+    for name in ("a.xml", "b.xml"):
+        written = read_page(out / name)
+        assert written.kind == read_page(pages / name).kind
+        for line in written.lines:
+            key = f"{pages / name}:{line.id}"
+            if key in printed:
+                assert line.text == (unicodedata.normalize("NFC", printed[key]).strip() or None), key
+        assert "ns0:" not in (out / name).read_text(encoding="utf-8")  # the namespaces are kept
+    unchanged = {line.id: line.text for line in read_page(out / "a.xml").lines}
+    assert unchanged["flat"] == "xx" and unchanged["outside"] == "yy"  # not croppable: left as they were
+    assert "line flat: degenerate polygon" in result.stderr
+    assert "a.xml: 4 of 6 line(s) transcribed" in result.stderr and "b.xml: 3 of 4 line(s)" in result.stderr
+    missing = run_tool("tools/predict.py", "--ckpt", xml_run / "checkpoints" / "best.pt", pages)
+    assert missing.returncode == 2 and "XML pages need --out DIR" in missing.stderr  # a folder of pages too
+
+
+@pytest.mark.skipif(not COPISTE_PAGES.is_dir(), reason="the copiste-pages development data is absent")
+def test_real_escriptorium_pages():
+    records = load_records(xml_config(f"data.train={COPISTE_PAGES}").data, "train")
+    assert records.pages == 6 and len(records) == 138 and records.problems == []
+    assert records.texts[0] == "Philippe de Croy, 3e duc d'Aerschot, né le"
