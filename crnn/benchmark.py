@@ -6,6 +6,9 @@ width. Reported: parameters, forward GFLOPs per line, training lines/s (forward 
 optimizer step) in float32 and in the AMP mode, inference lines/s (greedy, and beam search), and
 the memory a training step needs. Each figure is the median of several timed passes after warm-up.
 
+Decoding: each decoder's throughput on a trained checkpoint's log-probs, per number of worker
+processes.
+
 Budget: every config trains for the same wall-clock time on the same data, with an LR schedule
 fitted to the steps it can do in that time, and reports its validation CER/WER.
 """
@@ -39,10 +42,20 @@ from crnn.data import (
 )
 from crnn.data.collate import collate
 from crnn.data.samplers import WidthBatchSampler
-from crnn.decoding import GreedyDecoder, build_decoders
+from crnn.decoding import DECODER_NAMES, GreedyDecoder, build_decoders
 from crnn.distributed import resolve_device
-from crnn.engine import AMP_NAMES, TrainSetup, autocast, drop_infeasible, prepare_batch, train_step
+from crnn.engine import (
+    AMP_NAMES,
+    TrainSetup,
+    autocast,
+    drop_infeasible,
+    prepare_batch,
+    submit_decoding,
+    train_step,
+)
 from crnn.errors import CrnnError
+from crnn.inference import collect_emissions, load_trained_model
+from crnn.metrics import ErrorCounts
 from crnn.models import build_model
 from crnn.runlog import setup_console_logging
 from crnn.trainer import fit
@@ -346,3 +359,35 @@ def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: 
         send.send(("error", str(err)))
     finally:
         send.close()
+
+
+def decoding_rows(checkpoint: str, overrides: list[str], split: str, worker_counts: list[int]) -> list[dict]:
+    """`tools/benchmark.py --decoding`: each decoder's lines/s (and CER) on a trained checkpoint's
+    log-probs for `split`, per number of worker processes, decoding alone (the forward pass is run
+    once first and timed too, with greedy decoding, as `greedy inference`)."""
+    trained = load_trained_model(checkpoint, overrides)
+    cfg = trained.config
+    records = load_records(cfg.data, split)
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)
+    start = time.perf_counter()
+    emissions = collect_emissions(trained, loader)
+    forward_seconds = time.perf_counter() - start
+    lines = len(emissions.references)
+    rows = [{"decoder": "greedy inference", "workers": 1, "lines": lines, "lines_per_s": lines / forward_seconds}]
+    lm_texts = trained.lm_texts()
+    for name in DECODER_NAMES:
+        for workers in [1] if name == "greedy" else worker_counts:
+            decode = dataclasses.replace(cfg.decode, workers=workers)
+            decoder = build_decoders([name], trained.vocab, decode, lm_texts)[name]
+            decoder(*emissions.batches[0])  # start the worker processes before the clock
+            start = time.perf_counter()
+            pending = [submit_decoding(decoder, log_probs, lengths) for log_probs, lengths in emissions.batches]
+            texts = [text for result in pending for text in result()]
+            seconds = time.perf_counter() - start
+            counts = ErrorCounts()
+            counts.update(emissions.references, texts)
+            rows.append({"decoder": name, "workers": workers, "lines": lines, "lines_per_s": lines / seconds,
+                         "cer": counts.cer})
+            if hasattr(decoder, "close"):
+                decoder.close()
+    return rows

@@ -127,6 +127,9 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as stream:
+        if stream.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise CheckpointError(f"{path}: not a crnn checkpoint (not a file written by torch.save)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -134,8 +137,8 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
             f"{path}: refused to load: it holds objects other than tensors and plain types, which "
             f"could run code ({str(err).splitlines()[0]})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({err})") from None
+    except Exception as err:  # a damaged archive fails in many ways (zip, pickle, storage sizes)
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a crnn checkpoint (no '{FORMAT}' marker)")
     if state.get("version") != VERSION:

@@ -38,6 +38,8 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LM_SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
+LM_BACKENDS = ("kenlm", "python")
+INIT_VOCABS = ("union", "new", "keep")
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -172,6 +174,12 @@ class TrainConfig:
     amp: str = _choice("auto", AMP_MODES)
     output_dir: str = ""  # "" -> runs/<config file stem>
     resume: str = ""  # "" (new run), "auto" (continue from last.pt if present) or a path
+    # a new run whose weights start from this checkpoint or export bundle (fine-tuning), and what
+    # becomes of its alphabet: union (keep its characters, add the data's), new (the data's), keep
+    init_from: str = ""
+    init_vocab: str = _choice("union", INIT_VOCABS)
+    init_sha256: str = ""  # of init_from's weights: recorded in config.yaml (and checked if set by hand)
+    freeze_encoder_steps: int = _non_negative(0)  # the encoder (and its BatchNorm statistics) frozen so long
     seed: int = 0
     patience: int = _non_negative(0)  # early stopping: epochs without a better validation CER (0: off)
     val_images: int = _non_negative(4)  # validation images logged to TensorBoard each epoch
@@ -199,8 +207,12 @@ class DecodeConfig:
     lm_path: str = ""  # character LM file (tools/build_lm.py, or a KenLM ARPA/binary); "" = built
     lm_order: int = _range(6, 1)  # n-gram order of the character LM built from the training transcriptions
     lm_smoothing: str = _choice("kneser_ney", LM_SMOOTHINGS)
+    # the LM built from the training texts runs in C++ (written as ARPA, read by flashlight's KenLM;
+    # orders up to 6) or in Python (slower, the same probabilities, any order)
+    lm_backend: str = _choice("kenlm", LM_BACKENDS)
     lm_weight: float = 0.5
     word_score: float = 0.0  # added at each word boundary (space)
+    workers: int = _non_negative(0)  # processes for beam search (0: one per CPU core; 1: in this process)
 
 
 def _plain(value: Any) -> Any:
@@ -395,8 +407,19 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file (optional) <- overrides. `train.output_dir` defaults to runs/<stem>."""
+def raw_value(path: str | Path | None, overrides: list[str], key: str) -> Any:
+    """The value the YAML file and the overrides give `key` (dotted), unchecked; None if neither
+    sets it. For what must be known before the config can be built (train.init_from)."""
+    data = {} if path is None else _yaml_with_lines(Path(path))[0]
+    node: Any = _merge(data, parse_overrides(list(overrides)))
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` (e.g. a starting checkpoint's model) <- YAML file (optional) <- overrides.
+    `train.output_dir` defaults to runs/<stem>."""
     data, lines = ({}, {}) if path is None else _yaml_with_lines(Path(path))
 
     def where_in_file(key: str) -> str:
@@ -406,7 +429,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     _build(Config, data, "", where_in_file)  # errors in the file point at the file
     override_data = parse_overrides(list(overrides))
     _build(Config, override_data, "", lambda key: "command-line override")
-    merged = _merge(data, override_data)
+    merged = _merge(_merge(base or {}, data), override_data)
     train = merged.setdefault("train", {})
     if not train.get("output_dir"):
         train["output_dir"] = str(Path("runs") / (Path(path).stem if path else "default"))
@@ -467,6 +490,11 @@ def validate(cfg: Config, where: str = "config") -> None:
     if data.resize != "keep_aspect" and data.width <= 0:
         raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
     _check_refused(cfg, where)
+    if cfg.train.resume and cfg.train.init_from:
+        raise ConfigError(f"{where}: 'train.resume' and 'train.init_from' together: resume continues this run "
+                          f"(its weights, optimizer, schedule and epochs); init_from starts a new run from "
+                          f"another run's weights. Set one of them (to continue a fine-tuning run: "
+                          f"train.resume=auto train.init_from=)")
     if data.synthetic.min_words > data.synthetic.max_words:
         raise ConfigError(f"{where}: 'data.synthetic.min_words' ({data.synthetic.min_words}) must not "
                           f"exceed 'data.synthetic.max_words' ({data.synthetic.max_words})")

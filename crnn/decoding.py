@@ -16,17 +16,28 @@ can take: then `word_score` has no effect.
 
 Language model (beam_lm): `decode.lm_path` (an ARPA file or a KenLM binary, loaded by
 flashlight's KenLM), else a character n-gram (`crnn.lm.NgramLM`) estimated from the training
-transcriptions and plugged in through torchaudio's `CTCDecoderLM` interface. `decode.lm_weight`
+transcriptions, run by flashlight's KenLM (C++) by default or, with `decode.lm_backend=python`,
+plugged in through torchaudio's `CTCDecoderLM` interface. `decode.lm_weight`
 multiplies natural-log LM probabilities in both cases (KenLM's log10 scores are rescaled).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import dataclasses
 import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torchaudio.models.decoder import CTCDecoderLM, CTCDecoderLMState, ctc_decoder
 
@@ -36,22 +47,35 @@ from crnn.errors import ConfigError
 from crnn.lm import BOS, EOS, UNK, NgramLM, char_to_token
 
 DECODER_NAMES = ("greedy", "beam", "beam_lm")
+KENLM_MAX_ORDER = 6  # what the pip wheels of flashlight-text are compiled for
 Decoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
 BLANK_TOKEN = "<blank>"
 NO_SPACE_SIL_TOKEN = "<sil>"  # a silence token for vocabs without a space: past the last class
 
 
-def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+def greedy_paths(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[tuple[list[int], list[int]]]:
     """Best path: argmax per frame, merge repeats, drop blanks.
 
-    log_probs `(T, N, C)`, lengths `(N,)` -> N lists of class indices.
+    log_probs `(T, N, C)`, lengths `(N,)` -> per line, its class indices and the frame where each
+    one starts.
     """
     best = log_probs.argmax(dim=-1).T  # (N, T)
     keep = best != BLANK
     keep[:, 1:] &= best[:, 1:] != best[:, :-1]
     keep &= torch.arange(best.shape[1], device=best.device)[None, :] < lengths.to(best.device)[:, None]
     best, keep = best.cpu(), keep.cpu()  # one transfer for the whole batch
-    return [row[mask].tolist() for row, mask in zip(best, keep, strict=True)]
+    return [(row[mask].tolist(), mask.nonzero().flatten().tolist()) for row, mask in zip(best, keep, strict=True)]
+
+
+def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """`greedy_paths` without the frames: N lists of class indices."""
+    return [indices for indices, _ in greedy_paths(log_probs, lengths)]
+
+
+class Hypothesis(NamedTuple):
+    text: str
+    score: float  # the decoder's total log score (acoustic + weighted LM + word scores)
+    frames: tuple[int, ...] = ()  # per character, the frame the decoder emitted it at
 
 
 class GreedyDecoder:
@@ -65,10 +89,12 @@ class GreedyDecoder:
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return [self.vocab.decode(indices) for indices in greedy_decode(log_probs, lengths)]
 
-
-class Hypothesis(NamedTuple):
-    text: str
-    score: float  # the decoder's total log score (acoustic + weighted LM + word scores)
+    def nbest(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
+        """The best path as the one hypothesis of each line (score: its summed log-probs)."""
+        scores = log_probs.detach().float().max(dim=-1).values  # (T, N)
+        return [[Hypothesis(self.vocab.decode(indices), float(scores[: int(length), i].sum()), tuple(frames))]
+                for i, ((indices, frames), length) in enumerate(zip(greedy_paths(log_probs, lengths),
+                                                                     lengths.tolist(), strict=True))]
 
 
 def decoder_tokens(vocab: Vocab) -> tuple[list[str], str]:
@@ -167,19 +193,20 @@ class BeamDecoder:
         emissions = log_probs.detach().float().cpu().transpose(0, 1).contiguous()  # (N, T, C)
         lengths = lengths.detach().cpu()
         results = self.decoder(emissions, lengths)
-        return [[Hypothesis(self._text(hypothesis.tokens, hypothesis.timesteps, int(length)),
-                            float(hypothesis.score)) for hypothesis in line]
+        return [[self._hypothesis(hypothesis, int(length)) for hypothesis in line]
                 for line, length in zip(results, lengths, strict=True)]
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return [line[0].text if line else "" for line in self.nbest(log_probs, lengths)]
 
-    def _text(self, tokens: torch.Tensor, timesteps: torch.Tensor, length: int) -> str:
+    def _hypothesis(self, hypothesis, length: int) -> Hypothesis:
         # Flashlight's path has one node per frame plus a silence node before the first frame
-        # (step 0) and one after the last (step length + 1): those are not characters.
-        kept = [token for token, step in zip(tokens.tolist(), timesteps.tolist(), strict=True)
-                if 0 < step <= length]
-        return self.vocab.decode(kept)
+        # (step 0) and one after the last (step length + 1): those are not characters; a
+        # character's node at step s is frame s - 1.
+        kept = [(token, step - 1) for token, step in zip(hypothesis.tokens.tolist(), hypothesis.timesteps.tolist(),
+                                                          strict=True) if 0 < step <= length]
+        return Hypothesis(self.vocab.decode([token for token, _ in kept]), float(hypothesis.score),
+                          tuple(frame for _, frame in kept))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +228,20 @@ def lm_file_kind(path: str | Path) -> str:
                       f"KenLM binary; build one with: python tools/build_lm.py TEXTS --out lm.arpa")
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence what C++ code writes to file descriptor 2 (Python's own stderr is unaffected)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def load_kenlm(path: str | Path, vocab: Vocab) -> CTCDecoderLM | None:
     """Flashlight's KenLM over an ARPA or binary file, its words indexed like the decoder's tokens.
 
@@ -214,7 +255,8 @@ def load_kenlm(path: str | Path, vocab: Vocab) -> CTCDecoderLM | None:
     except ImportError:
         return None
     try:
-        return KenLM(str(path), Dictionary(decoder_tokens(vocab)[0]))
+        with quiet_stderr():  # KenLM draws a progress bar of asterisks while it reads an ARPA file
+            return KenLM(str(path), Dictionary(decoder_tokens(vocab)[0]))
     except RuntimeError as err:
         raise ConfigError(f"decode.lm_path: KenLM cannot read {path}: {str(err).splitlines()[0]}") from None
 
@@ -243,20 +285,35 @@ def load_lm_file(path: str | Path, vocab: Vocab) -> tuple[CTCDecoderLM, float]:
 
 def build_language_model(vocab: Vocab, decode_cfg: DecodeConfig,
                          lm_texts: Sequence[str] | None) -> tuple[CTCDecoderLM, float]:
-    """The beam_lm language model and the weight to give flashlight for it, such that
-    `decode.lm_weight` multiplies natural-log probabilities whatever the LM.
+    """The beam_lm language model and the factor that turns its scores into natural logs: give
+    flashlight `decode.lm_weight` times it, so that the weight means the same whatever the LM.
 
     From `decode.lm_path` if set (`load_lm_file`), else estimated from `lm_texts` with
-    `decode.lm_order` and `decode.lm_smoothing`.
+    `decode.lm_order` and `decode.lm_smoothing`, then run by flashlight's KenLM in C++ (written as
+    an ARPA file first: the same probabilities) unless `decode.lm_backend=python`, the order is above
+    KenLM's compiled maximum, or flashlight-text lacks KenLM: then in Python (`NgramDecoderLM`).
     """
     if decode_cfg.lm_path:
-        lm, to_natural_log = load_lm_file(decode_cfg.lm_path, vocab)
-        return lm, decode_cfg.lm_weight * to_natural_log
+        return load_lm_file(decode_cfg.lm_path, vocab)
     if lm_texts is None:
         raise ConfigError("the beam_lm decoder needs a language model: set decode.lm_path (e.g. from "
                           "python tools/build_lm.py TEXTS --out lm.arpa) or give training texts")
     lm = NgramLM.estimate(lm_texts, decode_cfg.lm_order, decode_cfg.lm_smoothing)
-    return NgramDecoderLM(lm, vocab), decode_cfg.lm_weight
+    if decode_cfg.lm_backend == "kenlm" and decode_cfg.lm_order <= KENLM_MAX_ORDER:
+        with tempfile.TemporaryDirectory() as folder:  # KenLM holds the model in memory once read
+            arpa = Path(folder) / "lm.arpa"
+            lm.write_arpa(arpa)
+            kenlm = load_kenlm(arpa, vocab)
+        if kenlm is not None:
+            return kenlm, math.log(10.0)
+    return NgramDecoderLM(lm, vocab), 1.0
+
+
+def decoder_workers(decode_cfg: DecodeConfig) -> int:
+    """`decode.workers`, 0 meaning one per CPU core this process may use."""
+    if decode_cfg.workers:
+        return decode_cfg.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
@@ -264,20 +321,109 @@ def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
     """Decoders by name (greedy, beam, beam_lm), in the order given, configured by `decode_cfg`.
 
     `lm_texts` (training transcriptions) are only read for beam_lm without `decode.lm_path`. The
-    values of `decode_cfg` were checked when the config was loaded (`crnn.config`).
+    values of `decode_cfg` were checked when the config was loaded (`crnn.config`). With more than
+    one `decode.workers`, the beam decoders run in a `DecoderPool` of that many processes.
     """
+    names = list(names)
+    unknown = [name for name in names if name not in DECODER_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown decoder '{unknown[0]}'; choose from {', '.join(DECODER_NAMES)}")
+    beams = [name for name in names if name != "greedy"]
+    pool = None
+    if beams and decoder_workers(decode_cfg) > 1:
+        build_local_decoders(beams, vocab, decode_cfg, lm_texts)  # its errors here, not in a worker
+        pool = DecoderPool(beams, vocab, decode_cfg, lm_texts, decoder_workers(decode_cfg))
+        local = {}
+    else:
+        local = build_local_decoders(beams, vocab, decode_cfg, lm_texts)
+    return {name: GreedyDecoder(vocab) if name == "greedy" else (PooledDecoder(pool, name) if pool else local[name])
+            for name in names}
+
+
+def build_local_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
+                         lm_texts: Sequence[str] | None) -> dict[str, BeamDecoder]:
+    """The beam decoders of `names` in this process."""
     beam_options = {"beam_size": decode_cfg.beam_size, "beam_threshold": decode_cfg.beam_threshold,
                     "beam_size_token": decode_cfg.beam_size_token, "nbest": decode_cfg.nbest}
-    decoders: dict[str, Decoder] = {}
+    decoders = {}
     for name in names:
-        if name == "greedy":
-            decoders[name] = GreedyDecoder(vocab)
-        elif name == "beam":
+        if name == "beam":
             decoders[name] = BeamDecoder(vocab, **beam_options)
-        elif name == "beam_lm":
-            lm, lm_weight = build_language_model(vocab, decode_cfg, lm_texts)
-            decoders[name] = BeamDecoder(vocab, **beam_options, lm=lm, lm_weight=lm_weight,
-                                         word_score=decode_cfg.word_score)
         else:
-            raise ConfigError(f"unknown decoder '{name}'; choose from {', '.join(DECODER_NAMES)}")
+            lm, to_natural_log = build_language_model(vocab, decode_cfg, lm_texts)
+            decoders[name] = BeamDecoder(vocab, **beam_options, lm=lm, lm_weight=decode_cfg.lm_weight * to_natural_log,
+                                         word_score=decode_cfg.word_score)
     return decoders
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search over several processes. Flashlight's decoder holds the GIL while it searches (two
+# threads decode no faster than one), so lines are decoded in worker processes, each with its
+# own decoders; a batch is cut into one contiguous chunk per worker and put back in order.
+
+_WORKER_DECODERS: dict[str, BeamDecoder] = {}
+
+
+def _start_worker(names: list[str], chars: list[str], decode_cfg: DecodeConfig, lm_texts) -> None:
+    torch.set_num_threads(1)
+    _WORKER_DECODERS.update(build_local_decoders(names, Vocab(chars), decode_cfg, lm_texts))
+
+
+def _worker_ready() -> int:
+    time.sleep(0.05)  # stay busy a moment, so that the other tasks go to the other workers
+    return os.getpid()
+
+
+def _decode_chunk(name: str, emissions, lengths) -> list[list[Hypothesis]]:
+    """emissions `(n, T, C)` float32 numpy, lengths `(n,)` -> per line, its hypotheses."""
+    log_probs = torch.from_numpy(emissions).transpose(0, 1)
+    return _WORKER_DECODERS[name].nbest(log_probs, torch.from_numpy(lengths))
+
+
+class DecoderPool:
+    """Beam decoders (`names`) in `workers` processes: results identical to one process's, in order.
+
+    `submit` returns at once with a function that waits for the result, so that the caller can
+    run the next batch's forward pass meanwhile (`crnn.engine.evaluate` does)."""
+
+    def __init__(self, names: list[str], vocab: Vocab, decode_cfg: DecodeConfig, lm_texts, workers: int):
+        self.workers = workers
+        self.executor = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(names, list(vocab.chars), dataclasses.replace(decode_cfg, workers=1),
+                      list(lm_texts) if lm_texts is not None else None))
+        atexit.register(self.close)
+        ready: set[int] = set()  # every worker started, its decoders (and LM) built, before any line
+        while len(ready) < workers:
+            ready |= {future.result() for future in [self.executor.submit(_worker_ready) for _ in range(workers)]}
+
+    def submit(self, name: str, log_probs: torch.Tensor, lengths: torch.Tensor) -> Callable[[], list[list[Hypothesis]]]:
+        emissions = log_probs.detach().float().cpu().transpose(0, 1).contiguous().numpy()  # (N, T, C)
+        lengths = lengths.detach().cpu().numpy()
+        chunks = [chunk for chunk in np.array_split(np.arange(len(lengths)), self.workers) if len(chunk)]
+        futures = [self.executor.submit(_decode_chunk, name, emissions[chunk[0]: chunk[-1] + 1],
+                                        lengths[chunk[0]: chunk[-1] + 1]) for chunk in chunks]
+        return lambda: [line for future in futures for line in future.result()]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class PooledDecoder:
+    """One of a `DecoderPool`'s decoders, used like a `BeamDecoder`."""
+
+    def __init__(self, pool: DecoderPool, name: str):
+        self.pool, self.name = pool, name
+
+    def submit(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> Callable[[], list[str]]:
+        result = self.pool.submit(self.name, log_probs, lengths)
+        return lambda: [line[0].text if line else "" for line in result()]
+
+    def nbest(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
+        return self.pool.submit(self.name, log_probs, lengths)()
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return self.submit(log_probs, lengths)()
+
+    def close(self) -> None:
+        self.pool.close()

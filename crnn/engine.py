@@ -147,6 +147,7 @@ class TrainSetup:
     max_bad_steps: int
     oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
     augmenter: BatchAugmenter | None  # training batches' augmentation, on the device
+    freeze_encoder_steps: int  # the encoder's BatchNorm statistics are held so long (its LR: crnn.optim)
 
     @classmethod
     def from_config(cls, cfg: Config, *, model: nn.Module, device: torch.device, total_steps: int,
@@ -161,7 +162,7 @@ class TrainSetup:
                    device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
                    shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
                    max_bad_steps=cfg.train.max_bad_steps, oom_retry=cfg.train.oom_retry,
-                   augmenter=build_augmenter(cfg.data))
+                   augmenter=build_augmenter(cfg.data), freeze_encoder_steps=cfg.train.freeze_encoder_steps)
 
 
 def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0,
@@ -251,6 +252,13 @@ def check_bad_steps(bad_in_a_row: int, setup: TrainSetup, epoch: int, step: int)
         )
 
 
+def hold_batchnorm(module: nn.Module, hold: bool) -> None:
+    """BatchNorm layers of `module` use (and keep) their running statistics while `hold`."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.train(not hold)
+
+
 AfterStep = Callable[[int, "EpochStats"], bool]
 
 
@@ -279,6 +287,8 @@ def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, ste
             if placeholder is None:
                 continue
             batch, weight = placeholder, 0.0
+        if setup.freeze_encoder_steps:
+            hold_batchnorm(unwrap(model).encoder, step < setup.freeze_encoder_steps)
         finite, main_sum, shortcut_sum = train_step(model, batch, setup, weight, epoch, step, distributed)
         step += 1
         stats.steps += 1
@@ -323,6 +333,30 @@ def _reduce_eval(result: EvalResult, loss_sum: float, loss_lines: int, device: t
     return result
 
 
+def submit_decoding(decoder, log_probs: torch.Tensor, lengths: torch.Tensor) -> Callable[[], list[str]]:
+    """Start decoding; the returned function gives the texts. Decoders that run in other processes
+    (`submit`) work meanwhile; the others decode here and now."""
+    if hasattr(decoder, "submit"):
+        return decoder.submit(log_probs, lengths)
+    texts = decoder(log_probs, lengths)
+    return lambda: texts
+
+
+def _score(result: EvalResult, batch: Batch, pending: dict, keep_samples: int, keep_predictions: bool) -> None:
+    """Collect a batch's decodings (`pending`: name -> (result function, seconds so far))."""
+    for position, (name, (texts_of, seconds)) in enumerate(pending.items()):
+        wait_start = time.perf_counter()
+        hypotheses = texts_of()
+        result.decode_seconds[name] += seconds + time.perf_counter() - wait_start
+        result.counts[name].update(batch.texts, hypotheses)
+        if keep_predictions:
+            result.predictions[name].extend(zip(batch.indices, batch.texts, hypotheses, strict=True))
+        if position == 0 and len(result.samples) < keep_samples:
+            take = keep_samples - len(result.samples)
+            result.samples.extend((batch.images[i, :, :, : int(batch.widths[i])].cpu(), batch.texts[i], hypotheses[i])
+                                  for i in range(min(take, len(batch))))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device,
              decoders: Mapping[str, Callable[[torch.Tensor, torch.Tensor], list[str]]],
@@ -331,11 +365,13 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     """Loss and CER/WER for each decoder over `loader`, reduced across ranks.
 
     `decoders`: name -> a `crnn.decoding.Decoder`, `(log_probs (T, N, C), lengths (N,)) -> N strings`.
+    A batch's decodings are collected after the next batch's forward pass, so that decoders running
+    in other processes overlap with it. `decode_seconds` is the time each decoder held this process.
     """
     model.eval()
     result = EvalResult(0.0, {name: ErrorCounts() for name in decoders}, dict.fromkeys(decoders, 0.0), 0.0)
     result.predictions = {name: [] for name in decoders} if keep_predictions else {}
-    loss_sum, loss_lines, start = 0.0, 0, time.perf_counter()
+    loss_sum, loss_lines, start, previous = 0.0, 0, time.perf_counter(), None
     for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False):
         result.unreadable += len(batch.errors)
         result.problems.extend(batch.errors)
@@ -351,17 +387,15 @@ def evaluate(model: nn.Module, loader, device: torch.device,
             losses = ctc_line_losses(output.log_probs[:, on_device], output.lengths[on_device], kept.targets,
                                      kept.target_lengths)
             loss_sum, loss_lines = loss_sum + float(losses.sum()), loss_lines + len(kept)
+        pending = {}
         for name, decoder in decoders.items():
-            decode_start = time.perf_counter()
-            hypotheses = decoder(output.log_probs, output.lengths)
-            result.decode_seconds[name] += time.perf_counter() - decode_start
-            result.counts[name].update(batch.texts, hypotheses)
-            if keep_predictions:
-                result.predictions[name].extend(zip(batch.indices, batch.texts, hypotheses, strict=True))
-            if name == next(iter(decoders)) and len(result.samples) < keep_samples:
-                take = keep_samples - len(result.samples)
-                result.samples.extend(
-                    (batch.images[i, :, :, : int(batch.widths[i])].cpu(), batch.texts[i], hypotheses[i])
-                    for i in range(min(take, len(batch))))
+            submit_start = time.perf_counter()
+            pending[name] = (submit_decoding(decoder, output.log_probs, output.lengths),
+                             time.perf_counter() - submit_start)
+        if previous is not None:
+            _score(result, *previous, keep_samples, keep_predictions)
+        previous = (batch, pending)
+    if previous is not None:
+        _score(result, *previous, keep_samples, keep_predictions)
     result.seconds = time.perf_counter() - start
     return _reduce_eval(result, loss_sum, loss_lines, device)

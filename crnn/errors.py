@@ -1,5 +1,7 @@
 """Errors a user can act on. The tools print them as one line and exit with status 2."""
 
+import sys
+
 
 class CrnnError(Exception):
     """Base class: the message says what is wrong, where, and what to do."""
@@ -15,3 +17,13 @@ class DataError(CrnnError):
 
 class CheckpointError(CrnnError):
     """A checkpoint is missing, corrupt or from another project."""
+
+
+def report_failure(err: Exception) -> int:
+    """Print a tool's CrnnError, or the OSError of an output it could not write, as one line on
+    stderr; the exit status to return (2)."""
+    if isinstance(err, OSError):
+        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+    else:
+        print(f"error: {err}", file=sys.stderr)
+    return 2

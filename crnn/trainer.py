@@ -42,6 +42,13 @@ from crnn.decoding import GreedyDecoder
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
 from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, resolve_amp, train_one_epoch
 from crnn.errors import CheckpointError, ConfigError
+from crnn.finetune import (
+    StartingPoint,
+    check_architecture,
+    initial_vocab,
+    read_starting_point,
+    starting_weights,
+)
 from crnn.models import MODELS, build_model
 from crnn.optim import scaled_lr
 from crnn.runlog import RunLogger
@@ -105,10 +112,20 @@ class RunData:
     vocab: Vocab  # from the training texts, or the resumed checkpoint's
 
 
-def load_data(cfg: Config, dist: DistInfo, logger: RunLogger, resume: TrainingCheckpoint | None) -> RunData:
-    """Both splits and the vocabulary, with their problems reported (`data.check`: all of them)."""
+def load_data(cfg: Config, dist: DistInfo, logger: RunLogger, resume: TrainingCheckpoint | None,
+              start: StartingPoint | None) -> RunData:
+    """Both splits and the vocabulary (the resumed run's, the starting model's as `train.init_vocab`
+    says, or the training texts'), with their problems reported (`data.check`: all of them)."""
     train, validation = load_records(cfg.data, "train"), load_records(cfg.data, "validation")
-    data = RunData(train, validation, Vocab(resume.vocab) if resume else Vocab.from_texts(train.texts))
+    if resume:
+        vocab = Vocab(resume.vocab)
+    elif start:
+        vocab, added, dropped = initial_vocab(start, train.texts, cfg.train.init_vocab)
+        logger.info("alphabet (train.init_vocab=%s): %d classes; added %r, dropped %r", cfg.train.init_vocab,
+                    len(vocab), added, dropped)
+    else:
+        vocab = Vocab.from_texts(train.texts)
+    data = RunData(train, validation, vocab)
     splits = {"train": data.train, "validation": data.validation}
     if cfg.data.check and dist.is_main:
         for split, records in splits.items():
@@ -166,12 +183,15 @@ def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
     return model
 
 
-def build_training(cfg: Config, dist: DistInfo, vocab: Vocab,
-                   steps_per_epoch: int) -> tuple[nn.Module, TrainSetup]:
-    """The model (the same initial weights on every rank, wrapped as the config asks) and what its
-    steps need: optimizer, schedule over the run's steps, AMP."""
+def build_training(cfg: Config, dist: DistInfo, vocab: Vocab, steps_per_epoch: int,
+                   start: StartingPoint | None = None) -> tuple[nn.Module, TrainSetup]:
+    """The model (the same initial weights on every rank: random, or the starting model's laid out
+    for `vocab`, wrapped as the config asks) and what its steps need: optimizer, schedule, AMP."""
     torch.manual_seed(cfg.train.seed)
-    bare = build_model(cfg.model, len(vocab)).to(dist.device)
+    bare = build_model(cfg.model, len(vocab))
+    if start:
+        bare.load_state_dict(starting_weights(start, vocab, bare.CLASS_ROWS))
+    bare = bare.to(dist.device)
     model = wrap_model(cfg, bare, dist)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -214,11 +234,15 @@ def build_run(cfg: Config, dist: DistInfo) -> Run:
     logger = RunLogger(output_dir, dist.is_main)
     resumed = find_resume_checkpoint(cfg, output_dir / "checkpoints", logger)
     resume, resume_path = resumed if resumed else (None, None)
-    data = load_data(cfg, dist, logger, resume)  # may fail: nothing is written before
+    start = read_starting_point(cfg.train.init_from) if cfg.train.init_from else None
+    if start:
+        check_architecture(cfg.model, start)
+        logger.info("starting from %s (weights sha256 %s...)", start.path, start.sha256[:16])
+    data = load_data(cfg, dist, logger, resume, start)  # may fail: nothing is written before
     start_run_directory(cfg, dist, logger, data, resume)
     train_loader, val_loader = build_loaders(cfg, dist, logger, data)
     steps_per_epoch = len(train_loader.batch_sampler)
-    model, setup = build_training(cfg, dist, data.vocab, steps_per_epoch)
+    model, setup = build_training(cfg, dist, data.vocab, steps_per_epoch, start)
     log_run(logger, cfg, dist, data, model, setup, steps_per_epoch)
     state = restore(resume, cfg, model, setup) if resume else RunState()
     if resume:

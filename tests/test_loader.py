@@ -74,5 +74,6 @@ def test_an_abandoned_loader_with_persistent_workers_exits_at_once(tmp_path):
 
 
 def test_a_run_stops_its_loader_workers_when_it_ends(tmp_path):
+    before = set(multiprocessing.active_children())  # e.g. decoder pools of earlier tests
     fit(load_config(TINY, ["data.num_workers=2", f"train.output_dir={tmp_path / 'run'}"]))
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= before

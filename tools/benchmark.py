@@ -12,6 +12,11 @@ real lines, against the model-only step on the same batches:
         data.height=128 data.num_workers=12 --json loop.json
     (--warm-epoch first runs a whole untimed epoch, so that the decode cache is full)
 
+Decoders on a trained checkpoint's log-probs (the forward pass once, then each decoder alone), per
+number of worker processes:
+    python tools/benchmark.py --decoding runs/copiste/checkpoints/best.pt --workers 1,2 \
+        data.source=parquet data.validation=../shared/data/copiste-h64/validation.parquet
+
 Accuracy per compute (each config trains for the same minutes on the same data):
     python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \
         --cfg experiments/reference_bestpractice.yaml --budget-minutes 30 \
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from crnn.benchmark import budget_row, loop_row, make_lines, speed_row
+from crnn.benchmark import budget_row, decoding_rows, loop_row, make_lines, speed_row
 from crnn.config import AMP_MODES
 from crnn.distributed import resolve_device
 from crnn.engine import AMP_NAMES, resolve_amp
@@ -49,6 +54,8 @@ SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"
 LOOP_COLUMNS = [("config", "config", "{}"), ("steps", "steps", "{}"), ("loop_lines_per_s", "loop lines/s", "{:.1f}"),
                 ("model_lines_per_s", "model lines/s", "{:.1f}"), ("data_wait_fraction", "data wait", "{:.1%}"),
                 ("padding_fraction", "padding", "{:.1%}"), ("distinct_shapes", "shapes", "{}")]
+DECODING_COLUMNS = [("decoder", "decoder", "{}"), ("workers", "workers", "{}"), ("lines", "lines", "{}"),
+                    ("lines_per_s", "lines/s", "{:.1f}"), ("cer", "CER", "{:.4f}")]
 BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("steps", "steps", "{}"),
                   ("epochs", "epochs", "{}"), ("best_val_cer", "best val CER", "{:.4f}"),
                   ("best_val_wer", "best val WER", "{:.4f}")]
@@ -73,7 +80,10 @@ def data_overrides(data: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", action="append", required=True, help="a config to compare (repeat)")
+    parser.add_argument("--cfg", action="append", help="a config to compare (repeat)")
+    parser.add_argument("--decoding", metavar="CKPT", help="time the decoders on this checkpoint instead")
+    parser.add_argument("--workers", default="1,2", help="--decoding: decoder worker processes to compare")
+    parser.add_argument("--split", default="validation", help="--decoding: the split (default validation)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="the precision timed next to fp32, as train.amp means it (auto: bf16 on GPUs "
@@ -90,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="TRAIN,VALIDATION for --loop and --budget-minutes")
     parser.add_argument("--output", default=f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}",
                         help="run directories of --budget-minutes")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for every config (--loop, --budget-minutes)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides for every config (--loop, --budget-minutes; data.*/decode.* for --decoding)")
     args = parser.parse_args(argv)
+    if not args.cfg and not args.decoding:
+        parser.error("give --cfg CONFIG (repeat to compare) or --decoding CKPT")
     setup_console_logging()
     try:
         rows = run(args)
@@ -104,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.decoding:
+        workers = [int(value) for value in args.workers.split(",") if value.strip()]
+        rows = decoding_rows(args.decoding, args.overrides, args.split, workers)
+        print_table(rows, DECODING_COLUMNS)
+        return rows
     if args.loop:
         if not args.data:
             raise CrnnError("--loop needs --data TRAIN,VALIDATION")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from crnn.config import LM_SMOOTHINGS
-from crnn.errors import CrnnError, DataError
+from crnn.errors import CrnnError, DataError, report_failure
 from crnn.lm import NgramLM, read_texts, text_to_tokens
 
 
@@ -58,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             lm.write_arpa(args.out)
             print(f"{args.out}: order {args.order} {args.smoothing}, {len(lm.log_probs)} n-grams from "
                   f"{len(texts)} lines", file=sys.stderr)
-    except CrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
-        return 2
+    except (CrnnError, OSError) as err:  # an output that could not be written is an OSError
+        return report_failure(err)
     return 0
 
 

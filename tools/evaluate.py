@@ -24,7 +24,15 @@ errors.tsv -> errors.greedy.tsv, errors.beam.tsv, ...
 beam_lm's character language model: --lm FILE (same as decode.lm_path=FILE: an ARPA file from
 tools/build_lm.py or KenLM, or a KenLM binary), else estimated on the fly (decode.lm_order,
 decode.lm_smoothing) from <run>/train_texts.txt, which tools/train.py writes next to
-<run>/checkpoints/.
+<run>/checkpoints/, and run by KenLM in C++ (decode.lm_backend=python: the same LM in Python).
+Beam decoders run in decode.workers processes (0, the default: one per CPU core), overlapping
+with the next batch's forward pass.
+
+Choose the LM weights on data (the validation split unless --split says otherwise):
+    python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --tune-lm \
+        [--lm-weights 0,0.25,0.5,0.75,1,1.5] [--word-scores -1,0,1,2]
+prints beam_lm's CER/WER for every pair, best first, and writes the best pair to <run>/decode.yaml,
+which evaluate and predict then use for this run's checkpoints (decode.* overrides still win).
 """
 
 from __future__ import annotations
@@ -39,15 +47,21 @@ from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
 from crnn.decoding import DECODER_NAMES
 from crnn.engine import EvalResult, evaluate, resolve_amp
-from crnn.errors import ConfigError, CrnnError
-from crnn.inference import TrainedModel, load_trained_model
+from crnn.errors import ConfigError, CrnnError, report_failure
+from crnn.inference import (
+    TrainedModel,
+    collect_emissions,
+    load_trained_model,
+    save_tuned,
+    tune_language_model,
+)
 from crnn.metrics import worst_lines_first
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", choices=SPLITS, help="default: test (validation with --tune-lm)")
     parser.add_argument("--decoders", default="greedy",
                         help=f"comma-separated, from {', '.join(DECODER_NAMES)} (default: greedy)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -57,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--amp", default="off", choices=AMP_MODES,
                         help="autocast of the forward pass, as train.amp means it (default off: float32, so the "
                              "figures do not depend on the GPU's precision)")
+    parser.add_argument("--tune-lm", action="store_true", help="grid-search decode.lm_weight and decode.word_score")
+    parser.add_argument("--lm-weights", default="0,0.25,0.5,0.75,1,1.5", help="--tune-lm grid")
+    parser.add_argument("--word-scores", default="-1,0,1,2", help="--tune-lm grid")
     parser.add_argument("overrides", nargs="*", help="data.* / decode.* overrides, e.g. data.batch_size=8")
     return parser.parse_args(argv)
 
@@ -126,25 +143,49 @@ def write_errors(path: Path, result: EvalResult, ids: list[str]) -> None:
         print(f"errors of {name}: {target}", file=sys.stderr)
 
 
+def grid(text: str, option: str) -> list[float]:
+    try:
+        values = [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(f"{option} {text!r}: give comma-separated numbers, e.g. 0,0.5,1")
+    return values
+
+
+def tune(trained: TrainedModel, split: str, lm_weights: list[float], word_scores: list[float]) -> None:
+    """--tune-lm: the grid's table, best first; the best pair saved for the run."""
+    cfg = trained.config
+    records = load_records(cfg.data, split)
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)
+    rows = tune_language_model(trained, collect_emissions(trained, loader), lm_weights, word_scores)
+    print(f"{'lm_weight':>10}{'word_score':>12}{'CER':>9}{'WER':>9}")
+    for row in rows:
+        print(f"{row['lm_weight']:>10g}{row['word_score']:>12g}{row['cer']:>9.2%}{row['wer']:>9.2%}")
+    path = save_tuned(trained, rows[0])
+    print(f"best on {split}: decode.lm_weight={rows[0]['lm_weight']:g} decode.word_score="
+          f"{rows[0]['word_score']:g}, written to {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    split = args.split or ("validation" if args.tune_lm else "test")
     try:
         names = decoder_names(args.decoders)
         overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
         trained = load_trained_model(args.ckpt, overrides, args.device)
-        result, ids = run(trained, args.split, names, args.amp)
+        if args.tune_lm:
+            tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))
+            return 0
+        result, ids = run(trained, split, names, args.amp)
         rows = summary(result)
         print_table(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         if args.errors:
             write_errors(args.errors, result, ids)
-    except CrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # --json / --errors could not be written
-        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
-        return 2
+    except (CrnnError, OSError) as err:  # an output that could not be written is an OSError
+        return report_failure(err)
     return 0
 
 

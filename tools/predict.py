@@ -20,6 +20,13 @@ resized as in training (the checkpoint's data.height, data.resize, data.width, d
 An image that cannot be read is reported on stderr as `error: <path>: <why>` and skipped; the
 others are still transcribed and the exit status is then 2.
 
+--json prints one JSON object per line instead (JSON Lines): {"path", "text", "confidence": {"mean",
+"min"}, "characters": [{"char", "confidence", "x0", "x1"}, ...]} and, with --nbest K (beam
+decoders), "nbest": [{"text", "score"}, ...] best first. A character's confidence is its posterior
+probability at its strongest frame in the run of frames where CTC places it; x0..x1 is that run in
+the input image's pixels (left to right). The line's confidence is the mean and the minimum over
+its characters (a line read as empty: the mean posterior of its best path).
+
 beam_lm's language model: --lm FILE (ARPA or KenLM binary, e.g. from tools/build_lm.py), else
 the checkpoint's decode.lm_path, else estimated from <run>/train_texts.txt next to the checkpoint.
 """
@@ -27,6 +34,7 @@ the checkpoint's decode.lm_path, else estimated from <run>/train_texts.txt next 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,8 +44,8 @@ from crnn.data.images import decode_image
 from crnn.data.sources import IMAGE_SUFFIXES
 from crnn.data.xml_pages import read_page, write_page
 from crnn.decoding import DECODER_NAMES, Decoder
-from crnn.errors import CrnnError, DataError
-from crnn.inference import TrainedModel, load_trained_model
+from crnn.errors import ConfigError, CrnnError, DataError
+from crnn.inference import Reading, TrainedModel, load_trained_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,9 +57,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     parser.add_argument("--lm", help="language model file for --decoder beam_lm")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per line: text, confidence, characters with their spans")
+    parser.add_argument("--nbest", type=int, default=0, help="with --json: the K best readings and their scores")
+    parser.add_argument("--workers", type=int, help="beam search processes (decode.workers; default: one per core)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.nbest and (args.nbest < 1 or not args.json or args.decoder == "greedy"):
+        parser.error("--nbest K needs K >= 1, --json and --decoder beam or beam_lm (greedy has one reading)")
     return args
 
 
@@ -95,9 +109,9 @@ def read_image(path: Path) -> Image.Image:
     return decode_image(path, str(path))
 
 
-def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], batch_size: int) -> int:
-    """Print `path<TAB>text` per readable image, a batch at a time; returns how many were not."""
-    unreadable = 0
+def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], args: argparse.Namespace) -> int:
+    """Print what each readable image reads, a batch at a time; returns how many were not readable."""
+    unreadable, batch_size = 0, args.batch_size
     for start in range(0, len(paths), batch_size):
         readable, images = [], []
         for path in paths[start: start + batch_size]:
@@ -108,27 +122,39 @@ def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], b
                 print(f"error: {err}", file=sys.stderr)
                 unreadable += 1
         if images:
-            for path, text in zip(readable, trained.transcribe(images, decoder), strict=True):
-                print(f"{path}\t{text}", flush=True)
+            for path, line_reading in zip(readable, trained.read(images, decoder), strict=True):
+                print_reading(str(path), line_reading, args.json, bool(args.nbest))
     return unreadable
 
 
-def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path], out: Path, batch_size: int) -> int:
-    """Write each XML page to `out` with its lines transcribed; returns how many pages failed."""
+def print_reading(name: str, reading: Reading, as_json: bool, nbest: bool) -> None:
+    """`name<TAB>text`, or with --json one JSON object (the nbest readings with --nbest)."""
+    if not as_json:
+        print(f"{name}\t{reading.text}", flush=True)
+        return
+    fields = reading.to_dict()
+    if not nbest:
+        del fields["nbest"]
+    print(json.dumps({"path": name, **fields}, ensure_ascii=False), flush=True)
+
+
+def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path], args: argparse.Namespace) -> int:
+    """Write each XML page to --out with its lines transcribed; returns how many pages failed."""
     failed = 0
     for path in pages:
         try:
             page = read_page(path)
-            texts, problems = trained.transcribe_page(page, decoder, batch_size)
+            readings, problems = trained.read_page(page, decoder, args.batch_size)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)
-        for line_id, text in texts.items():
-            print(f"{path}:{line_id}\t{text}", flush=True)
-        written = write_page(page, texts, out / path.name)
+        for line_id, line_reading in readings.items():
+            print_reading(f"{path}:{line_id}", line_reading, args.json, bool(args.nbest))
+        out = args.out
+        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, out / path.name)
         print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {out / path.name}", file=sys.stderr)
     return failed
 
@@ -141,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             raise CrnnError("XML pages need --out DIR, the folder the transcribed pages are written to")
         paths = expand_inputs(lines)
         overrides = [f"decode.lm_path={args.lm}"] if args.lm else []
+        overrides += [f"decode.nbest={args.nbest}"] if args.nbest else []
+        overrides += [f"decode.workers={args.workers}"] if args.workers is not None else []
         trained = load_trained_model(args.ckpt, overrides, args.device)
+        if args.nbest > trained.config.decode.beam_size:
+            raise ConfigError(f"--nbest {args.nbest} needs decode.beam_size >= {args.nbest} (it is "
+                              f"{trained.config.decode.beam_size}); add decode.beam_size={args.nbest}")
         decoder = trained.decoders([args.decoder])[args.decoder]
-        unreadable = transcribe_all(trained, decoder, paths, args.batch_size)
-        unreadable += transcribe_pages(trained, decoder, pages, args.out, args.batch_size) if pages else 0
+        unreadable = transcribe_all(trained, decoder, paths, args)
+        unreadable += transcribe_pages(trained, decoder, pages, args) if pages else 0
     except CrnnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

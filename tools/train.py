@@ -9,6 +9,9 @@ One process over all visible GPUs (nn.DataParallel, legacy):
     python tools/train.py --cfg experiments/base.yaml train.data_parallel=true
 Continue an interrupted run:
     python tools/train.py --cfg experiments/base.yaml train.resume=auto
+Fine-tune a trained model on your own lines (a new run; model keys from the checkpoint):
+    python tools/train.py --cfg experiments/finetune.yaml train.init_from=runs/base/checkpoints/best.pt \
+        data.source=folder data.train=mine/train data.validation=mine/val
 Watch it:
     tensorboard --logdir runs
 SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, the exit code is 128 + the
@@ -22,8 +25,8 @@ import logging
 import os
 import sys
 
-from crnn.config import load_config
 from crnn.errors import CrnnError
+from crnn.finetune import load_run_config
 from crnn.runlog import setup_console_logging
 from crnn.trainer import fit
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_console_logging(logging.INFO if rank == 0 else logging.WARNING)
     try:
-        state = fit(load_config(args.cfg, args.overrides))
+        state = fit(load_run_config(args.cfg, args.overrides))
     except CrnnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,9 @@ class CRNN(nn.Module):
     feature map is average-pooled to exactly `frames` columns (for fixed-width inputs).
     """
 
+    # the parameters with one row (dim 0) per class: what a new alphabet resizes (crnn/finetune.py)
+    CLASS_ROWS = ("head.classifier.weight", "head.classifier.bias", "shortcut.conv.weight", "shortcut.conv.bias")
+
     def __init__(self, encoder: ResNetEncoder, head: BiLSTMHead, shortcut: ShortcutHead | None,
                  column_pool: str = "max", frames: int = 0):
         super().__init__()

@@ -1,0 +1,171 @@
+"""The export bundle: a trained model in files other tools read, for deployment.
+
+    python tools/export.py --ckpt runs/base/checkpoints/best.pt --out bundle/
+
+A bundle is a folder:
+- `model.safetensors`: the weights (safetensors: tensors only, no code);
+- `config.yaml`: the model's config (data.* for the preprocessing, decode.* with the run's tuned LM
+  weights), `vocab.json`: `{"blank": 0, "chars": [...]}` (class i > 0 is chars[i - 1]);
+- `lm.arpa`: beam_lm's character n-gram (when the run has its training texts or an LM file);
+- `model.onnx`: the network for ONNX runtimes, batch and width dynamic. Inputs `images` float32
+  `(N, 1, H, W)`, ink in [0, 1] (255 - pixel, / 255) right-padded with zeros, and `widths` int64
+  `(N,)`, each line's unpadded width; outputs `log_probs` float32 `(T, N, classes)` and `lengths`
+  int64 `(N,)`, each line's valid frames. Decode with CTC (blank 0);
+- `bundle.json`: the format, the files, and the largest difference between the ONNX model's
+  log-probs and PyTorch's measured on export (refused above `ONNX_TOLERANCE`).
+
+`load_bundle` (used by `crnn.inference.load_trained_model`, so evaluate and predict take a bundle
+wherever they take a checkpoint) rebuilds the PyTorch model from the safetensors weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from crnn.checkpoint import atomic_write_text, load_checkpoint
+from crnn.config import config_yaml, load_config
+from crnn.data import Vocab
+from crnn.errors import CheckpointError, CrnnError
+from crnn.lm import NgramLM
+
+FORMAT, VERSION = "crnn-bundle", 1
+MANIFEST = "bundle.json"
+ONNX_TOLERANCE = 1e-4  # max |log-prob difference| between ONNX and PyTorch on valid frames
+OPSET = 17
+
+
+class ExportError(CrnnError):
+    """The model could not be exported faithfully."""
+
+
+class _Network(nn.Module):
+    """The CRNN as ONNX sees it: (images, widths) -> (log_probs, lengths)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(images, widths)
+        return output.log_probs, output.lengths
+
+
+def export_onnx(model: nn.Module, path: Path, height: int) -> float:
+    """Write `model` (eval mode, CPU) as ONNX with dynamic batch and width; returns the largest
+    |log-prob| difference to PyTorch over the valid frames of a check batch of other widths than
+    the traced one. ExportError above ONNX_TOLERANCE."""
+    import onnxruntime
+
+    network = _Network(model).eval()  # export restores the mode it finds: keep it eval
+    traced = (torch.rand(2, 1, height, 256), torch.tensor([256, 192]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on LSTMs and data-dependent shapes
+        torch.onnx.export(network, traced, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["images", "widths"], output_names=["log_probs", "lengths"],
+                          dynamic_axes={"images": {0: "lines", 3: "width"}, "widths": {0: "lines"},
+                                        "log_probs": {0: "frames", 1: "lines"}, "lengths": {0: "lines"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images, widths = torch.rand(3, 1, height, 448), torch.tensor([448, 300, 97])
+    log_probs, lengths = session.run(None, {"images": images.numpy(), "widths": widths.numpy()})
+    with torch.no_grad():
+        expected = model(images, widths)
+    if lengths.tolist() != expected.lengths.tolist():
+        raise ExportError(f"the ONNX model's frame counts {lengths.tolist()} differ from PyTorch's "
+                          f"{expected.lengths.tolist()}")
+    difference = max(float((torch.from_numpy(log_probs[:length, i]) - expected.log_probs[:length, i]).abs().max())
+                     for i, length in enumerate(lengths.tolist()))
+    if difference > ONNX_TOLERANCE:
+        raise ExportError(f"the ONNX model's log-probs differ from PyTorch's by up to {difference:.2e} "
+                          f"(tolerance {ONNX_TOLERANCE:g})")
+    return difference
+
+
+def export_bundle(trained, out: Path, lm_texts: Sequence[str] | None) -> dict:
+    """Write the bundle of `trained` (a `crnn.inference.TrainedModel`) to `out`; returns the manifest.
+    `lm_texts`: the training texts for lm.arpa (else decode.lm_path's file is copied, if any)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = trained.model.cpu().eval()
+    config = trained.config
+    files = {"weights": "model.safetensors", "config": "config.yaml", "vocab": "vocab.json", "onnx": "model.onnx"}
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, out / files["weights"])
+    atomic_write_text(out / files["vocab"], json.dumps({"blank": 0, "chars": trained.vocab.chars}, ensure_ascii=False))
+    lm_file = ""
+    if config.decode.lm_path:
+        shutil.copyfile(config.decode.lm_path, out / "lm.arpa")
+        lm_file = "lm.arpa"
+    elif lm_texts:
+        NgramLM.estimate(lm_texts, config.decode.lm_order, config.decode.lm_smoothing).write_arpa(out / "lm.arpa")
+        lm_file = "lm.arpa"
+    if lm_file:
+        files["language_model"] = lm_file
+    # the LM file's path is kept relative to the bundle; read_bundle resolves it
+    saved = dataclasses.replace(config, decode=dataclasses.replace(config.decode, lm_path=lm_file))
+    atomic_write_text(out / files["config"], config_yaml(saved))
+    difference = export_onnx(model, out / files["onnx"], config.data.height)
+    manifest = {"format": FORMAT, "version": VERSION, "files": files, "opset": OPSET,
+                "onnx_max_abs_log_prob_difference": difference, "onnx_tolerance": ONNX_TOLERANCE,
+                "source_checkpoint": str(trained.path)}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_bundle(path: Path) -> tuple[dict, Vocab, dict[str, torch.Tensor], Path]:
+    """(config as a dict, vocab, weights, the config file) of a bundle; CheckpointError naming the
+    file that is missing or wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{path / MANIFEST}: not a crnn bundle")
+        files = manifest["files"]
+        vocab = json.loads((path / files["vocab"]).read_text(encoding="utf-8"))["chars"]
+        weights = load_file(path / files["weights"])
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: incomplete or damaged bundle ({err})") from None
+    config_path = path / files["config"]
+    config = load_config(config_path).to_dict()
+    if config["decode"]["lm_path"]:
+        config["decode"]["lm_path"] = str(path / config["decode"]["lm_path"])
+    return config, Vocab(vocab), weights, config_path
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    """A trained model as stored: a checkpoint of tools/train.py or a bundle of tools/export.py."""
+
+    config: dict
+    vocab: Vocab
+    weights: dict[str, torch.Tensor]
+    weights_file: Path  # the file that holds the weights
+    is_bundle: bool
+
+
+def read_model_file(path: Path, what: str = "") -> ModelFile:
+    """The model in a checkpoint or a bundle; CheckpointError naming the file (after `what`, the
+    option that named it, if any) if it is missing, damaged or neither."""
+    if is_bundle(path):
+        config, vocab, weights, _ = read_bundle(path)
+        return ModelFile(config, vocab, weights, path / "model.safetensors", True)
+    state = load_checkpoint(path)
+    missing = [key for key in ("model", "config", "vocab") if key not in state]
+    if missing:
+        raise CheckpointError(f"{what + ': ' if what else ''}{path}: a checkpoint without {', '.join(missing)}; "
+                              f"give one written by tools/train.py (checkpoints/best.pt or last.pt) or an "
+                              f"export bundle (tools/export.py)")
+    return ModelFile(state["config"], Vocab(state["vocab"]), state["model"], path, False)

@@ -1,0 +1,172 @@
+"""Starting a new run from a trained model: the alphabet (union, new, keep), freezing, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from crnn.checkpoint import load_checkpoint
+from crnn.config import load_config
+from crnn.data import Preprocess, Vocab, collate, make_sample
+from crnn.decoding import GreedyDecoder
+from crnn.distributed import DistInfo
+from crnn.engine import train_one_epoch
+from crnn.errors import CheckpointError, ConfigError
+from crnn.finetune import load_run_config
+from crnn.models import build_model
+from crnn.trainer import build_run, fit
+from tests.conftest import REPO, TINY, draw_line
+from tests.test_distributed import torchrun
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A tiny model trained for two epochs on synthetic lines: the starting point."""
+    run = tmp_path_factory.mktemp("start") / "run"
+    fit(load_config(TINY, ["train.epochs=2", f"train.output_dir={run}"]))
+    return run / "checkpoints" / "best.pt"
+
+
+@pytest.fixture
+def new_hand(start, tmp_path):
+    """A folder of lines of a 'new hand' with characters the starting model has never seen."""
+    known = set(load_checkpoint(start)["vocab"])
+    unseen = [char for char in "QZXJ#&@%" if char not in known][:2]
+    texts = [f"the {unseen[0]}at", f"{unseen[1]} dog", "a bed", f"{unseen[0]}{unseen[1]}"]
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        draw_line(text).save(folder / f"{i}.png")
+    (folder / "gt.tsv").write_text("".join(f"{i}.png\t{text}\n" for i, text in enumerate(texts)), encoding="utf-8")
+    return folder, texts, "".join(unseen)
+
+
+def finetune_config(start, lines, tmp_path, *overrides):
+    """The command line a user types, through tools/train.py's own loading."""
+    return load_run_config(REPO / "experiments" / "finetune.yaml", [
+        f"train.init_from={start}", "data.source=folder", f"data.train={lines}", f"data.validation={lines}",
+        "data.num_workers=0", "train.device=cpu", f"train.output_dir={tmp_path / 'ft'}", *overrides])
+
+
+def read(model, vocab, image_batch):
+    model.eval()
+    with torch.no_grad():
+        output = model(image_batch.images.float() / 255, image_batch.widths)
+    return GreedyDecoder(vocab)(output.log_probs, output.lengths)
+
+
+def test_union_keeps_every_learned_row_and_reads_as_before(start, new_hand, tmp_path):
+    lines, _, unseen = new_hand
+    state = load_checkpoint(start)
+    cfg = finetune_config(start, lines, tmp_path)
+    assert cfg.model == load_config(REPO / "experiments" / "tiny.yaml").model  # model keys from the checkpoint
+    assert cfg.data.height == 32 and cfg.train.init_sha256
+    run = build_run(cfg, CPU)
+    old = len(state["vocab"]) + 1
+    assert run.vocab.chars[: old - 1] == state["vocab"] and "".join(run.vocab.chars[old - 1:]) == "".join(sorted(unseen))
+    weights = run.model.state_dict()
+    for name in ("head.classifier.weight", "head.classifier.bias", "shortcut.conv.weight", "shortcut.conv.bias"):
+        assert torch.equal(weights[name][:old], state["model"][name]), name
+        assert weights[name].shape[0] == old + len(unseen)
+    assert weights["head.classifier.bias"][old:].max() < state["model"]["head.classifier.bias"].min()
+    before = build_model(cfg.model, old)
+    before.load_state_dict(state["model"])
+    batch = collate([make_sample(i, draw_line(text), "", run.vocab, Preprocess(32), "predict")
+                     for i, text in enumerate(("abc", "the dog", "a bed"))])
+    readings = read(run.model, run.vocab, batch)
+    assert readings == read(before, Vocab(state["vocab"]), batch) and any(readings)
+
+
+def test_new_and_keep_alphabets(start, new_hand, tmp_path):
+    lines, texts, unseen = new_hand
+    state = load_checkpoint(start)
+    new = build_run(finetune_config(start, lines, tmp_path, "train.init_vocab=new"), CPU)
+    assert new.vocab.chars == sorted(set("".join(texts)))
+    shared = next(char for char in new.vocab.chars if char in state["vocab"])
+    row_new, row_old = new.vocab.index[shared], state["vocab"].index(shared) + 1
+    assert torch.equal(new.model.state_dict()["head.classifier.weight"][row_new],
+                       state["model"]["head.classifier.weight"][row_old])
+    keep = build_run(finetune_config(start, lines, tmp_path / "k", "train.init_vocab=keep"), CPU)
+    assert keep.vocab.chars == state["vocab"]
+    dataset = keep.train_loader.dataset
+    sample = dataset[(0, None)]  # "the Qat": the unseen letter is left out of the target
+    assert sample.text == texts[0] and len(sample.target) == len(texts[0]) - texts[0].count(unseen[0])
+    assert dataset[(3, None)].image is None  # nothing left of it to learn: the line is left out
+
+
+def test_the_frozen_encoder_does_not_move_then_does(start, new_hand, tmp_path):
+    lines, _, _ = new_hand
+    run = build_run(finetune_config(start, lines, tmp_path, "train.freeze_encoder_steps=3", "data.batch_size=2",
+                                    "train.warmup_steps=0"), CPU)
+    encoder = {name: tensor.clone() for name, tensor in run.model.encoder.state_dict().items()}
+    head = run.model.head.classifier.weight.clone()
+    run.train_loader.batch_sampler.set_epoch(1)
+    _, step = train_one_epoch(run.model, run.train_loader, run.setup, 1, 0, show_progress=False,
+                              after_step=lambda done, _: done >= 2)
+    assert step == 2 and not torch.equal(head, run.model.head.classifier.weight)
+    for name, tensor in run.model.encoder.state_dict().items():
+        assert torch.equal(tensor, encoder[name]), name  # weights and BatchNorm statistics held
+    run.train_loader.batch_sampler.set_epoch(2)
+    train_one_epoch(run.model, run.train_loader, run.setup, 2, step, show_progress=False)
+    moved = [name for name, tensor in run.model.encoder.state_dict().items() if not torch.equal(tensor, encoder[name])]
+    assert any(name.endswith("weight") for name in moved) and any("running_mean" in name for name in moved)
+
+
+def test_bad_starting_points_are_refused_before_any_data(start, new_hand, tmp_path):
+    lines, _, _ = new_hand
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(start.read_bytes()[:1000])
+    (tmp_path / "notes.pt").write_text("hello")
+    for path, message in ((tmp_path / "missing.pt", "checkpoint not found"),
+                          (truncated, "corrupt or truncated checkpoint"),
+                          (tmp_path / "notes.pt", "notes.pt: not a crnn checkpoint")):
+        with pytest.raises(CheckpointError, match=message):
+            finetune_config(path, lines, tmp_path)
+    with pytest.raises(ConfigError, match=r"'model.channels' is \(8, 16\).*has \(16, 32\).*Remove model.channels"):
+        finetune_config(start, lines, tmp_path, "model.channels=[8,16]")
+    with pytest.raises(ConfigError, match="'train.resume' and 'train.init_from' together: resume continues"):
+        finetune_config(start, lines, tmp_path, "train.resume=auto")
+    result = run_tool("tools/train.py", "--cfg", "experiments/base.yaml", f"train.init_from={tmp_path / 'missing.pt'}",
+                      f"train.output_dir={tmp_path / 'x'}")
+    assert result.returncode == 2 and f"checkpoint not found: {tmp_path / 'missing.pt'}" in result.stderr
+    assert "hub" not in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_fine_tuned_run_records_its_start_and_its_tools_use_its_alphabet(start, new_hand, tmp_path):
+    lines, _, unseen = new_hand
+    run_dir = tmp_path / "ft"
+    result = run_tool("tools/train.py", "--cfg", "experiments/finetune.yaml", f"train.init_from={start}",
+                      "data.source=folder", f"data.train={lines}", f"data.validation={lines}", "train.epochs=1",
+                      "data.num_workers=0", f"train.output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "added" in result.stderr and unseen[0] in result.stderr
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    assert recorded["init_from"] == str(start) and len(recorded["init_sha256"]) == 64
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    assert set(unseen) <= set(load_checkpoint(checkpoint)["vocab"])
+    evaluated = run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--split", "validation", "--json",
+                         tmp_path / "r.json", "data.num_workers=0")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["greedy"]["lines"] == 4
+    assert "not in the checkpoint's vocab" not in evaluated.stderr
+    predicted = run_tool("tools/predict.py", "--ckpt", checkpoint, lines)
+    assert predicted.returncode == 0 and len(predicted.stdout.splitlines()) == 4
+
+
+def test_fine_tuning_under_torchrun(start, new_hand, tmp_path):
+    lines, _, _ = new_hand
+    run_dir = tmp_path / "ddp"
+    torchrun("tools/train.py", "--cfg", "experiments/finetune.yaml", f"train.init_from={start}", "data.source=folder",
+             f"data.train={lines}", f"data.validation={lines}", "train.epochs=1", "data.num_workers=0",
+             "data.batch_size=1", f"train.output_dir={run_dir}")
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
