@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,3 +58,28 @@ def test_registry_names_the_choices():
     assert "crnn" in MODELS
     with pytest.raises(ConfigError, match="registered models: crnn"):
         build_model(small("model.name=transformer"), 5)
+
+
+# every recipe that defines its own network (finetune.yaml takes it from train.init_from)
+EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").rglob("*.yaml")
+                     if p.name != "finetune.yaml")
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_shipped_recipe_loads_builds_and_reads_a_line(path):
+    cfg = load_config(path)
+    model = build_model(cfg.model, num_classes=20).eval()
+    line = torch.rand(1, 1, cfg.data.height, 640)
+    with torch.no_grad():
+        output = model(line, torch.tensor([640]))
+    assert output.log_probs.shape[1:] == (1, 20) and output.lengths.tolist() == [output.log_probs.shape[0]]
+
+
+@pytest.mark.parametrize("name, pixels_per_frame", [("base", 16), ("candidates/frames16", 16),
+                                                    ("candidates/frames8", 8), ("candidates/frames8_lite", 8)])
+def test_the_gpu_recipes_have_the_frame_width_they_state(name, pixels_per_frame):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    model = build_model(cfg.model, num_classes=20).eval()
+    with torch.no_grad():
+        output = model(torch.rand(1, 1, 128, 1920), torch.tensor([1920]))
+    assert output.lengths.tolist() == [1920 // pixels_per_frame]
