@@ -11,14 +11,12 @@ import torch
 from PIL import Image
 
 from crnn.checkpoint import save_checkpoint
-from crnn.config import DecodeConfig, load_config
-from crnn.data import Vocab, build_dataset, build_loader, load_records
+from crnn.config import DecodeConfig
+from crnn.data import Vocab
 from crnn.decoding import BeamDecoder, DecoderPool, build_decoders
-from crnn.engine import TrainSetup, train_one_epoch
 from crnn.inference import load_trained_model
-from crnn.models import build_model
-from tests.conftest import REPO, TINY
-from tests.test_training import synthetic_folder
+from tests.conftest import REPO
+from tests.test_training import overfit_tiny, synthetic_folder
 
 
 def run_tool(*args):
@@ -31,20 +29,7 @@ def reader(tmp_path_factory):
     as tools/train.py saves a run: checkpoints/best.pt and train_texts.txt."""
     root = tmp_path_factory.mktemp("reader")
     lines = synthetic_folder(root / "lines", 4)
-    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", f"data.validation={lines}",
-                             "data.batch_size=4", "data.augment.enabled=false", "model.shortcut=false",
-                             "train.lr=1e-2", "train.schedule=constant", "train.warmup_steps=0", "train.grad_clip=0"])
-    records = load_records(cfg.data, "train")
-    vocab = Vocab.from_texts(records.texts)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(vocab))
-    setup = TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=400)
-    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=True), train=True)
-    for epoch in range(400):
-        loader.batch_sampler.set_epoch(epoch)
-        stats, _ = train_one_epoch(model, loader, setup, epoch, step=0, show_progress=False)
-        if stats.loss < 0.05:
-            break
+    cfg, records, vocab, model, _, _ = overfit_tiny(lines, 400, 0.05, f"data.validation={lines}")
     run = root / "run"
     save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "vocab": vocab.chars},
                     run / "checkpoints" / "best.pt")

@@ -31,33 +31,42 @@ def synthetic_folder(root, count, seed=0):
     return root
 
 
+def overfit_tiny(lines, max_epochs, stop_below, *overrides):
+    """tiny.yaml trained on the `folder` split `lines` (batch 4, no augmentation, constant LR 1e-2)
+    until an epoch's loss is below `stop_below`: (cfg, records, vocab, model, loader, (first epoch's
+    stats, last epoch's stats))."""
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4",
+                             "data.augment.enabled=false", "model.shortcut=false", "train.lr=1e-2",
+                             "train.grad_clip=0", "train.warmup_steps=0", "train.schedule=constant", *overrides])
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab))
+    setup = TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=max_epochs)
+    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=True), train=True)
+    first = None
+    for epoch in range(max_epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        stats, _ = train_one_epoch(model, loader, setup, epoch, step=0, show_progress=False)
+        first = first or stats
+        if stats.loss < stop_below:
+            break
+    return cfg, records, vocab, model, loader, (first, stats)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tiny_model_overfits_a_few_lines_to_zero_cer(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 4)
-    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4",
-                             "data.augment.enabled=false", "model.shortcut=false", "train.lr=1e-2",
-                             "train.grad_clip=0", "train.warmup_steps=0", "train.schedule=constant"])
-    records = load_records(cfg.data, "train")
-    vocab = Vocab.from_texts(records.texts)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(vocab))
-    setup = TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=300)
-    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=True), train=True)
-    first = None
-    for epoch in range(300):  # one step per epoch: about 100 steps are needed
-        loader.batch_sampler.set_epoch(epoch)
-        stats, _ = train_one_epoch(model, loader, setup, epoch, step=0, show_progress=False)
-        first = first or stats.loss
-        if stats.loss < 0.2:
-            break
+    # one step per epoch: about 100 steps are needed
+    cfg, records, vocab, model, loader, (first, stats) = overfit_tiny(lines, 300, 0.2)
     result = evaluate(model, loader, torch.device("cpu"), {"greedy": GreedyDecoder(vocab)},
                       keep_predictions=True, show_progress=False)
     assert result.counts["greedy"].cer == 0.0, result.predictions
     assert sorted(hyp for _, _, hyp in result.predictions["greedy"]) == sorted(records.texts)
-    assert stats.loss < first / 100
+    assert stats.loss < first.loss / 100
 
 
 # (epoch, val_loss, train_loss) of a seeded run, recorded before the run state, the sample contract
