@@ -1,4 +1,4 @@
-"""Compare configs side by side: speed on the same lines, or accuracy under the same time budget.
+r"""Compare configs side by side: speed on the same lines, or accuracy under the same time budget.
 
 Speed (all configs in one process, same lines, median of timed passes after warm-up):
     python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \

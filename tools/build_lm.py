@@ -1,4 +1,4 @@
-"""Build the character n-gram language model of beam_lm from training transcriptions.
+r"""Build the character n-gram language model of beam_lm from training transcriptions.
 
     python tools/build_lm.py runs/base/train_texts.txt --out runs/base/lm.arpa
     python tools/build_lm.py ../shared/data/copiste-h64/train.parquet --order 6 \

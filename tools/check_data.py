@@ -1,4 +1,4 @@
-"""List every problem in a dataset before a long run starts.
+r"""List every problem in a dataset before a long run starts.
 
     python tools/check_data.py --cfg experiments/base.yaml
     python tools/check_data.py --cfg experiments/base.yaml data.source=folder data.train=lines/train \

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: corpus CER and WER of each decoder on one split.
+r"""Evaluate a checkpoint: corpus CER and WER of each decoder on one split.
 
     python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt
     python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --split validation \

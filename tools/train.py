@@ -1,4 +1,4 @@
-"""Train a CRNN.
+r"""Train a CRNN.
 
 Single GPU or CPU:
     python tools/train.py --cfg experiments/base.yaml
