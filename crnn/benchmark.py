@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from crnn.checkpoint import atomic_write_text
 from crnn.config import Config, load_config
 from crnn.data import (
     Batch,
@@ -308,19 +309,63 @@ def calibrate_steps_per_second(cfg: Config, steps: int = 8) -> float:
     return timing.steps / max(timing.seconds, 1e-9)
 
 
-def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root: Path) -> dict:
+def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root: Path,
+               deadline: float | None = None) -> dict:
     """Train `cfg_path` (with `overrides`, e.g. the data) for `minutes` of training-step time.
 
     The LR schedule is fitted to the budget: the config's speed on this data is measured first,
     and the cosine decay (and a warmup of at most 10% of it) spans the steps it can do in time.
     Each config trains in a fresh process, so none starts with the memory (allocator caches,
     DataLoader workers) that the one before it left behind.
+
+    `deadline` (time.time()) bounds this call's wall-clock time: a run that reaches it writes a
+    checkpoint and pauses (status "paused"); calling again with the same `output_root` continues it
+    with the same planned steps, and a finished config's row is read back instead of trained again.
+    The plan and the result live in `<output_root>/<config>/budget.json`.
     """
     run_dir = output_root / Path(cfg_path).stem
+    plan = read_budget_plan(run_dir, minutes, overrides)
+    if "row" in plan:
+        logging.getLogger(__name__).info("%s: finished earlier, its row read from %s", cfg_path, run_dir / BUDGET_PLAN)
+        return plan["row"]
+    if deadline is not None and time.time() >= deadline:
+        return {"config": Path(cfg_path).stem, "minutes": minutes, "status": "not started"}
+    status, (steps, planned, train_seconds, best_cer) = _in_fresh_process(
+        _budget_child, cfg_path, (cfg_path, overrides, minutes, run_dir, deadline))
+    row = {"config": Path(cfg_path).stem, "minutes": minutes, "status": status, "steps": steps,
+           "planned_steps": planned, "train_seconds": round(train_seconds, 1)}
+    if status == "paused":
+        return row
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    row.update({"epochs": len(epochs), "best_val_cer": best_cer, "final_val_cer": epochs[-1]["val_cer"],
+                "final_val_wer": epochs[-1]["val_wer"], "best_val_wer": min(e["val_wer"] for e in epochs)})
+    atomic_write_text(run_dir / BUDGET_PLAN, json.dumps({**read_budget_plan(run_dir, minutes, overrides), "row": row}))
+    return row
+
+
+BUDGET_PLAN = "budget.json"
+
+
+def read_budget_plan(run_dir: Path, minutes: float, overrides: list[str]) -> dict:
+    """The plan of an earlier call on `run_dir` ({} if none), refused if made for another budget."""
+    path = run_dir / BUDGET_PLAN
+    if not path.exists():
+        return {}
+    plan = json.loads(path.read_text(encoding="utf-8"))
+    if (plan["minutes"], plan["overrides"]) != (minutes, list(overrides)):
+        raise CrnnError(f"{run_dir} holds a budget run of {plan['minutes']:g} minutes with overrides "
+                        f"{plan['overrides']}, not {minutes:g} minutes with {list(overrides)}: run the "
+                        "same command to continue it, or give another --output")
+    return plan
+
+
+def _in_fresh_process(target, what: str, args: tuple):
+    """Run `target(*args, send, log_level)` in a spawned process and return what it sends,
+    (status, value); raise its error, naming `what`."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     log_level = logging.getLogger().getEffectiveLevel()  # a spawned process starts unconfigured
-    child = context.Process(target=_budget_child, args=(cfg_path, overrides, minutes, run_dir, send, log_level))
+    child = context.Process(target=target, args=(*args, send, log_level))
     child.start()
     send.close()
     try:
@@ -332,33 +377,44 @@ def budget_row(cfg_path: str, overrides: list[str], minutes: float, output_root:
         outcome = ("error", f"the training process died (exit code {child.exitcode}); if it ran out of "
                             "memory, lower data.batch_size or data.max_width")
     if outcome[0] == "error":
-        raise CrnnError(f"{cfg_path}: {outcome[1]}")
-    steps, planned, train_seconds, best_cer = outcome[1]
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"config": Path(cfg_path).stem, "minutes": minutes, "steps": steps,
-            "planned_steps": planned, "epochs": len(epochs), "train_seconds": round(train_seconds, 1),
-            "best_val_cer": best_cer, "final_val_cer": epochs[-1]["val_cer"],
-            "final_val_wer": epochs[-1]["val_wer"], "best_val_wer": min(e["val_wer"] for e in epochs)}
+        raise CrnnError(f"{what}: {outcome[1]}")
+    return outcome
 
 
-def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: Path, send,
-                  log_level: int) -> None:
-    """The body of budget_row, run in its own process: sends ("ok", numbers) or ("error", text)."""
+def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: Path, deadline: float | None,
+                  send, log_level: int) -> None:
+    """The body of budget_row, run in its own process: sends (status, numbers) or ("error", text)."""
     setup_console_logging(log_level)
     try:
         base = [*overrides, f"train.output_dir={run_dir}", "train.epochs=100000", "train.patience=0",
                 "train.resume=", "train.checkpoint_every_steps=0"]
-        cfg = load_config(cfg_path, base)
-        steps = max(10, int(calibrate_steps_per_second(cfg) * 60 * minutes))
-        warmup = min(cfg.train.warmup_steps, steps // 10)
-        cfg = load_config(cfg_path, [*base, f"train.max_steps={steps}", f"train.max_minutes={minutes}",
-                                     f"train.warmup_steps={warmup}"])
+        plan = read_budget_plan(run_dir, minutes, overrides)
+        if not plan:
+            cfg = load_config(cfg_path, base)
+            steps = max(10, int(calibrate_steps_per_second(cfg) * 60 * minutes))
+            plan = {"minutes": minutes, "overrides": list(overrides), "steps": steps,
+                    "warmup": min(cfg.train.warmup_steps, steps // 10)}
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / BUDGET_PLAN, json.dumps(plan))
+        stop_after = minutes_left(deadline)
+        if stop_after is not None and stop_after <= 0:  # used up by the calibration: train next time
+            send.send(("paused", (0, plan["steps"], 0.0, float("inf"))))
+            return
+        cfg = load_config(cfg_path, [*base, f"train.max_steps={plan['steps']}", f"train.max_minutes={minutes}",
+                                     f"train.warmup_steps={plan['warmup']}", "train.resume=auto",
+                                     f"train.stop_after_minutes={stop_after or 0}"])
         state = fit(cfg)
-        send.send(("ok", (state.step, steps, state.train_seconds, state.best_cer)))
+        seconds = state.train_seconds + state.epoch_stats.get("seconds", 0.0)  # and the paused epoch's
+        send.send(("paused" if state.stopped_by else "done", (state.step, plan["steps"], seconds, state.best_cer)))
     except CrnnError as err:
         send.send(("error", str(err)))
     finally:
         send.close()
+
+
+def minutes_left(deadline: float | None) -> float | None:
+    """Wall-clock minutes until `deadline` (time.time()), None for no deadline."""
+    return None if deadline is None else (deadline - time.time()) / 60
 
 
 def decoding_rows(checkpoint: str, overrides: list[str], split: str, worker_counts: list[int]) -> list[dict]:

@@ -162,6 +162,9 @@ class TrainConfig:
     epochs: int = _positive(100)
     max_steps: int = _non_negative(0)  # stop after this many optimizer steps (0: no limit)
     max_minutes: float = _non_negative(0.0)  # stop when the training steps have taken this long (0: no limit)
+    # wall-clock minutes of this process, then a checkpoint and a stop as on a signal (exit code 142,
+    # as for SIGALRM); train.resume=auto continues: for job time limits (0: no limit)
+    stop_after_minutes: float = _non_negative(0.0)
     lr: float = _positive(1e-3)  # peak LR; with lr_scaling it is the LR of one process (see README)
     # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
     # linear multiplies it by N, sqrt by sqrt(N)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -112,13 +113,24 @@ class DataParallelCRNN(torch.nn.Module):
 
 class StopRequest:
     """SIGTERM or SIGINT ask the run to stop after the current step (and write a checkpoint); a
-    second SIGINT interrupts at once. Use as a context manager around training (main thread)."""
+    second SIGINT interrupts at once. Use as a context manager around training (main thread).
+
+    A `deadline` (time.monotonic()) asks the same once it has passed, as SIGALRM: the timer's signal,
+    though none is sent (a real one could arrive before the handlers are in place and kill the process).
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, deadline: float | None = None):
         self.signal_number: int | None = None
+        self.deadline = deadline
         self._previous: dict[int, object] = {}
+
+    def requested(self) -> int | None:
+        """The signal number that asked for a stop (SIGALRM for the deadline), or None."""
+        if self.signal_number is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.signal_number = signal.SIGALRM
+        return self.signal_number
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

@@ -10,12 +10,15 @@ stepping, validating, logging, checkpointing and deciding when to stop.
 Checkpoints are written at each epoch end and every `train.checkpoint_every_steps` steps; each
 carries the position inside the epoch, so `train.resume=auto` continues at the right batch with the
 same data order, augmentation and random numbers as an unbroken run. SIGTERM or SIGINT finish the
-current step, write a checkpoint and end the run (exit code 128 + signal number from the tool).
+current step, write a checkpoint and end the run (exit code 128 + signal number from the tool);
+so does `train.stop_after_minutes` of wall-clock time (as SIGALRM, 142).
 """
 
 from __future__ import annotations
 
 import random
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,7 +329,7 @@ class Run:
                                        "train/lr": self.setup.scheduler.get_last_lr()[0],
                                        "train/lines_per_s": stats.lines_per_s})
         signal_number, over_budget = distributed.max_over_ranks(
-            [stop.signal_number or 0, self.out_of_budget(step, stats.seconds)])
+            [stop.requested() or 0, self.out_of_budget(step, stats.seconds)])
         self.state.stopped_by = int(signal_number) or None
         if self.state.stopped_by or (train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0):
             partial = EpochStats(**stats.to_dict())
@@ -357,9 +360,10 @@ class Run:
         saved = EpochStats(**self.state.epoch_stats)
         return saved if self.dist.is_main else EpochStats(batches=saved.batches)
 
-    def train(self) -> RunState:
+    def train(self, deadline: float | None = None) -> RunState:
+        """Train to the end, or until a stop signal or the `deadline` (time.monotonic())."""
         try:
-            self._train_epochs()
+            self._train_epochs(deadline)
         finally:  # the workers stop with the run, not at interpreter exit (which can hang or abort)
             shut_down(self.train_loader)
             shut_down(self.val_loader)
@@ -368,8 +372,8 @@ class Run:
         self.logger.close()
         return self.state
 
-    def _train_epochs(self) -> None:
-        with StopRequest() as stop:
+    def _train_epochs(self, deadline: float | None) -> None:
+        with StopRequest(deadline) as stop:
             for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
                 stats = self.resumed_stats()
                 self.train_loader.batch_sampler.set_epoch(epoch, start_batch=stats.batches)
@@ -379,8 +383,10 @@ class Run:
                     show_progress=self.dist.is_main, placeholder=self.placeholder,
                     distributed=self.dist.distributed)
                 if self.state.stopped_by:
-                    self.logger.warning("stopped by signal %d at step %d; checkpoint written, continue "
-                                        "with train.resume=auto", self.state.stopped_by, self.state.step)
+                    cause = (f"train.stop_after_minutes={self.cfg.train.stop_after_minutes:g}"
+                             if self.state.stopped_by == signal.SIGALRM else f"signal {self.state.stopped_by}")
+                    self.logger.warning("stopped by %s at step %d; checkpoint written, continue with "
+                                        "train.resume=auto", cause, self.state.step)
                     break
                 stats.reduce(self.dist.device)
                 if self.end_epoch(epoch, stats, self.validate()):
@@ -389,6 +395,7 @@ class Run:
 
 def fit(cfg: Config) -> RunState:
     """Train as configured; under torchrun each process calls this. Returns the final RunState."""
+    started = time.monotonic()
     dist_info = distributed.setup(cfg.train.device)
     finished = False
     try:
@@ -397,7 +404,8 @@ def fit(cfg: Config) -> RunState:
             torch.use_deterministic_algorithms(True)
         # autotuning searches once per batch shape: it can pay with bounded shapes (data.width_multiple)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
-        state = build_run(cfg, dist_info).train()
+        stop_after = cfg.train.stop_after_minutes
+        state = build_run(cfg, dist_info).train(started + 60 * stop_after if stop_after else None)
         finished = True
         return state
     finally:

@@ -2,19 +2,23 @@
 sign and consistency are what is checked here -- the targets are checked by running the tool)."""
 
 import json
+import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from crnn.benchmark import batches_for, make_lines, speed_row
+from crnn import benchmark
+from crnn.benchmark import batches_for, budget_row, make_lines, speed_row
+from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
 from crnn.data import Vocab
 from crnn.engine import TrainSetup, resolve_amp
-from crnn.errors import ConfigError
+from crnn.errors import ConfigError, CrnnError
 from tests.conftest import REPO, TINY
-from tests.test_training import synthetic_folder
+from tests.test_training import read_metrics, synthetic_folder
 
 
 def test_lines_have_realistic_widths_and_each_config_its_own_preprocessing():
@@ -58,6 +62,54 @@ def test_budget_mode_trains_each_config_for_the_budget(tmp_path):
     assert row["train_seconds"] <= 0.05 * 60 + 10  # stops at the budget (one step may overrun it)
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert min(m["val_cer"] for m in metrics) == row["best_val_cer"]
+
+
+class Outbox:
+    """Stands in for the pipe of a budget child run in this process."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def close(self):
+        pass
+
+
+def in_this_process(target, what, args):
+    outbox = Outbox()
+    target(*args, outbox, logging.INFO)
+    (outcome,) = outbox.sent
+    if outcome[0] == "error":
+        raise CrnnError(f"{what}: {outcome[1]}")
+    return outcome
+
+
+def test_budget_run_paused_by_the_deadline_continues_where_it_stopped(tmp_path, monkeypatch):
+    lines = synthetic_folder(tmp_path / "lines", 16)  # batch 8: 2 steps an epoch
+    data = ["data.source=folder", f"data.train={lines}", f"data.validation={lines}"]
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "tiny"
+    monkeypatch.setattr(benchmark, "_in_fresh_process", in_this_process)  # so that the patches below reach it
+    monkeypatch.setattr(benchmark, "calibrate_steps_per_second", lambda cfg: 0.8)  # 0.25 min -> 12 steps
+    monkeypatch.setattr(benchmark, "minutes_left", lambda deadline: 1e-6)  # the deadline falls in step 1
+    paused = budget_row(str(TINY), data, 0.25, runs, deadline=time.time() + 3600)
+    assert (paused["status"], paused["steps"], paused["planned_steps"]) == ("paused", 1, 12)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 1
+    assert json.loads((run_dir / "budget.json").read_text())["steps"] == 12
+    monkeypatch.undo()
+    monkeypatch.setattr(benchmark, "_in_fresh_process", in_this_process)
+    monkeypatch.setattr(benchmark, "calibrate_steps_per_second", lambda cfg: pytest.fail("calibrated again"))
+    done = budget_row(str(TINY), data, 0.25, runs)  # no deadline: runs to the planned steps
+    assert (done["status"], done["steps"], done["planned_steps"], done["epochs"]) == ("done", 12, 12, 6)
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert min(m["val_cer"] for m in read_metrics(run_dir)) == done["best_val_cer"]
+    monkeypatch.setattr(benchmark, "fit", lambda cfg: pytest.fail("trained again"))
+    assert budget_row(str(TINY), data, 0.25, runs) == done  # a finished config is read back
+    with pytest.raises(CrnnError, match=r"holds a budget run of 0.25 minutes .* not 0.5 minutes"):
+        budget_row(str(TINY), data, 0.5, runs)
+    late = budget_row(str(TINY), data, 0.5, tmp_path / "other", deadline=time.time() - 1)
+    assert late == {"config": "tiny", "minutes": 0.5, "status": "not started"}
 
 
 def test_budget_mode_reports_a_config_error_from_its_training_process(tmp_path):

@@ -103,6 +103,19 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == stopped["epoch"] + 1
 
 
+def test_stop_after_minutes_stops_like_a_signal_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, "train.epochs=200", "train.stop_after_minutes=0.0001")  # 6 ms
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGALRM == 142, stderr[-2000:]
+    assert "stopped by train.stop_after_minutes=0.0001 at step 1;" in stderr
+    stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (stopped["step"], stopped["epoch"]) == (1, 0)
+    state = fit(load_config(TINY, ["train.epochs=1", "train.resume=auto", f"train.output_dir={run_dir}"]))
+    assert (state.step, state.epoch, state.stopped_by) == (6, 1, None)  # 48 lines, batch 8
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1]
+
+
 def test_truncated_checkpoint_is_rejected_and_the_previous_one_used(tmp_path):
     run_dir = tmp_path / "run"
     fit(load_config(TINY, ["train.epochs=2", f"train.output_dir={run_dir}"]))

@@ -21,6 +21,9 @@ Accuracy per compute (each config trains for the same minutes on the same data):
     python tools/benchmark.py --cfg experiments/base.yaml --cfg experiments/reference_seed.yaml \
         --cfg experiments/reference_bestpractice.yaml --budget-minutes 30 \
         --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet
+A session with a wall-clock limit: `--stop-after-minutes 9 --output runs/referee` pauses (checkpoint)
+after 9 minutes; the same command again continues each run with its planned steps, and reports the
+finished configs from their run directories.
 
 `--data TRAIN,VALIDATION` takes parquet files or gt.tsv folders; more `key=value` overrides apply to
 every config (e.g. data.num_workers=1) in --loop and --budget-minutes modes.
@@ -56,7 +59,8 @@ LOOP_COLUMNS = [("config", "config", "{}"), ("steps", "steps", "{}"), ("loop_lin
                 ("padding_fraction", "padding", "{:.1%}"), ("distinct_shapes", "shapes", "{}")]
 DECODING_COLUMNS = [("decoder", "decoder", "{}"), ("workers", "workers", "{}"), ("lines", "lines", "{}"),
                     ("lines_per_s", "lines/s", "{:.1f}"), ("cer", "CER", "{:.4f}")]
-BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("steps", "steps", "{}"),
+BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("status", "status", "{}"),
+                  ("steps", "steps", "{}"), ("planned_steps", "planned", "{}"),
                   ("epochs", "epochs", "{}"), ("best_val_cer", "best val CER", "{:.4f}"),
                   ("best_val_wer", "best val WER", "{:.4f}")]
 
@@ -99,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, help="train each config this long instead")
     parser.add_argument("--data", help="TRAIN,VALIDATION for --loop and --budget-minutes")
     parser.add_argument("--output", default=f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}",
-                        help="run directories of --budget-minutes")
+                        help="run directories of --budget-minutes (the same again continues its runs)")
+    parser.add_argument("--stop-after-minutes", type=float, default=0.0,
+                        help="--budget-minutes: pause (checkpoint) after this much wall-clock time; "
+                             "the same command with the same --output continues")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides for every config (--loop, --budget-minutes; data.*/decode.* for --decoding)")
     args = parser.parse_args(argv)
@@ -134,8 +141,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         if not args.data:
             raise CrnnError("--budget-minutes needs --data TRAIN,VALIDATION")
         overrides = [*data_overrides(args.data), *args.overrides]
-        rows = [budget_row(cfg, overrides, args.budget_minutes, Path(args.output)) for cfg in args.cfg]
+        deadline = time.time() + 60 * args.stop_after_minutes if args.stop_after_minutes > 0 else None
+        rows = [budget_row(cfg, overrides, args.budget_minutes, Path(args.output), deadline) for cfg in args.cfg]
         print_table(rows, BUDGET_COLUMNS)
+        unfinished = [row["config"] for row in rows if row["status"] != "done"]
+        if unfinished:
+            print(f"not finished: {', '.join(unfinished)} (--stop-after-minutes); run the same command with "
+                  f"--output {args.output} to continue", file=sys.stderr)
         return rows
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

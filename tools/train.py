@@ -16,6 +16,8 @@ Watch it:
     tensorboard --logdir runs
 SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, the exit code is 128 + the
 signal number (143, 130); `train.resume=auto` continues from there.
+A job with a wall-clock limit: `train.stop_after_minutes=N` does the same after N minutes (exit code
+142, as for SIGALRM).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except CrnnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # stopped by SIGTERM/SIGINT after writing a checkpoint: the shell's code for that signal
+    # stopped by SIGTERM/SIGINT (or train.stop_after_minutes, as SIGALRM) after writing a checkpoint:
+    # the shell's code for that signal
     return 128 + state.stopped_by if state.stopped_by else 0
 
 
