@@ -122,7 +122,7 @@ class DataConfig:
     # each batch is padded on the right to a multiple of this many pixels, so that the GPU kernels
     # (cuDNN autotuning) see a bounded set of shapes; 1 pads to the widest line only
     width_multiple: int = _positive(64)
-    num_workers: int = _non_negative(2)
+    num_workers: int = _non_negative(2)  # DataLoader workers; also the processes cropping source=xml pages
     # decoded, resized lines are kept (uint8, in memory shared by all DataLoader workers) up to this
     # many MB for both splits together, so that later epochs do not decode images again (0: off)
     cache_mb: int = _non_negative(2048)

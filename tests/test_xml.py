@@ -165,6 +165,15 @@ def test_crops_are_made_once_and_reused_from_the_cache_folder(pages, tmp_path, m
     assert "une village" in changed.texts and len(list((tmp_path / "cache").iterdir())) == 3
 
 
+def test_pages_cropped_in_worker_processes_give_the_same_records(pages, tmp_path):
+    for extra in ([], [f"data.xml.cache_dir={tmp_path / 'cache'}"]):
+        one = load_records(xml_config(f"data.train={pages}", "data.num_workers=0", *extra).data, "train")
+        two = load_records(xml_config(f"data.train={pages}", "data.num_workers=2", *extra).data, "train")
+        assert (two.ids, two.texts, two.sizes(), two.problems) == (one.ids, one.texts, one.sizes(), one.problems)
+        assert [two.image(i).tobytes() for i in range(len(two))] == [one.image(i).tobytes() for i in range(len(one))]
+        assert two.pages == one.pages == 3  # broken.xml is no page; lost.xml is one, without its image
+
+
 @pytest.fixture
 def xml_run(pages, tmp_path):
     """A tiny model trained on the XML pages (train = validation), as tools/train.py would."""

@@ -263,5 +263,6 @@ def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
         from crnn.data.xml_pages import XmlRecords  # it builds on LineRecords, defined here
 
         xml = data_cfg.xml
-        return XmlRecords(path, key, (xml.baseline_above, xml.baseline_below), xml.cache_dir)
+        return XmlRecords(path, key, (xml.baseline_above, xml.baseline_below), xml.cache_dir,
+                          workers=data_cfg.num_workers)
     return FolderRecords(path, key)

@@ -17,23 +17,26 @@ text (for training), a line without a region or with a degenerate one (fewer tha
 points, no area), a line reaching more than 2 px outside its page (the XML may not belong to
 that image). Page coordinates are scaled when the XML's page size differs from the image's.
 
-Crops are made once, when the split is loaded: kept in memory as PNG, or with
-`data.xml.cache_dir` in a folder keyed by the XML's and the image's content (and the crop
-settings), so later runs, evaluate and predict reuse them without opening the page images.
+Crops are made once, when the split is loaded (in `data.num_workers` processes): kept in memory as
+PNG, or with `data.xml.cache_dir` in a folder keyed by the XML's and the image's content (and the
+crop settings), so later runs, evaluate and predict reuse them without opening the page images.
 
 `write_page` writes a page back with recognised text in every line (tools/predict.py --out).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import unicodedata
 import xml.etree.ElementTree as ET
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,46 +365,76 @@ def _save_crops(folder: Path, crops: PageCrops) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+@dataclass
+class PageLines:
+    """What one XML file gives a split: its usable lines (each crop as PNG bytes, or its file in
+    the cache folder) and its problems; `read` is False when the file is no readable ALTO or PAGE."""
+
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    images: list[bytes | Path] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    read: bool = True
+
+
+def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None) -> PageLines:
+    """Read one XML file and crop its lines, or take them from the cache folder if made before."""
+    try:
+        page = read_page(path)
+    except DataError as err:
+        return PageLines(problems=[str(err)], read=False)
+    if cache_dir is None:
+        crops = crop_page(page, band)
+        return PageLines([f"{path}:{i}" for i in crops.ids], crops.texts, [_png(c) for c in crops.crops],
+                         [c.size for c in crops.crops], crops.problems)
+    try:
+        folder = cache_dir / _cache_key(path, find_image(page), band)
+    except DataError as err:
+        return PageLines(problems=[f"{err} ({len(page.lines)} line(s) left out)"])
+    if not (folder / "lines.json").is_file():
+        _save_crops(folder, crop_page(page, band))
+    manifest = json.loads((folder / "lines.json").read_text(encoding="utf-8"))
+    return PageLines([f"{path}:{i}" for i in manifest["ids"]], manifest["texts"],
+                     [folder / f"{i}.png" for i in range(len(manifest["ids"]))],
+                     [tuple(size) for size in manifest["sizes"]], manifest["problems"])
+
+
+def map_pages(job, paths: list[Path], workers: int):
+    """`job` over `paths` in order, in `workers` forked processes when there are several pages
+    (cropping is CPU-bound: about 0.15 s a page on one core); in this process otherwise."""
+    workers = min(workers, len(paths))
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(job, paths)
+        return
+    # fork: the children need no imports; they only read files and run PIL, no torch or threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(job, paths, chunksize=max(1, len(paths) // (8 * workers)))
+
+
 class XmlRecords(LineRecords):
-    """The lines of a split of ALTO / PAGE XML pages (see the module docstring)."""
+    """The lines of a split of ALTO / PAGE XML pages (see the module docstring), cropped in
+    `workers` processes."""
 
     def __init__(self, spec: str, key: str, band: tuple[float, float], cache_dir: str = "",
-                 show_progress: bool = True):
+                 show_progress: bool = True, workers: int = 0):
         self.name, self.problems, self.texts, self.ids = spec, [], [], []
         self._images: list[bytes | Path] = []  # a crop as PNG bytes, or its file in the cache
         self._sizes: list[tuple[int, int]] = []
         self.pages = 0
-        for path in tqdm(xml_files(spec, key), desc=f"{key}: cropping lines", disable=not show_progress,
-                         leave=False):
-            self._add_page(path, band, Path(cache_dir).expanduser() if cache_dir else None)
+        paths = xml_files(spec, key)
+        job = functools.partial(page_lines, band=band, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
+        for lines in tqdm(map_pages(job, paths, workers), total=len(paths), desc=f"{key}: cropping lines",
+                          disable=not show_progress, leave=False):
+            self.pages += lines.read
+            self.ids += lines.ids
+            self.texts += lines.texts
+            self._images += lines.images
+            self._sizes += lines.sizes
+            self.problems += lines.problems
         if not self.texts:
             raise DataError(f"{key}: no usable text lines in {spec} ({len(self.problems)} problem(s); first: "
                             f"{' | '.join(self.problems[:3]) or '-'})")
-
-    def _add_page(self, path: Path, band: tuple[float, float], cache_dir: Path | None) -> None:
-        try:
-            page = read_page(path)
-            folder = cache_dir / _cache_key(path, find_image(page), band) if cache_dir else None
-        except DataError as err:
-            self.problems.append(str(err))
-            return
-        self.pages += 1
-        if folder is not None and not (folder / "lines.json").is_file():
-            _save_crops(folder, crop_page(page, band))
-        if folder is not None:
-            manifest = json.loads((folder / "lines.json").read_text(encoding="utf-8"))
-            images = [folder / f"{i}.png" for i in range(len(manifest["ids"]))]
-            sizes = [tuple(size) for size in manifest["sizes"]]
-            ids, texts, problems = manifest["ids"], manifest["texts"], manifest["problems"]
-        else:
-            crops = crop_page(page, band)
-            images, sizes = [_png(crop) for crop in crops.crops], [crop.size for crop in crops.crops]
-            ids, texts, problems = crops.ids, crops.texts, crops.problems
-        self.ids += [f"{path}:{line_id}" for line_id in ids]
-        self.texts += texts
-        self._images += images
-        self._sizes += sizes
-        self.problems += problems
 
     def image(self, index: int) -> Image.Image:
         return decode_image(self._images[index], self.ids[index])
