@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from crnn import benchmark
+from crnn import benchmark, engine
 from crnn.benchmark import batches_for, budget_row, make_lines, speed_row
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
@@ -132,6 +132,20 @@ def test_amp_auto_means_the_same_in_training_and_in_the_benchmark():
     assert row["train_bf16_lines_per_s"] > 0 and row["infer_bf16_greedy_lines_per_s"] > 0
     with pytest.raises(ConfigError, match="'--amp=fp16' needs a CUDA device"):
         resolve_amp("fp16", cpu, key="--amp")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch, caplog, native):
+    monkeypatch.setattr(engine, "cpu_runs_bf16_natively", lambda: native)
+    monkeypatch.setattr(engine, "_bf16_warning_given", False)
+    with caplog.at_level(logging.WARNING, logger="crnn"):
+        assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16  # the user's choice holds
+        assert resolve_amp("bf16", torch.device("cpu"), key="--amp") is torch.bfloat16
+    warnings = [record.getMessage() for record in caplog.records if "emulates bf16" in record.getMessage()]
+    assert len(warnings) == (0 if native else 1)  # once per process, not once per call
+    if not native:
+        assert warnings[0].startswith("train.amp=bf16 on a CPU without bf16 kernels")
+        assert "train.amp=auto runs in float32" in warnings[0]
 
 
 def test_train_setup_takes_every_setting_from_the_config():
