@@ -9,7 +9,6 @@ gradients are unscaled before clipping.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from crnn.distributed import all_reduce_sum, unwrap
 from crnn.errors import ConfigError, CrnnError
 from crnn.metrics import ErrorCounts
 from crnn.optim import build_optimizer, build_scheduler
+from crnn.runlog import log
 
 
 class TrainingError(CrnnError):
@@ -70,7 +70,7 @@ def warn_emulated_bf16(key: str) -> None:
     if _bf16_warning_given:
         return
     _bf16_warning_given = True
-    logging.getLogger("crnn").warning(
+    log.warning(
         "%s=bf16 on a CPU without bf16 kernels (no AVX-512 or AMX): PyTorch emulates bf16 here, which is "
         "many times slower than float32 (training 14-18x slower on a 2-core AMD EPYC without AVX-512); "
         "%s=auto runs in float32 on the CPU", key, key)
