@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnn.checkpoint import atomic_write_text
-from crnn.config import Config, load_config
+from crnn.config import Config, load_config, load_run_config
 from crnn.data import (
     Batch,
     Preprocess,
@@ -44,22 +44,15 @@ from crnn.data import (
 from crnn.data.collate import collate
 from crnn.data.samplers import WidthBatchSampler
 from crnn.decoding import DECODER_NAMES, GreedyDecoder, build_decoders
-from crnn.distributed import resolve_device
-from crnn.engine import (
-    AMP_NAMES,
-    TrainSetup,
-    autocast,
-    drop_infeasible,
-    prepare_batch,
-    submit_decoding,
-    train_step,
-)
+from crnn.device import AMP_NAMES, autocast, resolve_device
+from crnn.distributed import DistInfo
+from crnn.engine import TrainSetup, drop_infeasible, prepare_batch, submit_decoding, train_step
 from crnn.errors import CrnnError
 from crnn.inference import collect_emissions, load_trained_model
 from crnn.metrics import ErrorCounts
 from crnn.models import build_model
-from crnn.runlog import setup_console_logging
-from crnn.trainer import fit
+from crnn.runlog import RunLogger, setup_console_logging
+from crnn.trainer import build_loaders, build_training, configure_torch, fit, load_data
 
 
 @dataclass
@@ -120,7 +113,7 @@ def training_memory_mb(model: torch.nn.Module, batch: Batch, setup: TrainSetup) 
     device = setup.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        train_step(model, batch, setup, 1.0, 0, 0, False)
+        train_step(model, batch, setup)
         return torch.cuda.max_memory_allocated(device) / 2**20
     saved: dict[int, int] = {}
 
@@ -130,7 +123,7 @@ def training_memory_mb(model: torch.nn.Module, batch: Batch, setup: TrainSetup) 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        train_step(model, batch, setup, 1.0, 0, 0, False)
+        train_step(model, batch, setup)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return (4 * weights + sum(saved.values())) / 2**20
 
@@ -177,7 +170,7 @@ def speed_row(cfg_path: str, lines: Lines, device: torch.device, batch_size: int
 def train_pass(model: torch.nn.Module, batches: list[Batch], setup: TrainSetup) -> None:
     model.train()
     for batch in batches:
-        train_step(model, batch, setup, 1.0, 0, 0, False)
+        train_step(model, batch, setup)
 
 
 @torch.no_grad()
@@ -212,16 +205,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def training_parts(cfg: Config):
-    """Records, vocab, device, model, setup and training loader, as `tools/train.py` builds them."""
-    records = load_records(cfg.data, "train")
-    vocab = Vocab.from_texts(records.texts)
-    device = resolve_device(cfg.train.device)
-    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # as fit() sets it
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, len(vocab)).to(device)
-    setup = TrainSetup.from_config(cfg, model=model, device=device, total_steps=10**6)
-    dataset = build_dataset(cfg.data, records, vocab, True, cfg.data.cache_mb * 2**20)
-    loader = build_loader(cfg.data, dataset, True, cfg.train.seed, pin_memory=device.type == "cuda")
+    """Model, setup and training loader, built by the trainer's own builders (one process). The
+    validation loader is built too (the trainer builds both: the decode cache is shared between
+    them) and shut down at once."""
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device(cfg.train.device))
+    configure_torch(cfg)
+    logger = RunLogger(Path(cfg.train.output_dir), enabled=False)
+    data = load_data(cfg, dist, logger)
+    loader, val_loader = build_loaders(cfg, dist, logger, data)
+    shut_down(val_loader)
+    model, setup = build_training(cfg, dist, data.vocab, len(loader.batch_sampler))
     return model, setup, loader
 
 
@@ -246,7 +239,7 @@ def time_loop(cfg: Config, steps: int, warmup: int, warm_epoch: bool = False, mo
     def step(batch: Batch) -> Batch:
         batch, _ = drop_infeasible(model, prepare_batch(batch, setup))
         if len(batch):
-            train_step(model, batch, setup, 1.0, 0, done, False)
+            train_step(model, batch, setup, step=done)
         return batch
 
     try:
@@ -271,7 +264,7 @@ def time_loop(cfg: Config, steps: int, warmup: int, warm_epoch: bool = False, mo
     finally:
         shut_down(loader)
     if model_only:
-        timing.model_seconds = median_seconds(lambda: [train_step(model, b, setup, 1.0, 0, 0, False) for b in kept],
+        timing.model_seconds = median_seconds(lambda: [train_step(model, b, setup) for b in kept],
                                               1, 0, setup.device)
     return timing
 
@@ -390,7 +383,7 @@ def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: 
                 "train.resume=", "train.checkpoint_every_steps=0"]
         plan = read_budget_plan(run_dir, minutes, overrides)
         if not plan:
-            cfg = load_config(cfg_path, base)
+            cfg, _ = load_run_config(cfg_path, base)
             steps = max(10, int(calibrate_steps_per_second(cfg) * 60 * minutes))
             plan = {"minutes": minutes, "overrides": list(overrides), "steps": steps,
                     "warmup": min(cfg.train.warmup_steps, steps // 10)}
@@ -400,10 +393,10 @@ def _budget_child(cfg_path: str, overrides: list[str], minutes: float, run_dir: 
         if stop_after is not None and stop_after <= 0:  # used up by the calibration: train next time
             send.send(("paused", (0, plan["steps"], 0.0, float("inf"))))
             return
-        cfg = load_config(cfg_path, [*base, f"train.max_steps={plan['steps']}", f"train.max_minutes={minutes}",
-                                     f"train.warmup_steps={plan['warmup']}", "train.resume=auto",
-                                     f"train.stop_after_minutes={stop_after or 0}"])
-        state = fit(cfg)
+        cfg, start = load_run_config(cfg_path, [*base, f"train.max_steps={plan['steps']}",
+                                                f"train.max_minutes={minutes}", f"train.warmup_steps={plan['warmup']}",
+                                                "train.resume=auto", f"train.stop_after_minutes={stop_after or 0}"])
+        state = fit(cfg, start)
         seconds = state.train_seconds + state.epoch_stats.get("seconds", 0.0)  # and the paused epoch's
         send.send(("paused" if state.stopped_by else "done", (state.step, plan["steps"], seconds, state.best_cer)))
     except CrnnError as err:

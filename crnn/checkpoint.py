@@ -3,14 +3,20 @@
 A checkpoint holds only tensors and plain Python types (the config as a dict, the vocab as a list
 of characters, RNG states as tensors), so loading one from elsewhere cannot run code. Its keys are
 the fields of `TrainingCheckpoint` (with `RunState`'s progress fields alongside), written and read
-in one place. Every file of a run directory is written through `atomic_write`: to a temporary file
-in the same folder, fsync'ed, then renamed over the old file, so a crash or kill at any instant
-leaves either the old or the new file, never a torn or emptied one.
+in one place. Every file of a run directory that is written whole (checkpoints, config.yaml, the
+rewrite of metrics.jsonl on resume) goes through `atomic_write`: to a temporary file in the same
+folder, fsync'ed, then renamed over the old file, so a crash or kill at any instant leaves either
+the old or the new file, never a torn or emptied one (metrics.jsonl otherwise grows by appending).
+
+`read_model_file` reads a trained model wherever it is stored: a checkpoint, or an export bundle
+(`crnn.export` writes bundles: safetensors weights, config.yaml, vocab.json, bundle.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -23,11 +29,14 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+import yaml
 
 from crnn.errors import CheckpointError
 
 FORMAT = "crnn-checkpoint"
 VERSION = 1
+BUNDLE_FORMAT, BUNDLE_VERSION = "crnn-bundle", 1
+MANIFEST = "bundle.json"  # the file that makes a folder a bundle
 
 
 def rng_state() -> dict[str, Any]:
@@ -212,3 +221,70 @@ class TrainingCheckpoint:
         fields = {spec.name: state[spec.name] for spec in dataclasses.fields(cls)
                   if spec.name != "progress" and spec.name in state}
         return cls(**fields, progress=progress)
+
+
+def is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], Path]:
+    """(config as a dict, vocab characters, weights, the weights' file) of a bundle, its LM file's
+    path resolved against the bundle; CheckpointError naming the file that is missing or wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") != BUNDLE_FORMAT:
+            raise CheckpointError(f"{path / MANIFEST}: not a crnn bundle")
+        files = manifest["files"]
+        chars = json.loads((path / files["vocab"]).read_text(encoding="utf-8"))["chars"]
+        weights = load_file(path / files["weights"])
+        config = yaml.safe_load((path / files["config"]).read_text(encoding="utf-8"))
+    except (OSError, KeyError, ValueError, TypeError, yaml.YAMLError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: incomplete or damaged bundle ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / files['config']}: not a config (a YAML mapping)")
+    lm_path = (config.get("decode") or {}).get("lm_path")
+    if lm_path:
+        config["decode"]["lm_path"] = str(path / lm_path)
+    return config, list(chars), weights, path / files["weights"]
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A trained model as stored: a checkpoint of tools/train.py or a bundle of tools/export.py."""
+
+    path: Path
+    config: dict  # as stored: crnn.config.config_from_dict checks it
+    chars: list[str]  # the vocabulary's characters (class i > 0 is chars[i - 1])
+    weights: dict[str, torch.Tensor]
+    weights_file: Path  # the file that holds the weights
+    is_bundle: bool
+
+    def sha256(self) -> str:
+        """Of the weights' file: what `train.init_sha256` records."""
+        digest = hashlib.sha256()
+        with open(self.weights_file, "rb") as stream:
+            for block in iter(lambda: stream.read(2**20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def read_model_file(path: Path, what: str = "") -> ModelFile:
+    """The model in a checkpoint or a bundle; CheckpointError naming the file (after `what`, the
+    option that named it, if any) if it is missing, damaged or neither."""
+    path = Path(path).expanduser()
+    if is_bundle(path):
+        config, chars, weights, weights_file = read_bundle(path)
+        return ModelFile(path, config, chars, weights, weights_file, True)
+    if path.is_dir():
+        raise CheckpointError(f"{what + ': ' if what else ''}{path}: a folder without {MANIFEST}, so not an export "
+                              f"bundle; give a checkpoint file (checkpoints/best.pt) or a bundle of tools/export.py")
+    state = load_checkpoint(path)
+    missing = [key for key in ("model", "config", "vocab") if key not in state]
+    if missing:
+        raise CheckpointError(f"{what + ': ' if what else ''}{path}: a checkpoint without {', '.join(missing)}; "
+                              f"give one written by tools/train.py (checkpoints/best.pt or last.pt) or an "
+                              f"export bundle (tools/export.py)")
+    return ModelFile(path, state["config"], list(state["vocab"]), state["model"], path, False)

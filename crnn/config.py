@@ -9,6 +9,10 @@ field declares its own choices or range next to its default (`_choice`, `_range`
 list per choice, used by the checks, the tools' argument parsers and the modules that act on it.
 List values are stored as tuples: the Config is deeply frozen and can be hashed.
 
+`load_run_config` is how a training run's config is loaded (tools/train.py): with
+`train.init_from`, the starting model's own keys (model.*, data.height) lie under the YAML and the
+command line, and the starting model is read here, once.
+
 Modules take plain arguments; the `build_*` functions and the `from_config` constructors are where
 a Config is read.
 """
@@ -27,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from crnn.checkpoint import ModelFile, read_model_file
 from crnn.errors import ConfigError
 
 DATA_SOURCES = ("hf", "parquet", "folder", "synthetic", "xml")
@@ -165,7 +170,7 @@ class TrainConfig:
     # wall-clock minutes of this process, then a checkpoint and a stop as on a signal (exit code 142,
     # as for SIGALRM); train.resume=auto continues: for job time limits (0: no limit)
     stop_after_minutes: float = _non_negative(0.0)
-    lr: float = _positive(1e-3)  # peak LR; with lr_scaling it is the LR of one process (see README)
+    lr: float = _positive(1e-3)  # peak LR; with lr_scaling it is the LR of one process (see docs/multi_gpu.md)
     # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
     # linear multiplies it by N, sqrt by sqrt(N)
     lr_scaling: str = _choice("none", LR_SCALINGS)
@@ -506,3 +511,47 @@ def validate(cfg: Config, where: str = "config") -> None:
 def config_yaml(cfg: Config) -> str:
     """The resolved config as YAML (what the run directory's config.yaml holds)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# model keys that decide the network's structure or its weights' shapes (not dropout or loss weights)
+ARCHITECTURE_KEYS = ("name", "stem_channels", "stem_kernel", "stem_stride", "stem_pool", "channels", "blocks",
+                     "strides", "downsample", "column_pool", "frames", "lstm_layers", "lstm_hidden", "shortcut",
+                     "shortcut_kernel")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, ModelFile | None]:
+    """A training run's config, and the model it starts from (read once, here) when
+    `train.init_from` is set (None otherwise).
+
+    The starting model's model.* keys and data.height lie under the YAML and the overrides, and
+    `train.init_sha256` records its weights' SHA-256; ConfigError (`check_starting_point`) for an
+    architecture key or a height that the YAML or the command line sets differently, or an
+    init_sha256 set by hand that does not match the file."""
+    init_from = raw_value(path, overrides, "train.init_from")
+    if not init_from:
+        return load_config(path, overrides), None
+    start = read_model_file(Path(str(init_from)), "train.init_from")
+    start_cfg = config_from_dict(start.config, f"train.init_from {start.path}")
+    digest = start.sha256()
+    base = {"model": start_cfg.to_dict()["model"], "data": {"height": start_cfg.data.height},
+            "train": {"init_sha256": digest}}
+    cfg = load_config(path, overrides, base=base)
+    check_starting_point(cfg, start, digest)
+    return cfg, start
+
+
+def check_starting_point(cfg: Config, start: ModelFile, digest: str) -> None:
+    """ConfigError unless `cfg` can start from `start` (whose weights' SHA-256 is `digest`)."""
+    if cfg.train.init_sha256 and cfg.train.init_sha256 != digest:
+        raise ConfigError(f"train.init_sha256: {start.path} is not the file this run started from (its weights' "
+                          f"SHA-256 is {digest[:16]}..., the config expects {cfg.train.init_sha256[:16]}...)")
+    theirs = config_from_dict(start.config, f"train.init_from {start.path}")
+    for key in ARCHITECTURE_KEYS:
+        mine, their_value = getattr(cfg.model, key), getattr(theirs.model, key)
+        if mine != their_value:
+            raise ConfigError(f"'model.{key}' is {mine!r} in the YAML or on the command line, but the model of "
+                              f"train.init_from ({start.path}) has {their_value!r}: it cannot start from those "
+                              f"weights. Remove model.{key} (its value then comes from the starting model)")
+    if cfg.data.height != theirs.data.height:
+        raise ConfigError(f"'data.height' is {cfg.data.height} in the YAML or on the command line, but the model of "
+                          f"train.init_from ({start.path}) was trained at {theirs.data.height}; remove it")

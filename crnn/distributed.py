@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from crnn.config import DEVICES
-from crnn.errors import ConfigError
+from crnn.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -37,24 +36,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`train.device`: auto (CUDA if present), cpu, cuda, or cuda:N."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"'train.device' must be {DEVICES}, got '{name}'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("'train.device' asks for CUDA, but no CUDA device is available; use train.device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise ConfigError(f"'train.device' must be {DEVICES}, got '{name}'")
-    return device
-
-
 def setup(device_name: str = "auto") -> DistInfo:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun), join the process group, pick the device.
 
@@ -72,8 +53,7 @@ def setup(device_name: str = "auto") -> DistInfo:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
+    """The bare model inside a DistributedDataParallel or DataParallel wrapper."""
     return getattr(model, "module", model)
 
 
@@ -147,7 +127,6 @@ class StopRequest:
         self.signal_number = number
 
 
-
 def max_over_ranks(values: list[float]) -> list[float]:
     """Elementwise max of `values` over ranks: decisions (stop, early stop) that every rank must
     take together. All ranks must call it at the same point; in one process it returns `values`."""
@@ -158,10 +137,6 @@ def max_over_ranks(values: list[float]) -> list[float]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """One training epoch and one evaluation pass, in the shape of torchvision's reference scripts.
 
-Mixed precision: `resolve_amp` is the one meaning of `train.amp` (training, validation, evaluation
-and the benchmark all use it); autocast wraps the forward pass and the loss only; the model returns
-float32 log-probs, so CTC always runs in float32. With fp16 a GradScaler scales the loss and its
-gradients are unscaled before clipping.
+`train_epoch` is the epoch as a generator of optimizer steps: the run (crnn.trainer) iterates it,
+logging and checkpointing between steps, and stops it by leaving the loop; nothing here calls back
+up. `train_step` is one step: forward + CTC, backward, clip, optimizer and scheduler.
+
+Mixed precision (the dtype comes from `crnn.device.resolve_amp`): autocast wraps the forward pass
+and the loss only; the model returns float32 log-probs, so CTC always runs in float32. With fp16 a
+GradScaler scales the loss and its gradients are unscaled before clipping.
 """
 
 from __future__ import annotations
@@ -11,78 +14,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from crnn.config import Config
 from crnn.data import BatchAugmenter, build_augmenter
 from crnn.data.collate import Batch
 from crnn.data.vocab import BLANK
+from crnn.device import autocast, resolve_amp
 from crnn.distributed import all_reduce_sum, unwrap
-from crnn.errors import ConfigError, CrnnError
+from crnn.errors import CrnnError
 from crnn.metrics import ErrorCounts
 from crnn.optim import build_optimizer, build_scheduler
-from crnn.runlog import log
+from crnn.runlog import progress
 
 
 class TrainingError(CrnnError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
-
-
-def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
-    """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
-
-    auto: bf16 on a CUDA GPU that supports it, else fp16 there; float32 on the CPU (CPU autocast
-    is slower than float32 on most CPUs). fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
-    """
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
-    if amp == "bf16" and device.type == "cpu" and not cpu_runs_bf16_natively():
-        warn_emulated_bf16(key)
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def cpu_runs_bf16_natively() -> bool:
-    """oneDNN's own test: bf16 kernels on x86 need AVX-512 (or AMX), on ARM the bf16 extension.
-    Without them PyTorch emulates bf16. An unknown answer counts as native (no warning)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return True
-
-
-_bf16_warning_given = False
-
-
-def warn_emulated_bf16(key: str) -> None:
-    """Once per process (the benchmark resolves `--amp`, then each config's `train.amp`)."""
-    global _bf16_warning_given
-    if _bf16_warning_given:
-        return
-    _bf16_warning_given = True
-    log.warning(
-        "%s=bf16 on a CPU without bf16 kernels (no AVX-512 or AMX): PyTorch emulates bf16 here, which is "
-        "many times slower than float32 (training 14-18x slower on a 2-core AMD EPYC without AVX-512); "
-        "%s=auto runs in float32 on the CPU", key, key)
-
-
-AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def ctc_line_losses(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
@@ -151,7 +103,7 @@ class EpochStats:
         return self.lines / max(self.seconds, 1e-9)
 
     def reduce(self, device: torch.device) -> None:
-        """Sum the counters over ranks (a no-op in one process); seconds become the slowest rank's."""
+        """Sum the counters over ranks (a no-op in one process); `seconds` stays this rank's own."""
         sums = all_reduce_sum(torch.tensor(
             [self.loss_sum, self.shortcut_loss_sum, self.lines, self.unreadable, self.too_long],
             dtype=torch.float64, device=device)).tolist()
@@ -175,13 +127,21 @@ class TrainSetup:
     oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
     augmenter: BatchAugmenter | None  # training batches' augmentation, on the device
     freeze_encoder_steps: int  # the encoder's BatchNorm statistics are held so long (its LR: crnn.optim)
+    world_size: int = 1  # processes stepping together (DDP)
+    # under DDP, where every rank must join every gradient all-reduce, a rank whose batch is left
+    # empty (all its lines unreadable or too long) steps this blank line with a loss weight of 0
+    placeholder: Batch | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
     @classmethod
     def from_config(cls, cfg: Config, *, model: nn.Module, device: torch.device, total_steps: int,
                     world_size: int = 1) -> TrainSetup:
         """AdamW and the LR schedule over `total_steps` for `model` (bare, on `device`), the AMP
-        mode (`resolve_amp`), clipping, the shortcut loss weight, the fault settings and the batch
-        augmentation of `cfg`."""
+        mode (`resolve_amp`), clipping, the shortcut loss weight, the fault settings, the batch
+        augmentation of `cfg`, and what `world_size` processes stepping together need."""
         amp_dtype = resolve_amp(cfg.train.amp, device)
         optimizer = build_optimizer(cfg.train, model, device, world_size)
         return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, total_steps),
@@ -189,7 +149,9 @@ class TrainSetup:
                    device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
                    shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
                    max_bad_steps=cfg.train.max_bad_steps, oom_retry=cfg.train.oom_retry,
-                   augmenter=build_augmenter(cfg.data), freeze_encoder_steps=cfg.train.freeze_encoder_steps)
+                   augmenter=build_augmenter(cfg.data), freeze_encoder_steps=cfg.train.freeze_encoder_steps,
+                   world_size=world_size,
+                   placeholder=Batch.blank(cfg.data.height, cfg.data.height) if world_size > 1 else None)
 
 
 def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0,
@@ -252,15 +214,16 @@ def clip_and_step(model: nn.Module, setup: TrainSetup) -> bool:
     return finite
 
 
-def train_step(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float, epoch: int,
-               step: int, distributed: bool) -> tuple[bool, torch.Tensor, torch.Tensor]:
-    """One optimizer step on `batch`. Returns (finite, main loss sum, shortcut loss sum)."""
+def train_step(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0, epoch: int = 0,
+               step: int = 0) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """One optimizer step on `batch` (`epoch` and `step` only name it in errors). Returns
+    (finite, main loss sum, shortcut loss sum)."""
     setup.optimizer.zero_grad(set_to_none=True)
     try:
         main, shortcut = forward_backward(model, batch, setup, weight)
     except torch.OutOfMemoryError:
         # under DDP the other ranks are already waiting in the gradient all-reduce: no retry
-        if not setup.oom_retry or distributed or len(batch) < 2:
+        if not setup.oom_retry or setup.distributed or len(batch) < 2:
             raise out_of_memory_error(batch, epoch, step) from None
         main, shortcut = backward_in_halves(model, batch, setup, weight, epoch, step)
     return clip_and_step(model, setup), main, shortcut
@@ -286,51 +249,46 @@ def hold_batchnorm(module: nn.Module, hold: bool) -> None:
             layer.train(not hold)
 
 
-AfterStep = Callable[[int, "EpochStats"], bool]
+def train_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: int,
+                stats: EpochStats | None = None, show_progress: bool = True) -> Iterator[tuple[int, EpochStats]]:
+    """One pass over `loader` (or what is left of it, continuing `stats`), as a generator: after
+    each optimizer step it yields (the new step number, the epoch's stats so far). The caller
+    logs, checkpoints or stops between steps; leaving its loop ends the epoch there.
 
-
-def train_one_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: int,
-                    stats: EpochStats | None = None, after_step: AfterStep | None = None,
-                    show_progress: bool = True, placeholder: Batch | None = None,
-                    distributed: bool = False) -> tuple[EpochStats, int]:
-    """Train for one pass over `loader` (or what is left of it, continuing `stats`).
-
-    `after_step(step, stats)` runs after every optimizer step (logging, checkpoints) and returns
-    True to end the epoch early. A batch left empty (all its lines unreadable or too long) is
-    skipped; under DDP, where every rank must join every gradient all-reduce, `placeholder` (a
-    blank line) is stepped instead with a loss weight of 0. Returns the stats and the new step.
+    A batch left empty (all its lines unreadable or too long) is skipped; under DDP its rank steps
+    `setup.placeholder` instead, so that every rank joins every gradient all-reduce.
     """
     model.train()
     stats = stats or EpochStats()
     bad_in_a_row, start = 0, time.perf_counter() - stats.seconds
-    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
-                    leave=False)
-    for batch in progress:
-        stats.batches += 1
-        batch, too_long = drop_infeasible(model, prepare_batch(batch, setup))
-        stats.count_skipped(batch.errors, too_long)
-        weight = 1.0
-        if len(batch) == 0:
-            if placeholder is None:
-                continue
-            batch, weight = placeholder, 0.0
-        if setup.freeze_encoder_steps:
-            hold_batchnorm(unwrap(model).encoder, step < setup.freeze_encoder_steps)
-        finite, main_sum, shortcut_sum = train_step(model, batch, setup, weight, epoch, step, distributed)
-        step += 1
-        stats.steps += 1
-        stats.bad_steps += not finite
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        check_bad_steps(bad_in_a_row, setup, epoch, step)
-        if finite and weight:
-            stats.add(float(main_sum), float(shortcut_sum), len(batch))
-        stats.seconds = time.perf_counter() - start
-        if stats.steps % 10 == 0:
-            progress.set_postfix(loss=f"{stats.loss:.3f}", lines_per_s=f"{stats.lines_per_s:.1f}")
-        if after_step is not None and after_step(step, stats):
-            break
-    stats.seconds = time.perf_counter() - start
-    return stats, step
+    bar = progress(loader, f"epoch {epoch}", show_progress)
+    try:
+        for batch in bar:
+            stats.batches += 1
+            batch, too_long = drop_infeasible(model, prepare_batch(batch, setup))
+            stats.count_skipped(batch.errors, too_long)
+            weight = 1.0
+            if len(batch) == 0:
+                if setup.placeholder is None:
+                    continue
+                batch, weight = setup.placeholder, 0.0
+            if setup.freeze_encoder_steps:
+                hold_batchnorm(unwrap(model).encoder, step < setup.freeze_encoder_steps)
+            finite, main_sum, shortcut_sum = train_step(model, batch, setup, weight, epoch, step)
+            step += 1
+            stats.steps += 1
+            stats.bad_steps += not finite
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            check_bad_steps(bad_in_a_row, setup, epoch, step)
+            if finite and weight:
+                stats.add(float(main_sum), float(shortcut_sum), len(batch))
+            stats.seconds = time.perf_counter() - start
+            if stats.steps % 10 == 0:
+                bar.set_postfix(loss=f"{stats.loss:.3f}", lines_per_s=f"{stats.lines_per_s:.1f}")
+            yield step, stats
+        stats.seconds = time.perf_counter() - start  # the loader's last (skipped) batches too
+    finally:
+        bar.close()
 
 
 @dataclass
@@ -399,7 +357,7 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     result = EvalResult(0.0, {name: ErrorCounts() for name in decoders}, dict.fromkeys(decoders, 0.0), 0.0)
     result.predictions = {name: [] for name in decoders} if keep_predictions else {}
     loss_sum, loss_lines, start, previous = 0.0, 0, time.perf_counter(), None
-    for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False):
+    for batch in progress(loader, desc, show_progress):
         result.unreadable += len(batch.errors)
         result.problems.extend(batch.errors)
         if len(batch) == 0:

@@ -1,6 +1,8 @@
-"""Errors a user can act on. The tools print them as one line and exit with status 2."""
+"""Errors a user can act on. The tools print them as one line and exit with status 2 (`tool_main`)."""
 
+import functools
 import sys
+from collections.abc import Callable
 
 
 class CrnnError(Exception):
@@ -19,11 +21,26 @@ class CheckpointError(CrnnError):
     """A checkpoint is missing, corrupt or from another project."""
 
 
-def report_failure(err: Exception) -> int:
-    """Print a tool's CrnnError, or the OSError of an output it could not write, as one line on
+def report_failure(err: CrnnError | OSError) -> int:
+    """Print a CrnnError, or an OSError (a file that could not be read or written), as one line on
     stderr; the exit status to return (2)."""
-    if isinstance(err, OSError):
-        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+    if isinstance(err, OSError) and err.filename is not None:
+        print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
     else:
         print(f"error: {err}", file=sys.stderr)
     return 2
+
+
+def tool_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """The one entry of every tool: `main(argv)` runs, and a user error (CrnnError, or an OSError
+    from a file it could not read or write) ends it as one `error: ...` line and exit status 2,
+    never a traceback. Use as a decorator on each tool's `main`."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (CrnnError, OSError) as err:
+            return report_failure(err)
+
+    return run

@@ -14,8 +14,8 @@ A bundle is a folder:
 - `bundle.json`: the format, the files, and the largest difference between the ONNX model's
   log-probs and PyTorch's measured on export (refused above `ONNX_TOLERANCE`).
 
-`load_bundle` (used by `crnn.inference.load_trained_model`, so evaluate and predict take a bundle
-wherever they take a checkpoint) rebuilds the PyTorch model from the safetensors weights.
+`crnn.checkpoint.read_model_file` reads a bundle back (so evaluate, predict and `train.init_from`
+take a bundle wherever they take a checkpoint).
 """
 
 from __future__ import annotations
@@ -30,14 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from crnn.checkpoint import atomic_write_text, load_checkpoint
-from crnn.config import config_yaml, load_config
-from crnn.data import Vocab
-from crnn.errors import CheckpointError, CrnnError
+from crnn.checkpoint import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, atomic_write_text
+from crnn.config import config_yaml
+from crnn.errors import CrnnError
 from crnn.lm import NgramLM
 
-FORMAT, VERSION = "crnn-bundle", 1
-MANIFEST = "bundle.json"
 ONNX_TOLERANCE = 1e-4  # max |log-prob difference| between ONNX and PyTorch on valid frames
 OPSET = 17
 
@@ -108,64 +105,12 @@ def export_bundle(trained, out: Path, lm_texts: Sequence[str] | None) -> dict:
         lm_file = "lm.arpa"
     if lm_file:
         files["language_model"] = lm_file
-    # the LM file's path is kept relative to the bundle; read_bundle resolves it
+    # the LM file's path is kept relative to the bundle; crnn.checkpoint.read_bundle resolves it
     saved = dataclasses.replace(config, decode=dataclasses.replace(config.decode, lm_path=lm_file))
     atomic_write_text(out / files["config"], config_yaml(saved))
     difference = export_onnx(model, out / files["onnx"], config.data.height)
-    manifest = {"format": FORMAT, "version": VERSION, "files": files, "opset": OPSET,
+    manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "files": files, "opset": OPSET,
                 "onnx_max_abs_log_prob_difference": difference, "onnx_tolerance": ONNX_TOLERANCE,
                 "source_checkpoint": str(trained.path)}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def is_bundle(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def read_bundle(path: Path) -> tuple[dict, Vocab, dict[str, torch.Tensor], Path]:
-    """(config as a dict, vocab, weights, the config file) of a bundle; CheckpointError naming the
-    file that is missing or wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path / MANIFEST}: not a crnn bundle")
-        files = manifest["files"]
-        vocab = json.loads((path / files["vocab"]).read_text(encoding="utf-8"))["chars"]
-        weights = load_file(path / files["weights"])
-    except (OSError, KeyError, ValueError, SafetensorError) as err:
-        raise CheckpointError(f"{path}: incomplete or damaged bundle ({err})") from None
-    config_path = path / files["config"]
-    config = load_config(config_path).to_dict()
-    if config["decode"]["lm_path"]:
-        config["decode"]["lm_path"] = str(path / config["decode"]["lm_path"])
-    return config, Vocab(vocab), weights, config_path
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFile:
-    """A trained model as stored: a checkpoint of tools/train.py or a bundle of tools/export.py."""
-
-    config: dict
-    vocab: Vocab
-    weights: dict[str, torch.Tensor]
-    weights_file: Path  # the file that holds the weights
-    is_bundle: bool
-
-
-def read_model_file(path: Path, what: str = "") -> ModelFile:
-    """The model in a checkpoint or a bundle; CheckpointError naming the file (after `what`, the
-    option that named it, if any) if it is missing, damaged or neither."""
-    if is_bundle(path):
-        config, vocab, weights, _ = read_bundle(path)
-        return ModelFile(config, vocab, weights, path / "model.safetensors", True)
-    state = load_checkpoint(path)
-    missing = [key for key in ("model", "config", "vocab") if key not in state]
-    if missing:
-        raise CheckpointError(f"{what + ': ' if what else ''}{path}: a checkpoint without {', '.join(missing)}; "
-                              f"give one written by tools/train.py (checkpoints/best.pt or last.pt) or an "
-                              f"export bundle (tools/export.py)")
-    return ModelFile(state["config"], Vocab(state["vocab"]), state["model"], path, False)

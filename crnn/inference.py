@@ -12,16 +12,15 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from crnn.checkpoint import atomic_write_text
+from crnn.checkpoint import atomic_write_text, read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, collate, make_sample
 from crnn.data.transforms import resized_size
 from crnn.data.xml_pages import XmlPage, crop_lines, page_image
 from crnn.decoding import BeamDecoder, Decoder, build_decoders, build_language_model
-from crnn.distributed import resolve_device
+from crnn.device import resolve_device
 from crnn.engine import evaluate
 from crnn.errors import CheckpointError, ConfigError
-from crnn.export import read_model_file
 from crnn.lm import read_texts
 from crnn.metrics import ErrorCounts
 from crnn.models import build_model
@@ -37,13 +36,6 @@ def config_with_overrides(config_dict: dict, overrides: Sequence[str], source: s
             raise ConfigError(f"override '{override}': only data.* and decode.* keys can be changed "
                               f"here; the model and its training settings come from the checkpoint")
     return config_from_dict(merge_overrides(config_dict, list(overrides)), f"{source} (its config + overrides)")
-
-
-def inference_device(name: str) -> torch.device:
-    """`--device`: auto (CUDA if present), cpu, cuda or cuda:N."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return resolve_device(name)
 
 
 @dataclass
@@ -87,11 +79,6 @@ class TrainedModel:
         batch = collate(samples, data.width_multiple).to(self.device)
         return self.model(batch.images, batch.widths), batch.images.shape[-1]
 
-    def transcribe(self, images: Sequence[Image.Image], decoder: Decoder) -> list[str]:
-        """Grayscale PIL line images -> texts."""
-        output, _ = self.forward(images)
-        return decoder(output.log_probs, output.lengths)
-
     def read(self, images: Sequence[Image.Image], decoder: Decoder) -> list[Reading]:
         """Grayscale PIL line images -> what the model reads in each, how sure it is and where
         each character sits (`Reading`); the decoder's n best readings (its `decode.nbest`)."""
@@ -108,7 +95,6 @@ class TrainedModel:
         data = self.config.data
         content = resized_size(*image.size, data.height, data.resize, data.width, data.max_width)[0]
         return content, (content if data.resize == "keep_aspect" else data.width)
-
 
     def read_page(self, page: XmlPage, decoder: Decoder, batch_size: int = 16) -> tuple[dict[str, Reading], list[str]]:
         """Every line of an ALTO / PAGE page, cropped as in training: (line id -> its `Reading`,
@@ -184,22 +170,22 @@ def tuned_overrides(checkpoint: Path) -> list[str]:
 
 
 def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: str = "auto") -> TrainedModel:
-    """Config, vocab and weights from a crnn checkpoint or export bundle (`crnn.export`);
-    CheckpointError if it is neither. A checkpoint's run's tuned LM settings (<run>/decode.yaml)
-    apply unless `overrides` set them otherwise (a bundle carries them in its config)."""
+    """Config, vocab and weights from a crnn checkpoint or export bundle
+    (`crnn.checkpoint.read_model_file`); CheckpointError if it is neither. A checkpoint's run's
+    tuned LM settings (<run>/decode.yaml) apply unless `overrides` set them otherwise (a bundle
+    carries them in its config). `device`: a tool's --device (auto, cpu, cuda or cuda:N)."""
     path = Path(path)
+    torch_device = resolve_device(device, key="--device")
     stored = read_model_file(path)
-    # a checkpoint's run may have tuned the LM settings; a bundle carries them in its config
     tuned = [] if stored.is_bundle else tuned_overrides(path)
     config = config_with_overrides(stored.config, [*tuned, *overrides], str(path))
-    vocab, weights = stored.vocab, stored.weights
+    vocab = Vocab(stored.chars)
     model = build_model(config.model, len(vocab))
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(stored.weights)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: its weights do not fit the model of its own config "
                               f"({str(err).splitlines()[0]})") from None
-    torch_device = inference_device(device)
     return TrainedModel(config, vocab, model.to(torch_device).eval(), torch_device, path)
 
 

@@ -1,4 +1,5 @@
-"""The run directory's logs: TensorBoard scalars and images, metrics.jsonl, console lines.
+"""The run directory's logs: TensorBoard scalars and images, metrics.jsonl, console lines; and
+the progress of long loops (`progress`).
 
 Only rank 0 writes; on other ranks every method is a no-op. metrics.jsonl grows by appending one
 line per epoch; the one rewrite (dropping epochs a resumed run will redo) goes through
@@ -9,9 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from crnn.checkpoint import atomic_write_text
 
@@ -21,6 +26,54 @@ log = logging.getLogger("crnn")
 def setup_console_logging(level: int = logging.INFO) -> None:
     """Console log lines as the tools print them: `HH:MM:SS LEVEL message`."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+class LogProgress:
+    """Progress as log lines, for output that is not a terminal (a job's log file, a pipe): one
+    line every `interval` seconds, `desc: done/total (percent) key=value ...`, instead of a bar
+    redrawn with carriage returns at every step."""
+
+    def __init__(self, iterable: Iterable, desc: str, total: int | None = None, interval: float = 30.0):
+        self.iterable, self.desc, self.interval = iterable, desc, interval
+        self.total = total if total is not None else _length(iterable)
+        self.done, self.postfix = 0, {}
+        self._started = self._last = time.monotonic()
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable:
+            yield item
+            self.done += 1
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                log.info("%s", self.line(now - self._started))
+
+    def line(self, seconds: float) -> str:
+        position = f"{self.done}/{self.total} ({self.done / self.total:.0%})" if self.total else f"{self.done}"
+        extra = "".join(f" {key}={value}" for key, value in self.postfix.items())
+        return f"{self.desc}: {position} in {seconds:.0f}s{extra}"
+
+    def set_postfix(self, **values: object) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
+def _length(iterable: Iterable) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
+    """`iterable`, showing its progress: a live tqdm bar on a terminal, a `LogProgress` line every
+    30 s when stderr goes to a file or a pipe, nothing when not `enabled` (other ranks). The result
+    has tqdm's `set_postfix` and `close`."""
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(iterable, desc, total)
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
 class RunLogger:

@@ -3,9 +3,12 @@
 Run directory (`train.output_dir`): config.yaml, checkpoints/last.pt and best.pt, TensorBoard event
 files and metrics.jsonl. Only rank 0 writes there; all ranks train.
 
-A run is built by functions that each return what they build (`load_data`, `start_run_directory`,
-`build_loaders`, `build_training`, `restore`: see `build_run`); `Run` is the loop's own work:
-stepping, validating, logging, checkpointing and deciding when to stop.
+A run reads top to bottom: `fit` -> `build_run` (functions that each return what they build:
+`load_data`, `start_run_directory`, `build_loaders`, `build_training`, `restore`) -> `Run.train`,
+the loop over epochs. Each epoch is `crnn.engine.train_epoch`, a generator of optimizer steps that
+`Run.train` iterates; between two steps the run logs, checkpoints and decides whether to stop
+(`Run.after_step`), then validates and checkpoints at the epoch's end (`Run.end_epoch`). Nothing
+below calls back up. `crnn.benchmark` builds its loop from the same builders.
 
 Checkpoints are written at each epoch end and every `train.checkpoint_every_steps` steps; each
 carries the position inside the epoch, so `train.resume=auto` continues at the right batch with the
@@ -19,6 +22,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,51 +33,41 @@ from torch.utils.data import DataLoader
 
 from crnn import distributed
 from crnn.checkpoint import (
+    ModelFile,
     RunState,
     TrainingCheckpoint,
     atomic_write_text,
     load_checkpoint,
     load_newest_valid,
+    read_model_file,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from crnn.config import Config, config_from_dict, config_yaml
-from crnn.data import Batch, LineRecords, Vocab, build_dataset, build_loader, load_records, shut_down
+from crnn.config import Config, check_starting_point, config_from_dict, config_yaml
+from crnn.data import LineRecords, Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.check import check_records
 from crnn.decoding import GreedyDecoder
+from crnn.device import AMP_NAMES, check_device_options
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
-from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, resolve_amp, train_one_epoch
+from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_epoch
 from crnn.errors import CheckpointError, ConfigError
-from crnn.finetune import (
-    StartingPoint,
-    check_architecture,
-    initial_vocab,
-    read_starting_point,
-    starting_weights,
-)
-from crnn.models import MODELS, build_model
+from crnn.finetune import initial_vocab, starting_weights
+from crnn.models import build_model, check_model_name
 from crnn.optim import scaled_lr
 from crnn.runlog import RunLogger
 
 
-def check_device_options(cfg: Config, device: torch.device) -> None:
-    """Reject what the config asks of a device it does not have, before any work is done (the
-    values themselves were checked when the config was loaded)."""
-    resolve_amp(cfg.train.amp, device)
-    if cfg.train.sync_bn and device.type != "cuda":
-        raise ConfigError("'train.sync_bn=true' needs CUDA (SyncBatchNorm does not run on CPU); "
-                          "set train.sync_bn=false")
-    if cfg.train.data_parallel and device.type != "cuda":
-        raise ConfigError("'train.data_parallel=true' needs CUDA devices; set train.data_parallel=false")
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"'model.name' is '{cfg.model.name}'; registered models: {', '.join(sorted(MODELS))}")
-
-
-def seed_everything(seed: int) -> None:
+def configure_torch(cfg: Config, rank: int = 0) -> None:
+    """Seeds (one stream per rank), deterministic algorithms and cuDNN autotuning, as configured."""
+    seed = cfg.train.seed + rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    # autotuning searches once per batch shape: it can pay with bounded shapes (data.width_multiple)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
 
 
 def report_problems(logger: RunLogger, records: LineRecords, split: str) -> None:
@@ -115,8 +109,8 @@ class RunData:
     vocab: Vocab  # from the training texts, or the resumed checkpoint's
 
 
-def load_data(cfg: Config, dist: DistInfo, logger: RunLogger, resume: TrainingCheckpoint | None,
-              start: StartingPoint | None) -> RunData:
+def load_data(cfg: Config, dist: DistInfo, logger: RunLogger, resume: TrainingCheckpoint | None = None,
+              start: ModelFile | None = None) -> RunData:
     """Both splits and the vocabulary (the resumed run's, the starting model's as `train.init_vocab`
     says, or the training texts'), with their problems reported (`data.check`: all of them)."""
     train, validation = load_records(cfg.data, "train"), load_records(cfg.data, "validation")
@@ -172,7 +166,7 @@ def build_loaders(cfg: Config, dist: DistInfo, logger: RunLogger, data: RunData)
 
 
 def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
-    """SyncBatchNorm, DDP or DataParallel, torch.compile, as the config asks."""
+    """SyncBatchNorm, DDP or DataParallel, as the config asks."""
     device = dist_info.device
     if cfg.train.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -181,13 +175,11 @@ def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     elif cfg.train.data_parallel:
         model = DataParallelCRNN(model)
-    if cfg.train.compile:
-        model = torch.compile(model, dynamic=True)
     return model
 
 
 def build_training(cfg: Config, dist: DistInfo, vocab: Vocab, steps_per_epoch: int,
-                   start: StartingPoint | None = None) -> tuple[nn.Module, TrainSetup]:
+                   start: ModelFile | None = None) -> tuple[nn.Module, TrainSetup]:
     """The model (the same initial weights on every rank: random, or the starting model's laid out
     for `vocab`, wrapped as the config asks) and what its steps need: optimizer, schedule, AMP."""
     torch.manual_seed(cfg.train.seed)
@@ -223,24 +215,38 @@ def log_run(logger: RunLogger, cfg: Config, dist: DistInfo, data: RunData, model
     parameters = sum(p.numel() for p in unwrap(model).parameters())
     logger.info("data: %d train lines, %d validation lines, %d classes (blank included)",
                 len(data.train), len(data.validation), len(data.vocab))
-    logger.info("model: %.2fM parameters, device %s, amp %s", parameters / 1e6, dist.device, setup.amp_dtype)
+    logger.info("model: %.2fM parameters, device %s, precision %s", parameters / 1e6, dist.device,
+                AMP_NAMES[setup.amp_dtype])
     logger.info("%d process(es)%s x batch %d = effective batch %d; peak lr %.2e (train.lr_scaling=%s); "
                 "%d step(s) per epoch", dist.world_size, f" ({dist.backend})" if dist.backend else "",
                 cfg.data.batch_size, dist.world_size * cfg.data.batch_size, scaled_lr(cfg.train, dist.world_size),
                 cfg.train.lr_scaling, steps_per_epoch)
 
 
-def build_run(cfg: Config, dist: DistInfo) -> Run:
-    """Everything a run needs, built in order; nothing is written before the data has loaded."""
-    check_device_options(cfg, dist.device)
+def starting_model(cfg: Config, start: ModelFile | None) -> ModelFile | None:
+    """The model `train.init_from` names: `start` when the caller has read it already (tools/train.py,
+    through `crnn.config.load_run_config`), else read here; checked against `cfg` either way."""
+    if not cfg.train.init_from:
+        return None
+    if start is None:
+        start = read_model_file(Path(cfg.train.init_from), "train.init_from")
+        digest = start.sha256() if cfg.train.init_sha256 else ""  # nothing to check against without one
+        check_starting_point(cfg, start, digest)
+    return start
+
+
+def build_run(cfg: Config, dist: DistInfo, start: ModelFile | None = None) -> Run:
+    """Everything a run needs, built in order; nothing is written before the data has loaded.
+    `start`: the model of `train.init_from`, if the caller has read it (else it is read here)."""
+    check_device_options(cfg.train, dist.device)
+    check_model_name(cfg.model.name)
     output_dir = Path(cfg.train.output_dir)
     logger = RunLogger(output_dir, dist.is_main)
     resumed = find_resume_checkpoint(cfg, output_dir / "checkpoints", logger)
     resume, resume_path = resumed if resumed else (None, None)
-    start = read_starting_point(cfg.train.init_from) if cfg.train.init_from else None
+    start = starting_model(cfg, start)
     if start:
-        check_architecture(cfg.model, start)
-        logger.info("starting from %s (weights sha256 %s...)", start.path, start.sha256[:16])
+        logger.info("starting from %s (weights sha256 %s...)", start.path, cfg.train.init_sha256[:16] or "not recorded")
     data = load_data(cfg, dist, logger, resume, start)  # may fail: nothing is written before
     start_run_directory(cfg, dist, logger, data, resume)
     train_loader, val_loader = build_loaders(cfg, dist, logger, data)
@@ -285,12 +291,6 @@ class Run:
     setup: TrainSetup
     state: RunState
 
-    @property
-    def placeholder(self) -> Batch | None:
-        """Under DDP a rank whose batch is left empty steps this blank line, so no rank hangs."""
-        height = self.cfg.data.height
-        return Batch.blank(height, height) if self.dist.distributed else None
-
     def save(self, metrics: dict, best: bool = False) -> None:
         """Write checkpoints/last.pt (keeping the one it replaces) and, if `best`, best.pt."""
         if not self.dist.is_main:
@@ -320,10 +320,9 @@ class Run:
             return True
         return bool(train.max_minutes and self.state.train_seconds + epoch_seconds >= 60 * train.max_minutes)
 
-    def after_step(self, step: int, stats: EpochStats, stop: StopRequest) -> bool:
-        """Log, checkpoint on schedule or on a stop signal. Returns True to end the epoch now."""
-        self.state.step = step
-        train = self.cfg.train
+    def after_step(self, stats: EpochStats, stop: StopRequest) -> bool:
+        """Between two steps: log, checkpoint on schedule or on a stop request. True: end the epoch."""
+        step, train = self.state.step, self.cfg.train
         if step % train.log_every == 0:
             self.logger.scalars(step, {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,
                                        "train/lr": self.setup.scheduler.get_last_lr()[0],
@@ -361,9 +360,25 @@ class Run:
         return saved if self.dist.is_main else EpochStats(batches=saved.batches)
 
     def train(self, deadline: float | None = None) -> RunState:
-        """Train to the end, or until a stop signal or the `deadline` (time.monotonic())."""
+        """Train to the end, or until a stop signal or the `deadline` (time.monotonic()): epoch after
+        epoch, step after step, each epoch validated and checkpointed."""
         try:
-            self._train_epochs(deadline)
+            with StopRequest(deadline) as stop:
+                for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
+                    stats = self.resumed_stats()
+                    self.train_loader.batch_sampler.set_epoch(epoch, start_batch=stats.batches)
+                    with closing(train_epoch(self.model, self.train_loader, self.setup, epoch, self.state.step,
+                                             stats, show_progress=self.dist.is_main)) as steps:
+                        for step, stats in steps:
+                            self.state.step = step
+                            if self.after_step(stats, stop):
+                                break
+                    if self.state.stopped_by:
+                        self.report_stop()
+                        break
+                    stats.reduce(self.dist.device)
+                    if self.end_epoch(epoch, stats, self.validate()):
+                        break
         finally:  # the workers stop with the run, not at interpreter exit (which can hang or abort)
             shut_down(self.train_loader)
             shut_down(self.val_loader)
@@ -372,40 +387,24 @@ class Run:
         self.logger.close()
         return self.state
 
-    def _train_epochs(self, deadline: float | None) -> None:
-        with StopRequest(deadline) as stop:
-            for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
-                stats = self.resumed_stats()
-                self.train_loader.batch_sampler.set_epoch(epoch, start_batch=stats.batches)
-                stats, self.state.step = train_one_epoch(
-                    self.model, self.train_loader, self.setup, epoch, self.state.step, stats,
-                    after_step=lambda step, stats: self.after_step(step, stats, stop),
-                    show_progress=self.dist.is_main, placeholder=self.placeholder,
-                    distributed=self.dist.distributed)
-                if self.state.stopped_by:
-                    cause = (f"train.stop_after_minutes={self.cfg.train.stop_after_minutes:g}"
-                             if self.state.stopped_by == signal.SIGALRM else f"signal {self.state.stopped_by}")
-                    self.logger.warning("stopped by %s at step %d; checkpoint written, continue with "
-                                        "train.resume=auto", cause, self.state.step)
-                    break
-                stats.reduce(self.dist.device)
-                if self.end_epoch(epoch, stats, self.validate()):
-                    break
+    def report_stop(self) -> None:
+        cause = (f"train.stop_after_minutes={self.cfg.train.stop_after_minutes:g}"
+                 if self.state.stopped_by == signal.SIGALRM else f"signal {self.state.stopped_by}")
+        self.logger.warning("stopped by %s at step %d; checkpoint written, continue with train.resume=auto",
+                            cause, self.state.step)
 
 
-def fit(cfg: Config) -> RunState:
-    """Train as configured; under torchrun each process calls this. Returns the final RunState."""
+def fit(cfg: Config, start: ModelFile | None = None) -> RunState:
+    """Train as configured; under torchrun each process calls this. `start`: the model of
+    `train.init_from` as `crnn.config.load_run_config` read it (else it is read here). Returns the
+    final RunState."""
     started = time.monotonic()
     dist_info = distributed.setup(cfg.train.device)
     finished = False
     try:
-        seed_everything(cfg.train.seed + dist_info.rank)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        # autotuning searches once per batch shape: it can pay with bounded shapes (data.width_multiple)
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        configure_torch(cfg, dist_info.rank)
         stop_after = cfg.train.stop_after_minutes
-        state = build_run(cfg, dist_info).train(started + 60 * stop_after if stop_after else None)
+        state = build_run(cfg, dist_info, start).train(started + 60 * stop_after if stop_after else None)
         finished = True
         return state
     finally:

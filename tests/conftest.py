@@ -7,25 +7,19 @@ import random
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "experiments" / "tiny.yaml"
 
 # Keep tests deterministic and light on the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-
-def draw_line(text: str, height: int = 32) -> Image.Image:
-    """A plain printed line (PIL's default font) on white paper, mode 'L'."""
-    image = Image.new("L", (12 * len(text) + 16, height), 255)
-    ImageDraw.Draw(image).text((8, height // 4), text, fill=0)
-    return image
+# The fixtures import tests.helpers only when they run: it imports crnn and torch, which this file,
+# loaded before any test module, leaves to the tests (torch must start after the setting above).
 
 
 @pytest.fixture
 def folder_split(tmp_path: Path):
     """A folder split: 6 PNG lines and gt.tsv; returns (folder, texts)."""
+    from tests.helpers import draw_line
+
     def make(name: str = "lines", texts: tuple[str, ...] = ("abc", "hello world", "the cat", "a b c", "dog", "bed")):
         folder = tmp_path / name
         folder.mkdir()
@@ -42,6 +36,8 @@ def folder_split(tmp_path: Path):
 def parquet_split(tmp_path: Path):
     """A parquet file in the Teklia/IAM-line schema, written through `datasets`."""
     import datasets
+
+    from tests.helpers import draw_line
 
     def make(name: str = "train.parquet", texts: tuple[str, ...] = ("abc", "hello", "the cat")):
         features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})

@@ -5,30 +5,12 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from crnn.config import AugmentConfig
 from crnn.data import BatchAugmenter, Preprocess, Vocab, collate, make_sample, synthetic
 from crnn.data.augment import augmented_width, draw_params
 from crnn.data.samplers import WidthBatchSampler, augmentation_seed, batch_sizes
-
-STRONG = AugmentConfig(prob=0.8, shear=0.4, rotation=1.5, scale=0.2, distortion=3.0, morphology=2.0)
-
-
-def ink_lines(count, height=64, seed=0):
-    """Synthetic handwriting as float ink `(1, H, W)` in [0, 1], of varied widths."""
-    lines = []
-    for i in range(count):
-        text = synthetic.sample_text(random.Random(f"{seed}:{i}"), 1, 3)
-        image = synthetic.render_line(text, random.Random(f"{seed}:{i}:image"), height)
-        lines.append(Preprocess(height)(image).float() / 255)
-    return lines
-
-
-def pad_batch(lines, width=None):
-    width = width or max(line.shape[-1] for line in lines)
-    return torch.stack([F.pad(line, (0, width - line.shape[-1])) for line in lines]), torch.tensor(
-        [line.shape[-1] for line in lines])
+from tests.helpers import STRONG, ink_lines, pad_batch
 
 
 def test_a_line_is_augmented_the_same_alone_or_anywhere_in_any_batch():

@@ -3,22 +3,20 @@ sign and consistency are what is checked here -- the targets are checked by runn
 
 import json
 import logging
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from crnn import benchmark, engine
+from crnn import benchmark, device
 from crnn.benchmark import batches_for, budget_row, make_lines, speed_row
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
 from crnn.data import Vocab
-from crnn.engine import TrainSetup, resolve_amp
+from crnn.device import resolve_amp
+from crnn.engine import TrainSetup
 from crnn.errors import ConfigError, CrnnError
-from tests.conftest import REPO, TINY
-from tests.test_training import read_metrics, synthetic_folder
+from tests.helpers import TINY, read_metrics, run_tool, synthetic_folder
 
 
 def test_lines_have_realistic_widths_and_each_config_its_own_preprocessing():
@@ -34,9 +32,8 @@ def test_lines_have_realistic_widths_and_each_config_its_own_preprocessing():
 
 def test_speed_mode_reports_every_figure(tmp_path):
     out = tmp_path / "speed.json"
-    result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--cfg", str(TINY),
-                             "--lines", "4", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-                             "--amp", "bf16", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("tools/benchmark.py", "--cfg", TINY, "--cfg", TINY, "--lines", "4", "--batch-size", "2",
+                      "--repeats", "1", "--warmup", "0", "--amp", "bf16", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert [row["config"] for row in rows] == ["tiny", "tiny"]
@@ -51,16 +48,15 @@ def test_speed_mode_reports_every_figure(tmp_path):
 def test_budget_mode_trains_each_config_for_the_budget(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 8)
     out = tmp_path / "budget.json"
-    result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--budget-minutes", "0.05",
-                             "--data", f"{lines},{lines}", "--output", str(tmp_path / "runs"), "--json", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("tools/benchmark.py", "--cfg", TINY, "--budget-minutes", "0.05", "--data", f"{lines},{lines}",
+                      "--output", tmp_path / "runs", "--json", out)
     assert result.returncode == 0, result.stderr
     assert "INFO done: best validation CER" in result.stderr  # the training process logs like train.py
     (row,) = json.loads(out.read_text())
     assert row["steps"] >= 1 and row["epochs"] >= 1
     assert 0.0 <= row["best_val_cer"] <= row["final_val_cer"]
     assert row["train_seconds"] <= 0.05 * 60 + 10  # stops at the budget (one step may overrun it)
-    metrics = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path / "runs" / "tiny")
     assert min(m["val_cer"] for m in metrics) == row["best_val_cer"]
 
 
@@ -114,9 +110,8 @@ def test_budget_run_paused_by_the_deadline_continues_where_it_stopped(tmp_path, 
 
 def test_budget_mode_reports_a_config_error_from_its_training_process(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 4)
-    result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--budget-minutes", "0.05",
-                             "--data", f"{lines},{lines}", "--output", str(tmp_path / "runs"), "train.bogus=1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("tools/benchmark.py", "--cfg", TINY, "--budget-minutes", "0.05", "--data", f"{lines},{lines}",
+                      "--output", tmp_path / "runs", "train.bogus=1")
     assert result.returncode == 2
     assert "tiny.yaml" in result.stderr and "train.bogus" in result.stderr
 
@@ -136,8 +131,8 @@ def test_amp_auto_means_the_same_in_training_and_in_the_benchmark():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch, caplog, native):
-    monkeypatch.setattr(engine, "cpu_runs_bf16_natively", lambda: native)
-    monkeypatch.setattr(engine, "_bf16_warning_given", False)
+    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: native)
+    monkeypatch.setattr(device, "_bf16_warning_given", False)
     with caplog.at_level(logging.WARNING, logger="crnn"):
         assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16  # the user's choice holds
         assert resolve_amp("bf16", torch.device("cpu"), key="--amp") is torch.bfloat16
@@ -162,10 +157,9 @@ def test_train_setup_takes_every_setting_from_the_config():
 def test_loop_mode_times_the_real_loop_against_the_model_alone(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 24)
     out = tmp_path / "loop.json"
-    result = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", str(TINY), "--loop", "--steps", "4",
-                             "--warmup", "2", "--warm-epoch", "--data", f"{lines},{lines}", "--device", "cpu",
-                             "--json", str(out), "data.num_workers=1", "data.batch_size=4"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("tools/benchmark.py", "--cfg", TINY, "--loop", "--steps", "4", "--warmup", "2", "--warm-epoch",
+                      "--data", f"{lines},{lines}", "--device", "cpu", "--json", out, "data.num_workers=1",
+                      "data.batch_size=4")
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(out.read_text())
     assert row["steps"] == 4 and row["lines"] == 16 and row["workers"] == 1 and row["augment"]

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from crnn.config import (
     validate,
 )
 from crnn.errors import ConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO, run_tool
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -115,8 +113,8 @@ def test_every_bad_value_is_refused_when_the_config_loads(override, message):
 
 def test_train_tool_refuses_a_bad_decode_value_before_reading_data(tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "tools/train.py", "--cfg", "experiments/base.yaml", "decode.beam_size=0",
-                             f"train.output_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run_tool("tools/train.py", "--cfg", "experiments/base.yaml", "decode.beam_size=0",
+                      f"train.output_dir={run_dir}", timeout=120)
     assert result.returncode == 2
     assert "'decode.beam_size' must be >= 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr and "hub" not in result.stderr  # before the (offline) data

@@ -4,9 +4,6 @@
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,19 +11,21 @@ import torch
 from crnn.config import config_from_dict, load_config, merge_overrides
 from crnn.data import BatchAugmenter, Vocab, build_dataset, build_loader, load_records
 from crnn.data.collate import collate
-from crnn.engine import TrainingError, TrainSetup, ctc_line_losses, train_one_epoch, train_step
+from crnn.engine import TrainingError, TrainSetup, ctc_line_losses, train_step
 from crnn.models import build_model
-from tests.conftest import REPO, TINY
-from tests.test_augment import STRONG, ink_lines, pad_batch
-from tests.test_training import read_metrics, synthetic_folder
+from tests.helpers import (
+    STRONG,
+    TINY,
+    ink_lines,
+    pad_batch,
+    read_metrics,
+    run_epoch,
+    run_tool,
+    synthetic_folder,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
-
-
-def run_tool(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def gpu_run(tmp_path_factory):
     """tools/train.py for a tiny epoch on the GPU: the run directory."""
     run_dir = tmp_path_factory.mktemp("gpu") / "run"
     result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "train.epochs=2",
-                      "data.num_workers=2", f"train.output_dir={run_dir}")
+                      "data.num_workers=2", f"train.output_dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -72,8 +71,7 @@ def test_twenty_steps_on_varying_widths(amp, tmp_path):
     step, bad_steps = 0, 0
     for epoch in (1, 2):
         loader.batch_sampler.set_epoch(epoch)
-        stats, step = train_one_epoch(model, loader, setup, epoch, step, show_progress=False,
-                                      after_step=lambda done, _: done >= 20)
+        stats, step = run_epoch(model, loader, setup, epoch, step, stop_at=20)
         bad_steps += stats.bad_steps
     assert step == 20 and bad_steps <= (3 if amp == "fp16" else 0)  # fp16: the scaler finds its scale
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -99,7 +97,7 @@ def test_evaluate_with_every_decoder_and_predict_on_the_gpu(gpu_run, tmp_path):
     rows = {}
     for device in ("cuda", "cpu"):
         result = run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--decoders", "greedy,beam,beam_lm",
-                          "--device", device, "--json", tmp_path / f"{device}.json")
+                          "--device", device, "--json", tmp_path / f"{device}.json", timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         rows[device] = json.loads((tmp_path / f"{device}.json").read_text())
     for name in ("greedy", "beam", "beam_lm"):
@@ -107,7 +105,7 @@ def test_evaluate_with_every_decoder_and_predict_on_the_gpu(gpu_run, tmp_path):
         assert rows["cuda"][name]["cer"] == pytest.approx(rows["cpu"][name]["cer"], abs=0.02)
     lines = synthetic_folder(tmp_path / "lines", 3)
     for device in ("cuda", "auto"):
-        result = run_tool("tools/predict.py", "--ckpt", checkpoint, "--device", device, lines)
+        result = run_tool("tools/predict.py", "--ckpt", checkpoint, "--device", device, lines, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(result.stdout.strip().splitlines()) == 3
 
@@ -122,7 +120,7 @@ def test_compile_is_refused_before_any_work_on_the_gpu_too(tmp_path):
 def test_torchrun_one_process_with_nccl(tmp_path):
     run_dir = tmp_path / "run"
     result = run_tool("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "tools/train.py",
-                      "--cfg", TINY, "train.device=cuda", f"train.output_dir={run_dir}")
+                      "--cfg", TINY, "train.device=cuda", f"train.output_dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "nccl" in result.stderr and [m["epoch"] for m in read_metrics(run_dir)] == [1]
 
@@ -130,20 +128,21 @@ def test_torchrun_one_process_with_nccl(tmp_path):
 def test_data_parallel_on_the_gpu(tmp_path):
     run_dir = tmp_path / "run"
     result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "train.data_parallel=true",
-                      f"train.output_dir={run_dir}")
+                      f"train.output_dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1]
 
 
 def test_benchmark_speed_and_loop_modes_on_the_gpu(tmp_path):
     result = run_tool("tools/benchmark.py", "--cfg", TINY, "--device", "cuda", "--lines", "8", "--batch-size", "4",
-                      "--repeats", "1", "--json", tmp_path / "speed.json")
+                      "--repeats", "1", "--json", tmp_path / "speed.json", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads((tmp_path / "speed.json").read_text())
     assert row["train_fp32_lines_per_s"] > 0 and row["train_bf16_lines_per_s"] > 0
     lines = synthetic_folder(tmp_path / "lines", 16)
     result = run_tool("tools/benchmark.py", "--cfg", TINY, "--device", "cuda", "--loop", "--steps", "4",
-                      "--data", f"{lines},{lines}", "--json", tmp_path / "loop.json", "data.num_workers=2")
+                      "--data", f"{lines},{lines}", "--json", tmp_path / "loop.json", "data.num_workers=2",
+                      timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads((tmp_path / "loop.json").read_text())
     assert row["loop_lines_per_s"] > 0 and row["model_lines_per_s"] > 0
@@ -162,12 +161,12 @@ def test_out_of_memory_is_retried_in_halves_or_named(tmp_path):
     setup = TrainSetup.from_config(cfg, model=model, device=CUDA, total_steps=10)
     peaks = {}
     for name, lines in (("half", half), ("whole", batch)):
-        train_step(model, lines, setup, 1.0, 0, 0, False)  # optimizer state allocated, warm
+        train_step(model, lines, setup)  # optimizer state allocated, warm
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        train_step(model, lines, setup, 1.0, 0, 0, False)
+        train_step(model, lines, setup)
         peaks[name] = torch.cuda.max_memory_allocated() - base
     assert peaks["whole"] > 1.5 * peaks["half"], peaks
     torch.cuda.empty_cache()
@@ -175,13 +174,13 @@ def test_out_of_memory_is_retried_in_halves_or_named(tmp_path):
     cap = torch.cuda.memory_allocated() + (peaks["half"] + peaks["whole"]) / 2
     torch.cuda.set_per_process_memory_fraction(cap / total, CUDA)
     try:
-        finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0, False)
+        finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0)
         assert finite
         no_retry = TrainSetup.from_config(config_from_dict(merge_overrides(cfg.to_dict(), ["train.oom_retry=false"])),
                                           model=model, device=CUDA, total_steps=10)
         torch.cuda.empty_cache()
         with pytest.raises(TrainingError, match=r"out of memory on a batch of 48 lines.*lower data.batch_size"):
-            train_step(model, batch, no_retry, 1.0, 2, 7, False)
+            train_step(model, batch, no_retry, 1.0, 2, 7)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
         torch.cuda.empty_cache()

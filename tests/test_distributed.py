@@ -1,10 +1,5 @@
 """DDP on CPU (gloo) through torchrun, and the single-process DataParallel wrapper."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -13,22 +8,9 @@ from crnn.config import load_config
 from crnn.data.samplers import WidthBatchSampler
 from crnn.distributed import DataParallelCRNN
 from crnn.models import build_model
-from tests.conftest import REPO, TINY
+from tests.helpers import TINY, read_metrics, run_tool, torchrun
 
 COMMON = ["data.synthetic.train=40", "data.synthetic.validation=20", "data.batch_size=4", "train.epochs=1"]
-
-
-def torchrun(script, *args, procs=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               script, *map(str, args)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def test_two_processes_write_one_complete_run_directory(ddp_run):
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 only
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
     assert (run_dir / "checkpoints" / "best.pt").is_file()
-    (record,) = metrics(run_dir)
+    (record,) = read_metrics(run_dir)
     assert record["lines_per_s"] > 0 and 0.0 <= record["val_cer"]
 
 
@@ -85,27 +67,26 @@ def test_sampler_shards_are_disjoint_equal_in_steps_and_complete(count, batch, w
 def test_ddp_checkpoint_resumes_in_one_process_and_back(tmp_path):
     run_dir = tmp_path / "run"
     torchrun("tools/train.py", "--cfg", TINY, *COMMON, f"train.output_dir={run_dir}")
-    subprocess.run([sys.executable, "tools/train.py", "--cfg", str(TINY), *COMMON, "train.epochs=2",
-                    "train.resume=auto", f"train.output_dir={run_dir}"], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
+    run_tool("tools/train.py", "--cfg", TINY, *COMMON, "train.epochs=2", "train.resume=auto",
+             f"train.output_dir={run_dir}").check_returncode()
     torchrun("tools/train.py", "--cfg", TINY, *COMMON, "train.epochs=3", "train.resume=auto",
              f"train.output_dir={run_dir}")
-    assert [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 3
-    steps = [m["step"] for m in metrics(run_dir)]
+    steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == [5, 15, 20]  # 40 lines / (2 x 4) = 5 steps; one process: 10 steps
 
 
 def test_resuming_on_two_ranks_at_once_loses_no_metrics_line(tmp_path):
     run_dir = tmp_path / "run"
-    subprocess.run([sys.executable, "tools/train.py", "--cfg", str(TINY), *COMMON, "train.epochs=2",
-                    f"train.output_dir={run_dir}"], cwd=REPO, check=True, capture_output=True, timeout=300)
+    run_tool("tools/train.py", "--cfg", TINY, *COMMON, "train.epochs=2",
+             f"train.output_dir={run_dir}").check_returncode()
     before = (run_dir / "metrics.jsonl").read_text()
     torchrun("tests/resume_worker.py", 20, TINY, *COMMON, "train.epochs=3", "train.resume=auto",
              f"train.output_dir={run_dir}")
     assert (run_dir / "metrics.jsonl").read_text() == before  # 20 stale lines dropped, none of the rest
-    assert [m["epoch"] for m in metrics(run_dir)] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
     assert not list(run_dir.glob(".*.tmp"))
 
 

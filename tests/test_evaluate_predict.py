@@ -3,7 +3,6 @@
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,9 @@ from PIL import Image
 from crnn.config import load_config
 from crnn.metrics import char_errors, word_errors
 from crnn.trainer import fit
-from tests.conftest import REPO, TINY, draw_line
+from tests.helpers import TINY, draw_line, run_tool
 
 DECODERS = ("greedy", "beam", "beam_lm")
-
-
-def run_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -191,3 +185,23 @@ def test_evaluate_precision_follows_the_one_amp_rule(checkpoint, tmp_path):
     if not torch.cuda.is_available():
         assert "'--amp=fp16' needs a CUDA device" in one_error_line(
             run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--amp", "fp16"))
+
+
+def test_every_tool_ends_a_user_error_with_one_line_and_status_2(checkpoint, run_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where a folder is needed", encoding="utf-8")
+    bundle = one_error_line(run_tool("tools/export.py", "--ckpt", checkpoint, "--out", blocker / "bundle"))
+    assert bundle.startswith(f"error: {blocker / 'bundle'}") and bundle.endswith("Not a directory")
+    missing_split = run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--split", "test", "data.source=folder",
+                             f"data.validation={tmp_path}")
+    assert missing_split.returncode == 2
+    assert one_error_line(missing_split) == ("error: 'data.test' is not set: data.source=folder needs a path for "
+                                             "the test split")
+    report = run_tool("tools/evaluate.py", "--ckpt", checkpoint, "--json", blocker / "results.json")
+    assert report.returncode == 2 and "Traceback" not in report.stderr
+    assert report.stderr.strip().splitlines()[-1] == f"error: {blocker / 'results.json'}: Not a directory"
+    lm = one_error_line(run_tool("tools/build_lm.py", run_dir / "train_texts.txt", "--out", blocker / "lm.arpa"))
+    assert lm.startswith(f"error: {blocker / 'lm.arpa'}")
+    data = one_error_line(run_tool("tools/check_data.py", "--cfg", TINY, "data.source=folder",
+                                   f"data.train={tmp_path / 'nowhere'}", "--splits", "train"))
+    assert str(tmp_path / "nowhere") in data

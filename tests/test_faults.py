@@ -19,13 +19,12 @@ from crnn.data import Vocab, build_dataset, build_loader, load_records
 from crnn.data.collate import collate
 from crnn.data.images import decode_image
 from crnn.decoding import GreedyDecoder
-from crnn.engine import TrainingError, TrainSetup, evaluate, train_one_epoch, train_step
+from crnn.engine import TrainingError, TrainSetup, evaluate, train_step
 from crnn.errors import CheckpointError, ConfigError, DataError
 from crnn.models import build_model
 from crnn.runlog import RunLogger
 from crnn.trainer import fit
-from tests.conftest import REPO, TINY
-from tests.test_training import read_metrics, synthetic_folder
+from tests.helpers import REPO, TINY, read_metrics, run_epoch, run_tool, synthetic_folder
 
 # 48 lines / batch 8 = 6 steps per epoch, 3 epochs, a checkpoint every 2 steps
 KILL_RUN = ["train.epochs=3", "train.checkpoint_every_steps=2", "train.resume=auto"]
@@ -194,7 +193,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     setup = tiny_setup(cfg, model)
     loader = build_loader(cfg.data, dataset, train=True)
     loader.batch_sampler.set_epoch(1)
-    stats, step = train_one_epoch(model, loader, setup, 1, 0, show_progress=False)
+    stats, step = run_epoch(model, loader, setup, 1)
     assert stats.bad_steps == 1 and step == stats.steps == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert stats.lines == 48 - 8  # the skipped batch's lines are not in the loss average
@@ -216,7 +215,7 @@ def test_out_of_memory_retries_in_halves_with_the_same_gradient():
     reference = build_model(cfg.model, len(vocab))
     reference.load_state_dict(model.state_dict())
     model.eval(), reference.eval()  # no dropout/BN updates: both passes see the same function
-    train_step(reference, batch, tiny_setup(cfg, reference, "train.grad_clip=0"), 1.0, 1, 0, False)
+    train_step(reference, batch, tiny_setup(cfg, reference, "train.grad_clip=0"), 1.0, 1, 0)
     original_forward = model.forward
 
     def small_memory(images, widths, **kwargs):
@@ -226,7 +225,7 @@ def test_out_of_memory_retries_in_halves_with_the_same_gradient():
 
     model.forward = small_memory
     setup = tiny_setup(cfg, model, "train.grad_clip=0")
-    finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0, False)
+    finite, _, _ = train_step(model, batch, setup, 1.0, 1, 0)
     assert finite
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         # the gradient of the whole batch (Adam would amplify float noise in near-zero gradients)
@@ -236,7 +235,7 @@ def test_out_of_memory_retries_in_halves_with_the_same_gradient():
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
     no_retry = tiny_setup(cfg, model, "train.oom_retry=false")
     with pytest.raises(TrainingError, match=r"out of memory on a batch of 4 lines.*lower data.batch_size"):
-        train_step(model, batch, no_retry, 1.0, 2, 7, False)
+        train_step(model, batch, no_retry, 1.0, 2, 7)
 
 
 def test_image_faults_give_clear_errors(tmp_path, monkeypatch):
@@ -279,9 +278,8 @@ def test_check_data_lists_every_problem_with_file_and_line(tmp_path):
     rows[0] = b"0.png\t" + b"w" * 300  # far too long for its width
     rows += [b"2.png\t", b"3.png no tab", b"4.png\t\xff\xfe", b"ghost.png\tboo"]
     (lines / "gt.tsv").write_bytes(b"\n".join(rows) + b"\n")
-    result = subprocess.run([sys.executable, "tools/check_data.py", "--cfg", str(TINY), "--splits", "train",
-                             "data.source=folder", f"data.train={lines}"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = run_tool("tools/check_data.py", "--cfg", TINY, "--splits", "train", "data.source=folder",
+                      f"data.train={lines}", timeout=120)
     assert result.returncode == 1, result.stderr
     gt_path = lines / "gt.tsv"
     for expected in (f"{gt_path} line 6: empty transcription", f"{gt_path} line 7: no TAB",
@@ -294,23 +292,23 @@ def test_check_data_lists_every_problem_with_file_and_line(tmp_path):
 
 def test_check_data_checks_the_splits_the_config_provides(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 4)
-    result = subprocess.run([sys.executable, "tools/check_data.py", "--cfg", str(TINY), "data.source=folder",
-                             f"data.train={lines}", f"data.validation={lines}"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = run_tool("tools/check_data.py", "--cfg", TINY, "data.source=folder", f"data.train={lines}",
+                      f"data.validation={lines}", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "train: 4 usable lines, 0 problem(s)" in result.stderr
     assert "validation: 4 usable lines, 0 problem(s)" in result.stderr and "test:" not in result.stderr
 
 
-def test_impossible_device_options_are_refused_before_any_work(tmp_path):
-    for override, message in (("train.sync_bn=true", "'train.sync_bn=true' needs CUDA"),
-                              ("train.data_parallel=true", "'train.data_parallel=true' needs CUDA"),
-                              ("train.device=cuda", "no CUDA device is available")):
-        if torch.cuda.is_available():
-            pytest.skip("these options are valid on a machine with CUDA")
-        with pytest.raises(ConfigError, match=message):
-            fit(load_config(TINY, [override, f"train.output_dir={tmp_path / 'run'}"]))
-        assert not (tmp_path / "run").exists()
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these options are valid on a machine with CUDA")
+@pytest.mark.parametrize("override, message", [
+    ("train.sync_bn=true", "'train.sync_bn=true' needs CUDA"),
+    ("train.data_parallel=true", "'train.data_parallel=true' needs CUDA"),
+    ("train.device=cuda", "no CUDA device is available"),
+])
+def test_impossible_device_options_are_refused_before_any_work(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        fit(load_config(TINY, [override, f"train.output_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_of_an_interrupted_epoch_are_not_duplicated(tmp_path):
@@ -320,7 +318,7 @@ def test_metrics_of_an_interrupted_epoch_are_not_duplicated(tmp_path):
     last = run_dir / "checkpoints" / "last.pt"
     os.replace(previous_path(last), last)
     fit(load_config(TINY, ["train.epochs=2", "train.resume=auto", f"train.output_dir={run_dir}"]))
-    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
 
 
 def test_only_the_main_rank_rewrites_metrics_and_never_in_place(tmp_path, monkeypatch):

@@ -1,31 +1,25 @@
 """Starting a new run from a trained model: the alphabet (union, new, keep), freezing, bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from crnn.checkpoint import load_checkpoint
-from crnn.config import load_config
+import crnn.config
+import crnn.trainer
+from crnn.checkpoint import ModelFile, load_checkpoint
+from crnn.checkpoint import read_model_file as load_model
+from crnn.config import load_config, load_run_config
 from crnn.data import Preprocess, Vocab, collate, make_sample
 from crnn.decoding import GreedyDecoder
 from crnn.distributed import DistInfo
-from crnn.engine import train_one_epoch
 from crnn.errors import CheckpointError, ConfigError
-from crnn.finetune import load_run_config
 from crnn.models import build_model
 from crnn.trainer import build_run, fit
-from tests.conftest import REPO, TINY, draw_line
-from tests.test_distributed import torchrun
+from tests.helpers import REPO, TINY, draw_line, run_epoch, run_tool, torchrun
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
-
-
-def run_tool(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +45,16 @@ def new_hand(start, tmp_path):
 
 
 def finetune_config(start, lines, tmp_path, *overrides):
-    """The command line a user types, through tools/train.py's own loading."""
+    """The command line a user types, through tools/train.py's own loading: (config, starting model)."""
     return load_run_config(REPO / "experiments" / "finetune.yaml", [
         f"train.init_from={start}", "data.source=folder", f"data.train={lines}", f"data.validation={lines}",
         "data.num_workers=0", "train.device=cpu", f"train.output_dir={tmp_path / 'ft'}", *overrides])
+
+
+def finetune_run(start, lines, tmp_path, *overrides):
+    """The run tools/train.py builds for that command line, from the starting model it read once."""
+    cfg, starting = finetune_config(start, lines, tmp_path, *overrides)
+    return build_run(cfg, CPU, starting)
 
 
 def read(model, vocab, image_batch):
@@ -67,10 +67,10 @@ def read(model, vocab, image_batch):
 def test_union_keeps_every_learned_row_and_reads_as_before(start, new_hand, tmp_path):
     lines, _, unseen = new_hand
     state = load_checkpoint(start)
-    cfg = finetune_config(start, lines, tmp_path)
-    assert cfg.model == load_config(REPO / "experiments" / "tiny.yaml").model  # model keys from the checkpoint
+    cfg, starting = finetune_config(start, lines, tmp_path)
+    assert cfg.model == load_config(TINY).model  # model keys from the checkpoint
     assert cfg.data.height == 32 and cfg.train.init_sha256
-    run = build_run(cfg, CPU)
+    run = build_run(cfg, CPU, starting)
     old = len(state["vocab"]) + 1
     assert run.vocab.chars[: old - 1] == state["vocab"] and "".join(run.vocab.chars[old - 1:]) == "".join(sorted(unseen))
     weights = run.model.state_dict()
@@ -89,13 +89,13 @@ def test_union_keeps_every_learned_row_and_reads_as_before(start, new_hand, tmp_
 def test_new_and_keep_alphabets(start, new_hand, tmp_path):
     lines, texts, unseen = new_hand
     state = load_checkpoint(start)
-    new = build_run(finetune_config(start, lines, tmp_path, "train.init_vocab=new"), CPU)
+    new = finetune_run(start, lines, tmp_path, "train.init_vocab=new")
     assert new.vocab.chars == sorted(set("".join(texts)))
     shared = next(char for char in new.vocab.chars if char in state["vocab"])
     row_new, row_old = new.vocab.index[shared], state["vocab"].index(shared) + 1
     assert torch.equal(new.model.state_dict()["head.classifier.weight"][row_new],
                        state["model"]["head.classifier.weight"][row_old])
-    keep = build_run(finetune_config(start, lines, tmp_path / "k", "train.init_vocab=keep"), CPU)
+    keep = finetune_run(start, lines, tmp_path / "k", "train.init_vocab=keep")
     assert keep.vocab.chars == state["vocab"]
     dataset = keep.train_loader.dataset
     sample = dataset[(0, None)]  # "the Qat": the unseen letter is left out of the target
@@ -105,18 +105,17 @@ def test_new_and_keep_alphabets(start, new_hand, tmp_path):
 
 def test_the_frozen_encoder_does_not_move_then_does(start, new_hand, tmp_path):
     lines, _, _ = new_hand
-    run = build_run(finetune_config(start, lines, tmp_path, "train.freeze_encoder_steps=3", "data.batch_size=2",
-                                    "train.warmup_steps=0"), CPU)
+    run = finetune_run(start, lines, tmp_path, "train.freeze_encoder_steps=3", "data.batch_size=2",
+                       "train.warmup_steps=0")
     encoder = {name: tensor.clone() for name, tensor in run.model.encoder.state_dict().items()}
     head = run.model.head.classifier.weight.clone()
     run.train_loader.batch_sampler.set_epoch(1)
-    _, step = train_one_epoch(run.model, run.train_loader, run.setup, 1, 0, show_progress=False,
-                              after_step=lambda done, _: done >= 2)
+    _, step = run_epoch(run.model, run.train_loader, run.setup, 1, stop_at=2)
     assert step == 2 and not torch.equal(head, run.model.head.classifier.weight)
     for name, tensor in run.model.encoder.state_dict().items():
         assert torch.equal(tensor, encoder[name]), name  # weights and BatchNorm statistics held
     run.train_loader.batch_sampler.set_epoch(2)
-    train_one_epoch(run.model, run.train_loader, run.setup, 2, step, show_progress=False)
+    run_epoch(run.model, run.train_loader, run.setup, 2, step)
     moved = [name for name, tensor in run.model.encoder.state_dict().items() if not torch.equal(tensor, encoder[name])]
     assert any(name.endswith("weight") for name in moved) and any("running_mean" in name for name in moved)
 
@@ -170,3 +169,24 @@ def test_fine_tuning_under_torchrun(start, new_hand, tmp_path):
              "data.batch_size=1", f"train.output_dir={run_dir}")
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_the_starting_model_is_read_and_hashed_once(start, new_hand, tmp_path, monkeypatch):
+    lines, _, _ = new_hand
+    reads, hashes = [], []
+    for module in (crnn.config, crnn.trainer):
+        monkeypatch.setattr(module, "read_model_file", lambda *args, read=module.read_model_file: reads.append(args)
+                            or read(*args))
+    original_sha256 = ModelFile.sha256
+    monkeypatch.setattr(ModelFile, "sha256", lambda self: hashes.append(self.path) or original_sha256(self))
+    run = finetune_run(start, lines, tmp_path)
+    assert len(reads) == 1 and hashes == [start]
+    assert run.cfg.train.init_sha256 == original_sha256(load_model(start))
+    # a config loaded without its starting model (load_config): the run reads and checks it itself
+    reads.clear()
+    cfg = load_config(REPO / "experiments" / "finetune.yaml", [
+        f"train.init_from={start}", "data.source=folder", f"data.train={lines}", f"data.validation={lines}",
+        "data.num_workers=0", f"train.output_dir={tmp_path / 'direct'}"])  # finetune.yaml's own model keys
+    with pytest.raises(ConfigError, match=r"'model\.\w+' is .* but the model of train.init_from .* cannot start"):
+        build_run(cfg, CPU)
+    assert len(reads) == 1 and not (tmp_path / "direct").exists()

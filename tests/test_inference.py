@@ -2,8 +2,6 @@
 LM tuning, confidences and character spans, n-best readings, the export bundle."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,12 +13,7 @@ from crnn.config import DecodeConfig
 from crnn.data import Vocab
 from crnn.decoding import BeamDecoder, DecoderPool, build_decoders
 from crnn.inference import load_trained_model
-from tests.conftest import REPO
-from tests.test_training import overfit_tiny, synthetic_folder
-
-
-def run_tool(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+from tests.helpers import overfit_tiny, run_tool, synthetic_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """The DataLoader side of the loop: decode once (a cache shared by the workers), clean stops."""
 
 import multiprocessing
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -11,8 +9,7 @@ from crnn.config import load_config
 from crnn.data import Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.cache import LineCache
 from crnn.trainer import fit
-from tests.conftest import REPO, TINY
-from tests.test_training import synthetic_folder
+from tests.helpers import TINY, run_tool, synthetic_folder
 
 
 def lines_by_index(loader, epoch):
@@ -68,7 +65,7 @@ def test_an_abandoned_loader_with_persistent_workers_exits_at_once(tmp_path):
         next(iter(loader))  # one batch of twelve, then leave without a word
         print("left")
         """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = run_tool("-c", script, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "left", result.stderr[-2000:]
     assert "Aborted" not in result.stderr and "terminate called" not in result.stderr
 

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -7,6 +5,7 @@ from crnn.config import load_config
 from crnn.errors import ConfigError
 from crnn.models import MODELS, build_model
 from crnn.models.heads import BiLSTMHead
+from tests.helpers import REPO
 
 
 def small(*overrides: str):
@@ -61,8 +60,7 @@ def test_registry_names_the_choices():
 
 
 # every recipe that defines its own network (finetune.yaml takes it from train.init_from)
-EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").rglob("*.yaml")
-                     if p.name != "finetune.yaml")
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p.name != "finetune.yaml")
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
@@ -78,7 +76,7 @@ def test_every_shipped_recipe_loads_builds_and_reads_a_line(path):
 @pytest.mark.parametrize("name, pixels_per_frame", [("base", 16), ("candidates/frames16", 16),
                                                     ("candidates/frames8", 8), ("candidates/frames8_lite", 8)])
 def test_the_gpu_recipes_have_the_frame_width_they_state(name, pixels_per_frame):
-    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    cfg = load_config(REPO / "experiments" / f"{name}.yaml")
     model = build_model(cfg.model, num_classes=20).eval()
     with torch.no_grad():
         output = model(torch.rand(1, 1, 128, 1920), torch.tensor([1920]))

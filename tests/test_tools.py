@@ -2,13 +2,12 @@
 
 import ast
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
+from tests.helpers import REPO, run_tool
+
+TOOLS = sorted((REPO / "tools").glob("*.py"))
 
 
 @pytest.mark.parametrize("tool", TOOLS, ids=lambda p: p.stem)
@@ -24,7 +23,6 @@ def test_docstring_keeps_its_line_continuations(tool):
 
 
 def test_help_prints_the_examples():
-    out = subprocess.run([sys.executable, str(TOOLS[0].parent / "train.py"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = run_tool(TOOLS[0].parent / "train.py", "--help", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "train.init_from=runs/base/checkpoints/best.pt \\\n" in out.stdout

@@ -1,61 +1,15 @@
 """Training end to end on data the tests make: overfitting, resuming, the run directory, faults."""
 
-import json
-import random
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
-from crnn.data import Vocab, build_dataset, build_loader, load_records, synthetic
 from crnn.decoding import GreedyDecoder
-from crnn.engine import TrainSetup, evaluate, train_one_epoch
+from crnn.engine import evaluate
 from crnn.errors import ConfigError
-from crnn.models import build_model
 from crnn.trainer import fit
-from tests.conftest import REPO, TINY
-
-
-def synthetic_folder(root, count, seed=0):
-    """Synthetic handwriting-like lines written as PNG + gt.tsv (a `folder` split)."""
-    root.mkdir(parents=True)
-    rows = []
-    for i in range(count):
-        text = synthetic.sample_text(random.Random(f"{seed}:{i}"), 1, 2)
-        synthetic.render_line(text, random.Random(f"{seed}:{i}:img"), 32).save(root / f"{i}.png")
-        rows.append(f"{i}.png\t{text}")
-    (root / "gt.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
-
-
-def overfit_tiny(lines, max_epochs, stop_below, *overrides):
-    """tiny.yaml trained on the `folder` split `lines` (batch 4, no augmentation, constant LR 1e-2)
-    until an epoch's loss is below `stop_below`: (cfg, records, vocab, model, loader, (first epoch's
-    stats, last epoch's stats))."""
-    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4",
-                             "data.augment.enabled=false", "model.shortcut=false", "train.lr=1e-2",
-                             "train.grad_clip=0", "train.warmup_steps=0", "train.schedule=constant", *overrides])
-    records = load_records(cfg.data, "train")
-    vocab = Vocab.from_texts(records.texts)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(vocab))
-    setup = TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=max_epochs)
-    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=True), train=True)
-    first = None
-    for epoch in range(max_epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        stats, _ = train_one_epoch(model, loader, setup, epoch, step=0, show_progress=False)
-        first = first or stats
-        if stats.loss < stop_below:
-            break
-    return cfg, records, vocab, model, loader, (first, stats)
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import TINY, overfit_tiny, read_metrics, run_tool, synthetic_folder
 
 
 def test_tiny_model_overfits_a_few_lines_to_zero_cer(tmp_path):
@@ -107,9 +61,7 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path):
 
 def test_train_tool_writes_every_run_directory_file(tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "tools/train.py", "--cfg", str(TINY), f"train.output_dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("tools/train.py", "--cfg", TINY, f"train.output_dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
     assert len((run_dir / "train_texts.txt").read_text().splitlines()) == 48  # for the beam-search LM

@@ -7,7 +7,7 @@ from crnn.errors import DataError
 def test_round_trip_and_blank_is_zero():
     vocab = Vocab.from_texts(["héllo wörld", "abc 123!"])
     text = "héllo 321 wörld!"
-    indices = vocab.encode(text)
+    indices = [vocab.index[char] for char in text]
     assert BLANK not in indices and min(indices) == 1
     assert vocab.decode(indices) == text
     assert len(vocab) == len(set("héllo wörldabc 123!")) + 1
@@ -17,5 +17,10 @@ def test_round_trip_and_blank_is_zero():
 def test_unknown_character_is_named():
     vocab = Vocab.from_texts(["abc"])
     assert vocab.unknown("abxd") == {"x", "d"}
-    with pytest.raises(DataError, match=r"characters 'dx' of 'abxd' are not in the vocab"):
-        vocab.encode("abxd")
+
+
+def test_characters_must_be_distinct_and_single():
+    with pytest.raises(DataError, match="vocab must be distinct single characters"):
+        Vocab(["a", "a"])
+    with pytest.raises(DataError, match="vocab must be distinct single characters"):
+        Vocab(["ab"])

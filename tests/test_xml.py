@@ -2,8 +2,6 @@
 
 import json
 import random
-import subprocess
-import sys
 import unicodedata
 
 import pytest
@@ -13,7 +11,7 @@ from crnn.config import load_config
 from crnn.data import load_records, synthetic
 from crnn.data.xml_pages import read_page
 from crnn.trainer import fit
-from tests.conftest import REPO, TINY
+from tests.helpers import REPO, TINY, read_metrics, run_tool
 
 COPISTE_PAGES = REPO.parent / "shared" / "data" / "copiste-pages"
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
@@ -183,12 +181,8 @@ def xml_run(pages, tmp_path):
     return run_dir
 
 
-def run_tool(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
 def test_train_evaluate_and_check_data_on_xml(pages, xml_run, tmp_path):
-    assert [json.loads(line)["epoch"] for line in (xml_run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(xml_run)] == [1, 2]
     result = run_tool("tools/evaluate.py", "--ckpt", xml_run / "checkpoints" / "best.pt", "--split", "validation",
                       "--json", tmp_path / "r.json")
     assert result.returncode == 0, result.stderr
@@ -221,6 +215,13 @@ def test_predict_fills_the_xml_and_the_pages_read_back(pages, xml_run, tmp_path)
     assert "a.xml: 4 of 6 line(s) transcribed" in result.stderr and "b.xml: 3 of 4 line(s)" in result.stderr
     missing = run_tool("tools/predict.py", "--ckpt", xml_run / "checkpoints" / "best.pt", pages)
     assert missing.returncode == 2 and "XML pages need --out DIR" in missing.stderr  # a folder of pages too
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where a folder is needed", encoding="utf-8")
+    unwritable = run_tool("tools/predict.py", "--ckpt", xml_run / "checkpoints" / "best.pt", pages / "b.xml",
+                          "--out", blocker / "sub")
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    last = unwritable.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {blocker / 'sub'}") and last.endswith("Not a directory"), unwritable.stderr
 
 
 @pytest.mark.skipif(not COPISTE_PAGES.is_dir(), reason="the copiste-pages development data is absent")

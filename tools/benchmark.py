@@ -42,9 +42,8 @@ import torch
 
 from crnn.benchmark import budget_row, decoding_rows, loop_row, make_lines, speed_row
 from crnn.config import AMP_MODES
-from crnn.distributed import resolve_device
-from crnn.engine import AMP_NAMES, resolve_amp
-from crnn.errors import CrnnError
+from crnn.device import AMP_NAMES, resolve_amp, resolve_device
+from crnn.errors import CrnnError, tool_main
 from crnn.runlog import setup_console_logging
 
 SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"),
@@ -82,6 +81,7 @@ def data_overrides(data: str) -> list[str]:
     return [f"data.source={source}", f"data.train={train}", f"data.validation={validation}"]
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", action="append", help="a config to compare (repeat)")
@@ -113,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cfg and not args.decoding:
         parser.error("give --cfg CONFIG (repeat to compare) or --decoding CKPT")
     setup_console_logging()
-    try:
-        rows = run(args)
-    except CrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rows = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -149,7 +145,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"not finished: {', '.join(unfinished)} (--stop-after-minutes); run the same command with "
                   f"--output {args.output} to continue", file=sys.stderr)
         return rows
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     cuda = device.type == "cuda"
     precision = AMP_NAMES[resolve_amp(args.amp, device, key="--amp")]
     lines = make_lines(args.lines or (256 if cuda else 32))

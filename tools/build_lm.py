@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from crnn.config import LM_SMOOTHINGS
-from crnn.errors import CrnnError, DataError, report_failure
+from crnn.errors import DataError, tool_main
 from crnn.lm import NgramLM, read_texts, text_to_tokens
 
 
@@ -44,22 +44,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        texts = [text for path in args.texts for text in read_texts(path)]
-        if not texts:
-            raise DataError(f"no transcriptions in {', '.join(map(str, args.texts))}")
-        if args.tokens_out:
-            args.tokens_out.write_text("".join(" ".join(text_to_tokens(text)) + "\n" for text in texts),
-                                       encoding="utf-8")
-        if args.out:
-            lm = NgramLM.estimate(texts, args.order, args.smoothing, args.add_k)
-            lm.write_arpa(args.out)
-            print(f"{args.out}: order {args.order} {args.smoothing}, {len(lm.log_probs)} n-grams from "
-                  f"{len(texts)} lines", file=sys.stderr)
-    except (CrnnError, OSError) as err:  # an output that could not be written is an OSError
-        return report_failure(err)
+    texts = [text for path in args.texts for text in read_texts(path)]
+    if not texts:
+        raise DataError(f"no transcriptions in {', '.join(map(str, args.texts))}")
+    if args.tokens_out:
+        args.tokens_out.write_text("".join(" ".join(text_to_tokens(text)) + "\n" for text in texts),
+                                   encoding="utf-8")
+    if args.out:
+        lm = NgramLM.estimate(texts, args.order, args.smoothing, args.add_k)
+        lm.write_arpa(args.out)
+        print(f"{args.out}: order {args.order} {args.smoothing}, {len(lm.log_probs)} n-grams from "
+              f"{len(texts)} lines", file=sys.stderr)
     return 0
 
 

@@ -23,34 +23,31 @@ from crnn.config import load_config
 from crnn.data import Vocab, load_records
 from crnn.data.check import check_records
 from crnn.data.sources import configured_splits
-from crnn.errors import CrnnError
+from crnn.errors import tool_main
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="experiment YAML")
     parser.add_argument("--splits", help="comma-separated splits (default: every split the config provides)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-        if args.splits:
-            splits = [split.strip() for split in args.splits.split(",") if split.strip()]
-        else:
-            splits = configured_splits(cfg.data)
-        records = {split: load_records(cfg.data, split) for split in splits}
-        vocab = Vocab.from_texts(records["train"].texts) if "train" in records else None
-        total = 0
-        for split, split_records in records.items():
-            purpose = "train" if split == "train" else "evaluate"
-            problems = check_records(split_records, cfg.data, cfg.model, vocab, purpose, show_progress=True)
-            for problem in problems:
-                print(f"{split}\t{problem}")
-            print(f"{split}: {len(split_records)} usable lines, {len(problems)} problem(s)", file=sys.stderr)
-            total += len(problems)
-    except CrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.cfg, args.overrides)
+    if args.splits:
+        splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+    else:
+        splits = configured_splits(cfg.data)
+    records = {split: load_records(cfg.data, split) for split in splits}
+    vocab = Vocab.from_texts(records["train"].texts) if "train" in records else None
+    total = 0
+    for split, split_records in records.items():
+        purpose = "train" if split == "train" else "evaluate"
+        problems = check_records(split_records, cfg.data, cfg.model, vocab, purpose, show_progress=True)
+        for problem in problems:
+            print(f"{split}\t{problem}")
+        print(f"{split}: {len(split_records)} usable lines, {len(problems)} problem(s)", file=sys.stderr)
+        total += len(problems)
     return 1 if total else 0
 
 

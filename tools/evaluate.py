@@ -46,8 +46,9 @@ from pathlib import Path
 from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
 from crnn.decoding import DECODER_NAMES
-from crnn.engine import EvalResult, evaluate, resolve_amp
-from crnn.errors import ConfigError, CrnnError, report_failure
+from crnn.device import resolve_amp
+from crnn.engine import EvalResult, evaluate
+from crnn.errors import ConfigError, tool_main
 from crnn.inference import (
     TrainedModel,
     collect_emissions,
@@ -167,25 +168,23 @@ def tune(trained: TrainedModel, split: str, lm_weights: list[float], word_scores
           f"{rows[0]['word_score']:g}, written to {path}", file=sys.stderr)
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     split = args.split or ("validation" if args.tune_lm else "test")
-    try:
-        names = decoder_names(args.decoders)
-        overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
-        trained = load_trained_model(args.ckpt, overrides, args.device)
-        if args.tune_lm:
-            tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))
-            return 0
-        result, ids = run(trained, split, names, args.amp)
-        rows = summary(result)
-        print_table(rows)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-        if args.errors:
-            write_errors(args.errors, result, ids)
-    except (CrnnError, OSError) as err:  # an output that could not be written is an OSError
-        return report_failure(err)
+    names = decoder_names(args.decoders)
+    overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
+    trained = load_trained_model(args.ckpt, overrides, args.device)
+    if args.tune_lm:
+        tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))
+        return 0
+    result, ids = run(trained, split, names, args.amp)
+    rows = summary(result)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    if args.errors:
+        write_errors(args.errors, result, ids)
     return 0
 
 

@@ -15,22 +15,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from crnn.errors import CrnnError, report_failure
+from crnn.errors import tool_main
 from crnn.export import export_bundle
 from crnn.inference import load_trained_model
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
     parser.add_argument("--out", required=True, type=Path, help="the bundle's folder")
     args = parser.parse_args(argv)
-    try:
-        trained = load_trained_model(args.ckpt, device="cpu")
-        lm_texts = trained.lm_texts() if trained.train_texts_path.is_file() or trained.config.decode.lm_path else None
-        manifest = export_bundle(trained, args.out, lm_texts)
-    except (CrnnError, OSError) as err:  # an output that could not be written is an OSError
-        return report_failure(err)
+    trained = load_trained_model(args.ckpt, device="cpu")
+    lm_texts = trained.lm_texts() if trained.train_texts_path.is_file() or trained.config.decode.lm_path else None
+    manifest = export_bundle(trained, args.out, lm_texts)
     print(f"{args.out}: {', '.join(manifest['files'].values())}; ONNX log-probs within "
           f"{manifest['onnx_max_abs_log_prob_difference']:.1e} of PyTorch's", file=sys.stderr)
     return 0

@@ -40,11 +40,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from crnn.data.images import decode_image
-from crnn.data.sources import IMAGE_SUFFIXES
+from crnn.data.images import IMAGE_SUFFIXES, decode_image
 from crnn.data.xml_pages import read_page, write_page
 from crnn.decoding import DECODER_NAMES, Decoder
-from crnn.errors import ConfigError, CrnnError, DataError
+from crnn.errors import ConfigError, CrnnError, DataError, tool_main
 from crnn.inference import Reading, TrainedModel, load_trained_model
 
 
@@ -159,26 +158,23 @@ def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path],
     return failed
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        pages, lines = split_inputs(args.inputs)
-        if pages and args.out is None:
-            raise CrnnError("XML pages need --out DIR, the folder the transcribed pages are written to")
-        paths = expand_inputs(lines)
-        overrides = [f"decode.lm_path={args.lm}"] if args.lm else []
-        overrides += [f"decode.nbest={args.nbest}"] if args.nbest else []
-        overrides += [f"decode.workers={args.workers}"] if args.workers is not None else []
-        trained = load_trained_model(args.ckpt, overrides, args.device)
-        if args.nbest > trained.config.decode.beam_size:
-            raise ConfigError(f"--nbest {args.nbest} needs decode.beam_size >= {args.nbest} (it is "
-                              f"{trained.config.decode.beam_size}); add decode.beam_size={args.nbest}")
-        decoder = trained.decoders([args.decoder])[args.decoder]
-        unreadable = transcribe_all(trained, decoder, paths, args)
-        unreadable += transcribe_pages(trained, decoder, pages, args) if pages else 0
-    except CrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    pages, lines = split_inputs(args.inputs)
+    if pages and args.out is None:
+        raise CrnnError("XML pages need --out DIR, the folder the transcribed pages are written to")
+    paths = expand_inputs(lines)
+    overrides = [f"decode.lm_path={args.lm}"] if args.lm else []
+    overrides += [f"decode.nbest={args.nbest}"] if args.nbest else []
+    overrides += [f"decode.workers={args.workers}"] if args.workers is not None else []
+    trained = load_trained_model(args.ckpt, overrides, args.device)
+    if args.nbest > trained.config.decode.beam_size:
+        raise ConfigError(f"--nbest {args.nbest} needs decode.beam_size >= {args.nbest} (it is "
+                          f"{trained.config.decode.beam_size}); add decode.beam_size={args.nbest}")
+    decoder = trained.decoders([args.decoder])[args.decoder]
+    unreadable = transcribe_all(trained, decoder, paths, args)
+    unreadable += transcribe_pages(trained, decoder, pages, args) if pages else 0
     return 2 if unreadable else 0
 
 

@@ -27,12 +27,13 @@ import logging
 import os
 import sys
 
-from crnn.errors import CrnnError
-from crnn.finetune import load_run_config
+from crnn.config import load_run_config
+from crnn.errors import tool_main
 from crnn.runlog import setup_console_logging
 from crnn.trainer import fit
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="experiment YAML, e.g. experiments/base.yaml")
@@ -40,11 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_console_logging(logging.INFO if rank == 0 else logging.WARNING)
-    try:
-        state = fit(load_run_config(args.cfg, args.overrides))
-    except CrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg, start = load_run_config(args.cfg, args.overrides)  # the starting model of train.init_from, if any
+    state = fit(cfg, start)
     # stopped by SIGTERM/SIGINT (or train.stop_after_minutes, as SIGALRM) after writing a checkpoint:
     # the shell's code for that signal
     return 128 + state.stopped_by if state.stopped_by else 0

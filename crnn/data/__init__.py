@@ -15,9 +15,10 @@ from crnn.config import DataConfig
 from crnn.data.augment import BatchAugmenter, augmented_width
 from crnn.data.cache import LineCache
 from crnn.data.collate import Batch, LineDataset, collate
+from crnn.data.records import LineRecords
 from crnn.data.samplers import WidthBatchSampler
 from crnn.data.samples import Preprocess, Sample, make_sample
-from crnn.data.sources import LineRecords, load_records
+from crnn.data.sources import load_records
 from crnn.data.vocab import Vocab
 
 __all__ = ["Batch", "BatchAugmenter", "LineCache", "LineDataset", "LineRecords", "Preprocess", "Sample", "Vocab",

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from crnn.config import AugmentConfig
+from crnn.data.transforms import round_up
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -111,10 +112,6 @@ def draw_params(cfg: AugmentConfig, width: int, height: int, seed: int | None) -
         params.contrast = _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast)
         params.brightness = _uniform(generator, -cfg.brightness, cfg.brightness) * 0.5
     return params
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def column_mask(widths: torch.Tensor, width: int) -> torch.Tensor:

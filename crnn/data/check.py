@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from crnn.config import DataConfig, ModelConfig
 from crnn.data.collate import ctc_min_frames
+from crnn.data.records import LineRecords
 from crnn.data.samples import Preprocess, read_sample
-from crnn.data.sources import LineRecords
 from crnn.data.vocab import Vocab
 from crnn.models import build_model
+from crnn.runlog import progress
 
 
 def check_records(records: LineRecords, data_cfg: DataConfig, model_cfg: ModelConfig,
@@ -27,7 +27,7 @@ def check_records(records: LineRecords, data_cfg: DataConfig, model_cfg: ModelCo
     known = vocab or Vocab.from_texts(records.texts)
     model = build_model(model_cfg, len(known))
     preprocess = Preprocess.from_config(data_cfg)
-    for index in tqdm(range(len(records)), desc=records.name, disable=not show_progress, leave=False):
+    for index in progress(range(len(records)), records.name, show_progress):
         sample = read_sample(records, index, known, preprocess, purpose)
         if sample.image is None:
             problems.append(sample.error)

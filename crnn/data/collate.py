@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from crnn.data.augment import round_up
 from crnn.data.cache import LineCache
+from crnn.data.records import LineRecords
 from crnn.data.samplers import Key
 from crnn.data.samples import Preprocess, Sample, make_sample, read_sample
-from crnn.data.sources import LineRecords
+from crnn.data.transforms import round_up
 from crnn.data.vocab import Vocab
 
 

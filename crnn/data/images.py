@@ -11,6 +11,9 @@ from PIL import Image, UnidentifiedImageError
 
 from crnn.errors import DataError
 
+# Image files the tools take for lines or pages, in the order a page's image is looked for beside its XML
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+
 # A text line never needs more than this; larger files are decompression bombs or page scans.
 MAX_PIXELS = 50_000_000
 

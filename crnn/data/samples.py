@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from crnn.config import DataConfig
-from crnn.data.sources import LineRecords
+from crnn.data.records import LineRecords
 from crnn.data.transforms import resize_line, resized_size
 from crnn.data.vocab import Vocab
 from crnn.errors import DataError

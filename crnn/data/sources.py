@@ -18,30 +18,10 @@ from urllib.parse import urlparse
 from PIL import Image
 
 from crnn.config import SPLITS, DataConfig
-from crnn.data.images import decode_image, image_size
+from crnn.data.images import IMAGE_SUFFIXES, decode_image, image_size
+from crnn.data.records import LineRecords
+from crnn.data.xml_pages import XmlRecords
 from crnn.errors import DataError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
-
-
-class LineRecords:
-    """A split of text lines. Subclasses fill `texts`, `ids`, `problems` and implement the rest."""
-
-    name: str
-    texts: list[str]
-    ids: list[str]
-    problems: list[str]
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def image(self, index: int) -> Image.Image:
-        """Grayscale (mode 'L') image of line `index`; DataError if it cannot be decoded."""
-        raise NotImplementedError
-
-    def sizes(self) -> list[tuple[int, int]]:
-        """(width, height) of every line, from image headers (or an estimate)."""
-        raise NotImplementedError
 
 
 def _check_text(text: object, where: str, problems: list[str]) -> str | None:
@@ -260,8 +240,6 @@ def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
     if data_cfg.source == "parquet":
         return parquet_records(path, key)
     if data_cfg.source == "xml":
-        from crnn.data.xml_pages import XmlRecords  # it builds on LineRecords, defined here
-
         xml = data_cfg.xml
         return XmlRecords(path, key, (xml.baseline_above, xml.baseline_below), xml.cache_dir,
                           workers=data_cfg.num_workers)

@@ -40,3 +40,8 @@ def resize_line(image: Image.Image, height: int, mode: str = "keep_aspect", widt
     if mode == "fit":
         ink = F.pad(ink, (0, width - size[0], 0, height - size[1]))
     return ink
+
+
+def round_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple` (a batch's padded width)."""
+    return -(-value // multiple) * multiple

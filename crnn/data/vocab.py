@@ -32,14 +32,6 @@ class Vocab:
     def unknown(self, text: str) -> set[str]:
         return {char for char in text if char not in self.index}
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> class indices; raises DataError naming any character outside the vocab."""
-        try:
-            return [self.index[char] for char in text]
-        except KeyError:
-            missing = "".join(sorted(self.unknown(text)))
-            raise DataError(f"characters {missing!r} of {text!r} are not in the vocab") from None
-
     def decode(self, indices: Iterable[int]) -> str:
         """Class indices (no blanks) -> text."""
         return "".join(self.chars[i - 1] for i in indices)

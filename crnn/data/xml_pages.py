@@ -41,13 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from crnn.data.images import decode_image
-from crnn.data.sources import LineRecords
+from crnn.data.images import IMAGE_SUFFIXES, decode_image
+from crnn.data.records import LineRecords
 from crnn.errors import DataError
+from crnn.runlog import progress
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 OUTSIDE_TOLERANCE = 2.0  # pixels a point may lie outside its page (rounding) before the line is refused
 CROP_VERSION = 1  # part of the cache key: bump when the cropping changes
 
@@ -424,8 +423,7 @@ class XmlRecords(LineRecords):
         self.pages = 0
         paths = xml_files(spec, key)
         job = functools.partial(page_lines, band=band, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
-        for lines in tqdm(map_pages(job, paths, workers), total=len(paths), desc=f"{key}: cropping lines",
-                          disable=not show_progress, leave=False):
+        for lines in progress(map_pages(job, paths, workers), f"{key}: cropping lines", show_progress, len(paths)):
             self.pages += lines.read
             self.ids += lines.ids
             self.texts += lines.texts

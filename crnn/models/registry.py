@@ -22,8 +22,13 @@ def register_model(name: str):
     return register
 
 
+def check_model_name(name: str) -> None:
+    """ConfigError unless `model.name` is registered."""
+    if name not in MODELS:
+        raise ConfigError(f"'model.name' is '{name}'; registered models: {', '.join(sorted(MODELS))}")
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build `cfg.name` for `num_classes` classes (blank included)."""
-    if cfg.name not in MODELS:
-        raise ConfigError(f"'model.name' is '{cfg.name}'; registered models: {', '.join(sorted(MODELS))}")
+    check_model_name(cfg.name)
     return MODELS[cfg.name](cfg, num_classes)

@@ -1,0 +1,101 @@
+"""Which device and which precision: the one home of both decisions.
+
+- `resolve_device`: `train.device` (or a tool's `--device`) -> a torch.device.
+- `check_device_options`: what a run's config asks of its device (SyncBatchNorm, DataParallel,
+  the precision), refused before any work is done.
+- `resolve_amp`: the one meaning of `train.amp` (and of the tools' `--amp`) -> the autocast dtype;
+  training, validation, evaluation and the benchmark all use it. `autocast` wraps a forward pass
+  (and its loss) in it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from crnn.config import DEVICES, TrainConfig
+from crnn.errors import ConfigError
+from crnn.runlog import log
+
+AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`name`: auto (CUDA if present), cpu, cuda, or cuda:N; plain `cuda` is the `local_rank`-th
+    GPU. ConfigError naming `key` for anything else, or for CUDA where there is none."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"'{key}' must be {DEVICES}, got '{name}'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"'{key}' asks for CUDA, but no CUDA device is available; use {key}=cpu"
+                              if key.startswith("train.") else
+                              f"{key} {name}: no CUDA device is available here; use {key} cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"'{key}' must be {DEVICES}, got '{name}'")
+    return device
+
+
+def check_device_options(train: TrainConfig, device: torch.device) -> None:
+    """Reject what the config asks of a device it does not have (the values themselves were
+    checked when the config was loaded)."""
+    resolve_amp(train.amp, device)
+    if train.sync_bn and device.type != "cuda":
+        raise ConfigError("'train.sync_bn=true' needs CUDA (SyncBatchNorm does not run on CPU); "
+                          "set train.sync_bn=false")
+    if train.data_parallel and device.type != "cuda":
+        raise ConfigError("'train.data_parallel=true' needs CUDA devices; set train.data_parallel=false")
+
+
+def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
+    """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
+
+    auto: bf16 on a CUDA GPU that supports it, else fp16 there; float32 on the CPU (CPU autocast
+    is slower than float32 on most CPUs). fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
+    if amp == "bf16" and device.type == "cpu" and not cpu_runs_bf16_natively():
+        warn_emulated_bf16(key)
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def cpu_runs_bf16_natively() -> bool:
+    """oneDNN's own test: bf16 kernels on x86 need AVX-512 (or AMX), on ARM the bf16 extension.
+    Without them PyTorch emulates bf16. An unknown answer counts as native (no warning)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+_bf16_warning_given = False
+
+
+def warn_emulated_bf16(key: str) -> None:
+    """Once per process (the benchmark resolves `--amp`, then each config's `train.amp`)."""
+    global _bf16_warning_given
+    if _bf16_warning_given:
+        return
+    _bf16_warning_given = True
+    log.warning(
+        "%s=bf16 on a CPU without bf16 kernels (no AVX-512 or AMX): PyTorch emulates bf16 here, which is "
+        "many times slower than float32 (training 14-18x slower on a 2-core AMD EPYC without AVX-512); "
+        "%s=auto runs in float32 on the CPU", key, key)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Autocast to `amp_dtype` on `device`'s type; a no-op context for float32 (None)."""
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
