@@ -4,6 +4,7 @@ import ast
 import re
 
 import pytest
+import torch
 
 from tests.helpers import REPO, run_tool
 
@@ -26,3 +27,21 @@ def test_help_prints_the_examples():
     out = run_tool(TOOLS[0].parent / "train.py", "--help", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "train.init_from=runs/base/checkpoints/best.pt \\\n" in out.stdout
+
+
+def test_gpu_check_runs_every_gpu_step_or_says_why_not(tmp_path):
+    listed = run_tool("tools/gpu_check.py", "--out", tmp_path / "out", "--data", "train.parquet,val.parquet",
+                      "--dry-run", timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    steps = dict(line.split("\t", 1) for line in listed.stdout.strip().splitlines())
+    assert list(steps) == ["tests", "loop", "referee"]
+    assert "tests/test_cuda.py" in steps["tests"]
+    assert "--loop" in steps["loop"] and "--cfg experiments/candidates/frames16.yaml" in steps["loop"]
+    assert "--budget-minutes 1 " in steps["referee"] and "--data train.parquet,val.parquet" in steps["referee"]
+    skipped = run_tool("tools/gpu_check.py", "--out", tmp_path / "out", "--data", "t,v", "--skip", "tests,referee",
+                       "--dry-run", timeout=120)
+    assert [line.split("\t")[0] for line in skipped.stdout.splitlines()] == ["loop"]
+    if not torch.cuda.is_available():
+        refused = run_tool("tools/gpu_check.py", "--out", tmp_path / "out", "--data", "t,v", timeout=120)
+        assert refused.returncode == 2 and refused.stderr.startswith("error: no CUDA device here")
+        assert not (tmp_path / "out").exists()
