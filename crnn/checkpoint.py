@@ -180,6 +180,7 @@ class RunState:
     epochs_without_improvement: int = 0
     epoch_stats: dict = field(default_factory=dict)  # the unfinished epoch so far (summed over ranks)
     train_seconds: float = 0.0  # time spent in finished epochs' training loops (train.max_minutes)
+    planned_steps: int = 0  # the steps fitted to train.max_minutes, where the LR schedule ends (0: not fitted)
     # the signal that ended this process's run early, if any: not saved, a resumed run starts afresh
     stopped_by: int | None = field(default=None, metadata={"saved": False})
 
@@ -202,6 +203,10 @@ class TrainingCheckpoint:
     rng: dict  # rng_state()
     progress: RunState
     metrics: dict = field(default_factory=dict)  # the epoch's metrics.jsonl record ({} mid-epoch)
+    # with train.ema, `model` holds the weights' moving average (the run's model) and these the weights
+    # being trained, which a resumed run continues from ({} without EMA)
+    training_weights: dict = field(default_factory=dict)
+    ema_updates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         state = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.name != "progress"}

@@ -178,6 +178,9 @@ class TrainConfig:
     warmup_steps: int = _non_negative(500)
     schedule: str = _choice("cosine", SCHEDULES)
     min_lr_ratio: float = _fraction(0.02)
+    # decay of an exponential moving average of the weights, which the run validates and saves as its
+    # model (e.g. 0.999; 0: off)
+    ema: float = _range(0.0, 0.0, 0.9999)
     grad_clip: float = _non_negative(5.0)  # max gradient norm (0: off)
     amp: str = _choice("auto", AMP_MODES)
     output_dir: str = ""  # "" -> runs/<config file stem>

@@ -56,27 +56,30 @@ def check_device_options(train: TrainConfig, device: torch.device) -> None:
 def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
     """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
 
-    auto: bf16 on a CUDA GPU that supports it, else fp16 there; float32 on the CPU (CPU autocast
-    is slower than float32 on most CPUs). fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
+    auto: bf16 on a CUDA GPU that supports it, else fp16 there; on a CPU, bf16 where it has bf16
+    kernels (AVX-512 BF16 or AMX: about twice float32's training speed, at the same CER per minute
+    or better, docs/ablations.md), float32 where PyTorch would emulate bf16 (many times slower).
+    fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
     """
     if amp == "auto":
         if device.type != "cuda":
-            return None
+            return torch.bfloat16 if cpu_runs_bf16_natively() is True else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
-    if amp == "bf16" and device.type == "cpu" and not cpu_runs_bf16_natively():
+    if amp == "bf16" and device.type == "cpu" and cpu_runs_bf16_natively() is False:
         warn_emulated_bf16(key)
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def cpu_runs_bf16_natively() -> bool:
+def cpu_runs_bf16_natively() -> bool | None:
     """oneDNN's own test: bf16 kernels on x86 need AVX-512 (or AMX), on ARM the bf16 extension.
-    Without them PyTorch emulates bf16. An unknown answer counts as native (no warning)."""
+    Without them PyTorch emulates bf16. None when PyTorch cannot say (then `auto` keeps float32 and
+    an explicit bf16 gets no warning)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return True
+        return None
 
 
 _bf16_warning_given = False
@@ -91,7 +94,7 @@ def warn_emulated_bf16(key: str) -> None:
     log.warning(
         "%s=bf16 on a CPU without bf16 kernels (no AVX-512 or AMX): PyTorch emulates bf16 here, which is "
         "many times slower than float32 (training 14-18x slower on a 2-core AMD EPYC without AVX-512); "
-        "%s=auto runs in float32 on the CPU", key, key)
+        "%s=auto runs in float32 on such a CPU", key, key)
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

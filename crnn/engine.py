@@ -29,7 +29,7 @@ from crnn.device import autocast, resolve_amp
 from crnn.distributed import all_reduce_sum, unwrap
 from crnn.errors import CrnnError
 from crnn.metrics import ErrorCounts
-from crnn.optim import build_optimizer, build_scheduler
+from crnn.optim import Horizon, WeightEma, build_optimizer, build_scheduler
 from crnn.runlog import progress
 
 
@@ -81,11 +81,11 @@ class EpochStats:
         self.lines += lines
 
     def count_skipped(self, errors: list[str], too_long: int) -> None:
+        """Count a batch's skipped lines; keep the first few unreadable ones' reasons for the log (the
+        too-long lines are only counted: the epoch's warning says how many)."""
         self.unreadable += len(errors)
         self.too_long += too_long
         self.problems.extend(errors[: max(0, 5 - len(self.problems))])
-        if too_long and len(self.problems) < 5:
-            self.problems.append(f"{too_long} line(s) with more characters than CTC frames")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +127,8 @@ class TrainSetup:
     oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
     augmenter: BatchAugmenter | None  # training batches' augmentation, on the device
     freeze_encoder_steps: int  # the encoder's BatchNorm statistics are held so long (its LR: crnn.optim)
+    horizon: Horizon = field(default_factory=lambda: Horizon(0))  # where the LR schedule ends
+    ema: WeightEma | None = None  # the weights' moving average (train.ema), updated after every step
     world_size: int = 1  # processes stepping together (DDP)
     # under DDP, where every rank must join every gradient all-reduce, a rank whose batch is left
     # empty (all its lines unreadable or too long) steps this blank line with a loss weight of 0
@@ -144,7 +146,9 @@ class TrainSetup:
         augmentation of `cfg`, and what `world_size` processes stepping together need."""
         amp_dtype = resolve_amp(cfg.train.amp, device)
         optimizer = build_optimizer(cfg.train, model, device, world_size)
-        return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, total_steps),
+        horizon = Horizon(total_steps)
+        ema = WeightEma(model, cfg.train.ema) if cfg.train.ema else None
+        return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, horizon), horizon=horizon, ema=ema,
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
                    shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
@@ -275,6 +279,8 @@ def train_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: i
             if setup.freeze_encoder_steps:
                 hold_batchnorm(unwrap(model).encoder, step < setup.freeze_encoder_steps)
             finite, main_sum, shortcut_sum = train_step(model, batch, setup, weight, epoch, step)
+            if finite and setup.ema is not None:
+                setup.ema.update(unwrap(model))
             step += 1
             stats.steps += 1
             stats.bad_steps += not finite

@@ -1,9 +1,11 @@
 """AdamW and the learning-rate schedule: linear warmup, then cosine decay, as a pure function of
-the step (LambdaLR), so that resuming at step s gives exactly the LR of step s."""
+the step and of the step where the decay ends (`Horizon`), so that resuming at step s gives
+exactly the LR of step s."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -42,18 +44,62 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
     return torch.optim.AdamW(groups, lr=scaled_lr(cfg, world_size), fused=device.type == "cuda")
 
 
+@dataclass
+class Horizon:
+    """The step where the cosine decay ends: the run's planned steps. Set once more after the first
+    steps of a run with a time budget (`train.max_minutes`), when its speed is known; a checkpoint
+    carries it (RunState.planned_steps)."""
+
+    steps: int
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule is rebuilt from the config on resume (a checkpoint carries only the step), so
-    a resumed run may change `train.epochs` or the number of processes and get a matching schedule.
-    The encoder's groups learn nothing (LR 0: its weights do not move, weight decay included) for
-    the first `train.freeze_encoder_steps` steps."""
+                    horizon: Horizon) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule is rebuilt from the config on resume (a checkpoint carries only the step and
+    the horizon), so a resumed run may change `train.epochs` or the number of processes and get a
+    matching schedule. The encoder's groups learn nothing (LR 0: its weights do not move, weight
+    decay included) for the first `train.freeze_encoder_steps` steps."""
 
     def schedule(step: int) -> float:  # a plain function: LambdaLR does not save it
-        return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule == "cosine")
+        return lr_multiplier(step, cfg.warmup_steps, horizon.steps, cfg.min_lr_ratio, cfg.schedule == "cosine")
 
     def frozen_schedule(step: int) -> float:
         return 0.0 if step < cfg.freeze_encoder_steps else schedule(step)
 
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [frozen_schedule if group.get("encoder") else schedule for group in optimizer.param_groups])
+
+
+class WeightEma:
+    """An exponential moving average of a model's weights (`train.ema`, the decay; HTR-VT, timm's
+    ModelEma): after each optimizer step every floating-point entry of the state dict (parameters
+    and BatchNorm statistics) moves towards the model's by 1 - decay, the decay warming up as
+    min(decay, (1 + updates) / (10 + updates)) so that the first steps are not averaged with the
+    random start. The run validates and saves these weights as its model; integer entries (BatchNorm's
+    counters) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float, updates: int = 0):
+        self.decay, self.updates = decay, updates
+        self.state = {name: tensor.detach().clone().float() if tensor.is_floating_point() else tensor.detach().clone()
+                      for name, tensor in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        floating = [name for name, tensor in self.state.items() if tensor.is_floating_point()]
+        torch._foreach_lerp_([self.state[name] for name in floating],
+                             [current[name].detach().float() for name in floating], 1.0 - decay)
+        for name, tensor in self.state.items():
+            if not tensor.is_floating_point():
+                tensor.copy_(current[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, as a model state dict."""
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for name, tensor in self.state.items():
+            tensor.copy_(state[name])
+        self.updates = updates

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import signal
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,7 @@ from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_epoc
 from crnn.errors import CheckpointError, ConfigError
 from crnn.finetune import initial_vocab, starting_weights
 from crnn.models import build_model, check_model_name
-from crnn.optim import scaled_lr
+from crnn.optim import WeightEma, scaled_lr
 from crnn.runlog import RunLogger
 
 
@@ -202,12 +202,31 @@ def restore(checkpoint: TrainingCheckpoint, cfg: Config, model: nn.Module, setup
     if saved.model != cfg.model:
         changed = [k for k, v in vars(cfg.model).items() if getattr(saved.model, k) != v]
         raise CheckpointError(f"cannot resume: the checkpoint's model differs in model.{', model.'.join(changed)}")
-    unwrap(model).load_state_dict(checkpoint.model)
+    unwrap(model).load_state_dict(checkpoint.training_weights or checkpoint.model)
+    if setup.ema is not None:  # from a checkpoint without an average, it starts from the loaded weights
+        setup.ema.load_state_dict(checkpoint.model, checkpoint.ema_updates if checkpoint.training_weights else 0)
     setup.optimizer.load_state_dict(checkpoint.optimizer)
     setup.scheduler.load_state_dict(checkpoint.scheduler)
     setup.scaler.load_state_dict(checkpoint.scaler)
     set_rng_state(checkpoint.rng)
+    if checkpoint.progress.planned_steps:  # the schedule's end as fitted to train.max_minutes
+        setup.horizon.steps = checkpoint.progress.planned_steps
     return checkpoint.progress
+
+
+@contextmanager
+def averaged_weights(model: nn.Module, ema: WeightEma | None):
+    """`model` holds the weights' moving average inside the block (nothing changes without one);
+    its own weights come back bit for bit afterwards."""
+    if ema is None:
+        yield
+        return
+    own = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    model.load_state_dict(ema.state_dict())
+    try:
+        yield
+    finally:
+        model.load_state_dict(own)
 
 
 def log_run(logger: RunLogger, cfg: Config, dist: DistInfo, data: RunData, model: nn.Module,
@@ -262,9 +281,9 @@ def build_run(cfg: Config, dist: DistInfo, start: ModelFile | None = None) -> Ru
 
 def report_skipped(logger: RunLogger, epoch: int, stats: EpochStats) -> None:
     if stats.unreadable or stats.too_long or stats.bad_steps:
-        logger.warning("epoch %d: skipped %d unreadable line(s), %d line(s) too long for their width, %d "
-                       "non-finite step(s); first: %s", epoch, stats.unreadable, stats.too_long,
-                       stats.bad_steps, " | ".join(stats.problems[:3]) or "-")
+        unreadable = f"; first unreadable: {' | '.join(stats.problems[:3])}" if stats.problems else ""
+        logger.warning("epoch %d: skipped %d unreadable line(s), %d line(s) with more characters than CTC frames, "
+                       "%d non-finite step(s)%s", epoch, stats.unreadable, stats.too_long, stats.bad_steps, unreadable)
 
 
 def epoch_record(epoch: int, step: int, stats: EpochStats, result: EvalResult, lr: float) -> dict:
@@ -277,6 +296,10 @@ def epoch_record(epoch: int, step: int, stats: EpochStats, result: EvalResult, l
             "bad_steps": stats.bad_steps}
 
 
+# train.max_minutes: the steps timed to fit the schedule to the budget (after the first, slower ones)
+BUDGET_STEPS = (10, 50)
+
+
 @dataclass
 class Run:
     """One training run's loop: steps, validation, logs, checkpoints and stop decisions."""
@@ -287,42 +310,70 @@ class Run:
     vocab: Vocab
     train_loader: DataLoader
     val_loader: DataLoader
-    model: nn.Module  # wrapped (DDP, DataParallel, compile) as the config asks
+    model: nn.Module  # wrapped (DDP, DataParallel) as the config asks
     setup: TrainSetup
     state: RunState
+    _budget_timer: tuple[int, float] | None = None  # (step, training seconds) where the budget's timing began
 
     def save(self, metrics: dict, best: bool = False) -> None:
         """Write checkpoints/last.pt (keeping the one it replaces) and, if `best`, best.pt."""
         if not self.dist.is_main:
             return
-        setup = self.setup
+        setup, weights = self.setup, unwrap(self.model).state_dict()
         state = TrainingCheckpoint(
-            model=unwrap(self.model).state_dict(), optimizer=setup.optimizer.state_dict(),
+            model=setup.ema.state_dict() if setup.ema else weights, optimizer=setup.optimizer.state_dict(),
             scheduler=setup.scheduler.state_dict(), scaler=setup.scaler.state_dict(),
             config=self.cfg.to_dict(), vocab=list(self.vocab.chars), rng=rng_state(), progress=self.state,
-            metrics=metrics).to_dict()
+            metrics=metrics, training_weights=weights if setup.ema else {},
+            ema_updates=setup.ema.updates if setup.ema else 0).to_dict()
         checkpoint_dir = Path(self.cfg.train.output_dir) / "checkpoints"
         save_checkpoint(state, checkpoint_dir / "last.pt", keep_previous=True)
         if best:
             save_checkpoint(state, checkpoint_dir / "best.pt")
 
     def validate(self) -> EvalResult:
+        """The model the run saves (the weights' average with train.ema) on the validation split."""
         model = self.model if isinstance(self.model, DataParallelCRNN) else unwrap(self.model)
-        distributed.broadcast_buffers(model)  # validate with the statistics that rank 0 saves
-        return evaluate(model, self.val_loader, self.dist.device, {"greedy": GreedyDecoder(self.vocab)},
-                        self.setup.amp_dtype, keep_samples=self.cfg.train.val_images,
-                        show_progress=self.dist.is_main)
+        distributed.broadcast_buffers(model)  # every rank ends the epoch with the statistics rank 0 saves
+        with averaged_weights(unwrap(self.model), self.setup.ema):
+            distributed.broadcast_buffers(model)  # the average's too (each rank averaged its own)
+            return evaluate(model, self.val_loader, self.dist.device, {"greedy": GreedyDecoder(self.vocab)},
+                            self.setup.amp_dtype, keep_samples=self.cfg.train.val_images,
+                            show_progress=self.dist.is_main)
 
     def out_of_budget(self, step: int, epoch_seconds: float) -> bool:
-        """train.max_steps or train.max_minutes reached (the caller agrees it across ranks)."""
-        train = self.cfg.train
-        if train.max_steps and step >= train.max_steps:
+        """train.max_steps, the steps planned for train.max_minutes or the minutes themselves reached
+        (the caller agrees it across ranks)."""
+        train, planned = self.cfg.train, self.state.planned_steps
+        if (train.max_steps and step >= train.max_steps) or (planned and step >= planned):
             return True
         return bool(train.max_minutes and self.state.train_seconds + epoch_seconds >= 60 * train.max_minutes)
+
+    def fit_schedule_to_budget(self, step: int, epoch_seconds: float) -> None:
+        """With train.max_minutes (and no train.max_steps), time steps BUDGET_STEPS[0] to
+        BUDGET_STEPS[1] of the run, then end the LR schedule at the step the minutes allow: the
+        cosine reaches its floor as the budget runs out, instead of stopping the run near its peak."""
+        train, state = self.cfg.train, self.state
+        if not train.max_minutes or train.max_steps or state.planned_steps or step < BUDGET_STEPS[0]:
+            return
+        elapsed = state.train_seconds + epoch_seconds
+        if self._budget_timer is None:
+            self._budget_timer = (step, elapsed)
+        if step < self._budget_timer[0] + BUDGET_STEPS[1] - BUDGET_STEPS[0]:
+            return
+        first_step, first_seconds = self._budget_timer
+        per_second = (step - first_step) / max(elapsed - first_seconds, 1e-9)
+        planned = step + int(per_second * max(60 * train.max_minutes - elapsed, 0.0))
+        planned = min(planned, train.epochs * len(self.train_loader.batch_sampler))
+        planned = -int(distributed.max_over_ranks([-planned])[0])  # the slowest rank's plan
+        state.planned_steps = self.setup.horizon.steps = planned
+        self.logger.info("train.max_minutes=%g: %.2f steps/s over steps %d-%d, so the LR schedule ends at step "
+                         "%d", train.max_minutes, per_second, first_step, step, planned)
 
     def after_step(self, stats: EpochStats, stop: StopRequest) -> bool:
         """Between two steps: log, checkpoint on schedule or on a stop request. True: end the epoch."""
         step, train = self.state.step, self.cfg.train
+        self.fit_schedule_to_budget(step, stats.seconds)
         if step % train.log_every == 0:
             self.logger.scalars(step, {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,
                                        "train/lr": self.setup.scheduler.get_last_lr()[0],

@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py OUT_DIR CFG [key=value ...]
 
-Writes OUT_DIR/rank<R>.pt with the rank's final weights and buffers and the dataset indices of its
-epoch-1 shard.
+Writes OUT_DIR/rank<R>.pt with the rank's final weights and buffers (and their moving average with
+train.ema) and the dataset indices of its epoch-1 shard.
 """
 
 import sys
@@ -26,7 +26,8 @@ def main() -> None:
         sampler.set_epoch(1)
         shard = [index for batch in sampler for index, _ in batch]
         run.train()
-        torch.save({"state": unwrap(run.model).state_dict(), "shard": shard, "world": info.world_size},
+        ema = run.setup.ema.state_dict() if run.setup.ema else None
+        torch.save({"state": unwrap(run.model).state_dict(), "ema": ema, "shard": shard, "world": info.world_size},
                    out_dir / f"rank{info.rank}.pt")
         finished = True
     finally:

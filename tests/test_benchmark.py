@@ -116,11 +116,21 @@ def test_budget_mode_reports_a_config_error_from_its_training_process(tmp_path):
     assert "tiny.yaml" in result.stderr and "train.bogus" in result.stderr
 
 
-def test_amp_auto_means_the_same_in_training_and_in_the_benchmark():
+@pytest.mark.parametrize("native", [True, False, None], ids=["bf16 kernels", "emulated", "unknown"])
+def test_amp_auto_on_a_cpu_is_bf16_only_where_it_has_bf16_kernels(monkeypatch, native):
+    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: native)
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None  # training's meaning: float32 on the CPU
-    setup = TrainSetup.from_config(load_config(TINY), model=torch.nn.Linear(2, 2), device=cpu, total_steps=1)
-    assert setup.amp_dtype is None
+    expected = torch.bfloat16 if native else None
+    assert resolve_amp("auto", cpu) is expected
+    setup = TrainSetup.from_config(load_config(TINY, ["train.amp=auto"]), model=torch.nn.Linear(2, 2), device=cpu,
+                                   total_steps=1)
+    assert setup.amp_dtype is expected
+
+
+def test_amp_auto_means_the_same_in_training_and_in_the_benchmark(monkeypatch):
+    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: False)
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None  # training's meaning on a CPU without bf16 kernels: float32
     row = speed_row(str(TINY), make_lines(2, height=32), cpu, batch_size=2, repeats=1, warmup=0, amp="auto")
     assert "train_fp32_lines_per_s" in row and not [key for key in row if "bf16" in key or "fp16" in key]
     row = speed_row(str(TINY), make_lines(2, height=32), cpu, batch_size=2, repeats=1, warmup=0, amp="bf16")
@@ -140,7 +150,7 @@ def test_bf16_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch, capl
     assert len(warnings) == (0 if native else 1)  # once per process, not once per call
     if not native:
         assert warnings[0].startswith("train.amp=bf16 on a CPU without bf16 kernels")
-        assert "train.amp=auto runs in float32" in warnings[0]
+        assert "train.amp=auto runs in float32 on such a CPU" in warnings[0]
 
 
 def test_train_setup_takes_every_setting_from_the_config():

@@ -13,11 +13,12 @@ from tests.helpers import TINY, read_metrics, run_tool, torchrun
 COMMON = ["data.synthetic.train=40", "data.synthetic.validation=20", "data.batch_size=4", "train.epochs=1"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """One 2-process run of the tiny config; every rank dumps its weights and its shard."""
+@pytest.fixture(scope="module", params=[[], ["train.ema=0.9"]], ids=["plain", "ema"])
+def ddp_run(tmp_path_factory, request):
+    """One 2-process run of the tiny config (with and without a weight EMA); every rank dumps its
+    weights, their average and its shard."""
     out = tmp_path_factory.mktemp("ddp")
-    torchrun("tests/distributed_worker.py", out, TINY, *COMMON, f"train.output_dir={out / 'run'}")
+    torchrun("tests/distributed_worker.py", out, TINY, *COMMON, *request.param, f"train.output_dir={out / 'run'}")
     return out
 
 
@@ -36,7 +37,15 @@ def test_ranks_end_with_identical_weights_and_statistics(ddp_run):
     assert rank0["world"] == 2
     for name, tensor in rank0["state"].items():
         assert torch.equal(tensor, rank1["state"][name]), name
-    saved = load_checkpoint(ddp_run / "run" / "checkpoints" / "last.pt")["model"]
+    checkpoint = load_checkpoint(ddp_run / "run" / "checkpoints" / "last.pt")
+    if rank0["ema"] is None:
+        saved = checkpoint["model"]
+    else:  # the average is the saved model, the same on every rank (but for the BatchNorm statistics,
+        # which each rank averages from its own batches; validation takes rank 0's); the trained weights beside it
+        assert all(torch.equal(tensor, rank1["ema"][name]) for name, tensor in rank0["ema"].items()
+                   if "running_" not in name and "num_batches" not in name)
+        assert all(torch.equal(checkpoint["model"][name], tensor) for name, tensor in rank0["ema"].items())
+        saved = checkpoint["training_weights"]
     assert all(torch.equal(saved[name], tensor) for name, tensor in rank0["state"].items())
 
 

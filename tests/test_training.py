@@ -1,13 +1,18 @@
 """Training end to end on data the tests make: overfitting, resuming, the run directory, faults."""
 
+import json
+
 import pytest
 import torch
 
+from crnn import trainer
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
 from crnn.decoding import GreedyDecoder
+from crnn.distributed import DistInfo
 from crnn.engine import evaluate
 from crnn.errors import ConfigError
+from crnn.optim import WeightEma
 from crnn.trainer import fit
 from tests.helpers import TINY, overfit_tiny, read_metrics, run_tool, synthetic_folder
 
@@ -45,8 +50,9 @@ def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path):
         assert val_loss == pytest.approx(pinned_val, rel=1e-5) and train_loss == pytest.approx(pinned_train, rel=1e-5)
 
 
-def test_resume_continues_exactly_like_an_unbroken_run(tmp_path):
-    common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8"]
+@pytest.mark.parametrize("ema", [[], ["train.ema=0.9"]], ids=["plain", "ema"])
+def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, ema):
+    common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8", *ema]
     fit(load_config(TINY, [*common, f"train.output_dir={tmp_path / 'unbroken'}"]))
     fit(load_config(TINY, [*common, "train.epochs=1", f"train.output_dir={tmp_path / 'broken'}"]))
     fit(load_config(TINY, [*common, "train.resume=auto", f"train.output_dir={tmp_path / 'broken'}"]))
@@ -54,9 +60,46 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path):
     assert [m["epoch"] for m in resumed] == [1, 2]
     assert resumed[1]["train_loss"] == pytest.approx(unbroken[1]["train_loss"], rel=1e-6)
     assert resumed[1]["val_cer"] == unbroken[1]["val_cer"]
-    weights_a = load_checkpoint(tmp_path / "unbroken" / "checkpoints" / "last.pt")["model"]
-    weights_b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")["model"]
-    assert all(torch.allclose(weights_a[k].float(), weights_b[k].float(), atol=1e-6) for k in weights_a)
+    state_a = load_checkpoint(tmp_path / "unbroken" / "checkpoints" / "last.pt")
+    state_b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")
+    for key in ("model", "training_weights"):  # with EMA: the average and the weights it follows
+        weights_a, weights_b = state_a[key], state_b[key]
+        assert weights_a.keys() == weights_b.keys() and bool(weights_a) == (key == "model" or bool(ema))
+        assert all(torch.allclose(weights_a[k].float(), weights_b[k].float(), atol=1e-6) for k in weights_a)
+    assert state_a["ema_updates"] == state_b["ema_updates"] == (6 if ema else 0)
+
+
+def test_ema_is_the_model_the_run_validates_and_saves(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 8)
+    run_dir = tmp_path / "run"
+    fit(load_config(TINY, ["data.source=folder", f"data.train={lines}", f"data.validation={lines}", "train.epochs=3",
+                           "data.batch_size=2", "train.ema=0.9", "train.warmup_steps=2", f"train.output_dir={run_dir}"]))
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    average, trained = state["model"], state["training_weights"]
+    assert state["ema_updates"] == 12
+    assert any(not torch.equal(average[k], trained[k]) for k in average if average[k].is_floating_point())
+    # the recorded validation CER is the average's: evaluate.py on the checkpoint finds it again
+    result = run_tool("tools/evaluate.py", "--ckpt", run_dir / "checkpoints" / "last.pt", "--split", "validation",
+                      "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "r.json").read_text())["greedy"]
+    assert evaluated["cer"] == pytest.approx(read_metrics(run_dir)[-1]["val_cer"], abs=1e-9)
+
+
+def test_weight_ema_follows_its_warmed_up_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEma(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 3
+    ema.update(model)  # first update: decay min(0.9, 2/11)
+    expected = start + (1 - 2 / 11) * 1.0
+    assert torch.allclose(ema.state_dict()["0.weight"], expected)
+    assert int(ema.state_dict()["1.num_batches_tracked"]) == 3  # integers are copied
+    for _ in range(50):
+        ema.update(model)
+    assert torch.allclose(ema.state_dict()["0.weight"], model[0].weight, atol=1e-2) and ema.updates == 51
 
 
 def test_train_tool_writes_every_run_directory_file(tmp_path):
@@ -118,3 +161,29 @@ def test_early_stopping_follows_patience(tmp_path):
             break
     assert len(cers) == expected < 6  # stopped, and exactly when the rule says
     assert state.epoch == len(cers) and state.best_cer == min(cers)
+
+
+def test_max_minutes_fits_the_lr_schedule_to_the_steps_that_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "BUDGET_STEPS", (2, 6))
+    cfg = load_config(TINY, ["train.epochs=1000", "train.max_minutes=1", "train.warmup_steps=2",
+                             f"train.output_dir={tmp_path / 'timed'}"])
+    run = trainer.build_run(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
+    assert run.setup.horizon.steps == 1000 * 6  # before timing: the epochs' steps
+    run.fit_schedule_to_budget(2, 1.0)  # steps 2 to 6 in 2 s: 2 steps/s, 57 s of the minute left
+    assert run.state.planned_steps == 0
+    run.fit_schedule_to_budget(6, 3.0)
+    assert run.state.planned_steps == run.setup.horizon.steps == 6 + 2 * 57
+    floor = cfg.train.lr * cfg.train.min_lr_ratio
+    assert run.setup.scheduler.lr_lambdas[0](120) * cfg.train.lr == pytest.approx(floor)
+    assert run.out_of_budget(120, 3.0) and not run.out_of_budget(119, 3.0)
+    trainer.shut_down(run.train_loader)
+
+    # a whole run: it stops at its planned step (or its minutes), the plan travels in the checkpoint
+    run_dir = tmp_path / "run"
+    state = fit(load_config(TINY, ["train.epochs=1000", "train.max_minutes=0.1", "train.warmup_steps=2",
+                                   f"train.output_dir={run_dir}"]))
+    assert 6 < state.planned_steps and state.step <= state.planned_steps
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["planned_steps"] == state.planned_steps
+    resumed = trainer.build_run(load_config(TINY, ["train.epochs=1000", "train.max_minutes=0.1", "train.resume=auto",
+                                                   f"train.output_dir={run_dir}"]), DistInfo(0, 0, 1, torch.device("cpu")))
+    assert resumed.setup.horizon.steps == state.planned_steps
