@@ -1,14 +1,13 @@
 """Logs a person can read: progress as a line every few seconds in a log file, a live bar on a
-terminal; and the code's shape that the logs and docs describe (no two modules import each other)."""
+terminal, and no carriage-return flood in a training log."""
 
-import ast
 import logging
 import sys
 
 from tqdm import tqdm
 
 from crnn.runlog import LogProgress, progress
-from tests.helpers import REPO, TINY, run_tool
+from tests.helpers import TINY, run_tool
 
 
 def test_progress_in_a_log_file_is_a_line_every_interval(caplog):
@@ -42,36 +41,3 @@ def test_a_training_log_written_to_a_file_has_no_carriage_returns(tmp_path):
     assert "\r" not in result.stderr and "\r" not in result.stdout
     epochs = [line for line in result.stderr.splitlines() if " INFO epoch " in line and "train_loss" in line]
     assert len(epochs) == 2 and len(result.stderr.splitlines()) < 30, result.stderr
-
-
-def imported_crnn_modules(path, modules) -> set[str]:
-    """The crnn modules that `path` imports anywhere in it (top level or inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from crnn.data import synthetic` imports the submodule; `from crnn.data import Vocab`, the package
-            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
-                     for alias in node.names]
-        else:
-            continue
-        found |= {name for name in names if name in modules}
-    return found
-
-
-def test_no_two_modules_import_each_other():
-    paths = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
-             for path in (REPO / "crnn").rglob("*.py")}
-    graph = {module: imported_crnn_modules(path, paths) - {module} for module, path in paths.items()}
-    assert graph["crnn.trainer"] >= {"crnn.engine", "crnn.config"}  # the graph is read, not empty
-
-    def reaches(start, goal, seen):
-        for module in graph[start] - seen:
-            seen.add(module)
-            if module == goal or reaches(module, goal, seen):
-                return True
-        return False
-
-    circles = sorted(module for module in graph if reaches(module, module, set()))
-    assert circles == [], f"modules on an import circle: {circles}"
