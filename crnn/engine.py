@@ -127,7 +127,7 @@ class TrainSetup:
     oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
     augmenter: BatchAugmenter | None  # training batches' augmentation, on the device
     freeze_encoder_steps: int  # the encoder's BatchNorm statistics are held so long (its LR: crnn.optim)
-    horizon: Horizon = field(default_factory=lambda: Horizon(0))  # where the LR schedule ends
+    horizon: Horizon  # where the LR schedule ends: the scheduler reads it, a time budget sets it
     ema: WeightEma | None = None  # the weights' moving average (train.ema), updated after every step
     world_size: int = 1  # processes stepping together (DDP)
     # under DDP, where every rank must join every gradient all-reduce, a rank whose batch is left
