@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from crnn.checkpoint import atomic_write_text
 from crnn.config import Config, load_config, load_run_config
 from crnn.data import (
     Batch,
@@ -51,6 +50,7 @@ from crnn.errors import CrnnError
 from crnn.inference import collect_emissions, load_trained_model
 from crnn.metrics import ErrorCounts
 from crnn.models import build_model
+from crnn.outputs import atomic_write_text
 from crnn.runlog import RunLogger, setup_console_logging
 from crnn.trainer import build_loaders, build_training, configure_torch, fit, load_data
 

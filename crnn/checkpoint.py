@@ -4,7 +4,7 @@ A checkpoint holds only tensors and plain Python types (the config as a dict, th
 of characters, RNG states as tensors), so loading one from elsewhere cannot run code. Its keys are
 the fields of `TrainingCheckpoint` (with `RunState`'s progress fields alongside), written and read
 in one place. Every file of a run directory that is written whole (checkpoints, config.yaml, the
-rewrite of metrics.jsonl on resume) goes through `atomic_write`: to a temporary file in the same
+rewrite of metrics.jsonl on resume) goes through `crnn.outputs.atomic_write`: to a temporary file in the same
 folder, fsync'ed, then renamed over the old file, so a crash or kill at any instant leaves either
 the old or the new file, never a torn or emptied one (metrics.jsonl otherwise grows by appending).
 
@@ -25,13 +25,14 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 from crnn.errors import CheckpointError
+from crnn.outputs import atomic_write
 
 FORMAT = "crnn-checkpoint"
 VERSION = 1
@@ -76,39 +77,6 @@ def _test_fault_point() -> None:
     _saves += 1
     if os.environ.get("CRNN_TEST_KILL_IN_SAVE") == str(_saves):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None],
-                 before_replace: Callable[[], None] | None = None) -> None:
-    """Write `path` through `write(stream)` into a temporary file beside it, fsync, rename over.
-
-    Readers (and a crash at any instant) see the old content or the new, never a partial file. On
-    an OSError the temporary file is removed and the error raised. `before_replace` runs between
-    the write and the rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never shared by two writers
-    try:
-        with open(temporary, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(temporary, path)
-    except OSError:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write` for UTF-8 text."""
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
@@ -232,6 +200,16 @@ def is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def bundle_files(path: Path) -> set[str]:
+    """The names of the files a bundle's manifest lists, the manifest included (empty if it cannot
+    be read)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        return {MANIFEST, *files.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
 def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], Path]:
     """(config as a dict, vocab characters, weights, the weights' file) of a bundle, its LM file's
     path resolved against the bundle; CheckpointError naming the file that is missing or wrong."""
@@ -284,8 +262,8 @@ def read_model_file(path: Path, what: str = "") -> ModelFile:
         config, chars, weights, weights_file = read_bundle(path)
         return ModelFile(path, config, chars, weights, weights_file, True)
     if path.is_dir():
-        raise CheckpointError(f"{what + ': ' if what else ''}{path}: a folder without {MANIFEST}, so not an export "
-                              f"bundle; give a checkpoint file (checkpoints/best.pt) or a bundle of tools/export.py")
+        raise CheckpointError(f"{what + ': ' if what else ''}{path}: this folder holds no export bundle (no "
+                              f"{MANIFEST}); give a checkpoint file (checkpoints/best.pt) or a bundle of tools/export.py")
     state = load_checkpoint(path)
     missing = [key for key in ("model", "config", "vocab") if key not in state]
     if missing:

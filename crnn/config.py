@@ -108,6 +108,9 @@ class XmlConfig:
     cache_dir: str = ""  # "": crops kept in memory; a folder: crops kept there, keyed by file content
     baseline_above: float = _positive(60.0)  # a line given only by its baseline: band, in page pixels,
     baseline_below: float = _non_negative(20.0)  # above and below the baseline
+    # the folder page images must lie in ("": each XML file's own folder); a path in the XML that
+    # leads outside it is refused
+    image_root: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from crnn.checkpoint import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, atomic_write_text
+from crnn.checkpoint import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
 from crnn.config import config_yaml
 from crnn.errors import CrnnError
 from crnn.lm import NgramLM
+from crnn.outputs import atomic_write_text
 
 ONNX_TOLERANCE = 1e-4  # max |log-prob difference| between ONNX and PyTorch on valid frames
 OPSET = 17

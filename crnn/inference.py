@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from crnn.checkpoint import atomic_write_text, read_model_file
+from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, collate, make_sample
 from crnn.data.transforms import resized_size
@@ -24,6 +24,7 @@ from crnn.errors import CheckpointError, ConfigError
 from crnn.lm import read_texts
 from crnn.metrics import ErrorCounts
 from crnn.models import build_model
+from crnn.outputs import atomic_write_text
 
 OVERRIDABLE_SECTIONS = ("data", "decode")
 TUNED_DECODE = "decode.yaml"  # in the run directory, from tools/evaluate.py --tune-lm

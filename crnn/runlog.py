@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from crnn.checkpoint import atomic_write_text
+from crnn.outputs import atomic_write_text
 
 log = logging.getLogger("crnn")
 

@@ -36,7 +36,6 @@ from crnn.checkpoint import (
     ModelFile,
     RunState,
     TrainingCheckpoint,
-    atomic_write_text,
     load_checkpoint,
     load_newest_valid,
     read_model_file,
@@ -47,6 +46,7 @@ from crnn.checkpoint import (
 from crnn.config import Config, check_starting_point, config_from_dict, config_yaml
 from crnn.data import LineRecords, Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.check import check_records
+from crnn.data.records import problem_summary
 from crnn.decoding import GreedyDecoder
 from crnn.device import AMP_NAMES, check_device_options
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
@@ -55,6 +55,7 @@ from crnn.errors import CheckpointError, ConfigError
 from crnn.finetune import initial_vocab, starting_weights
 from crnn.models import build_model, check_model_name
 from crnn.optim import WeightEma, scaled_lr
+from crnn.outputs import RunLock, atomic_write_text
 from crnn.runlog import RunLogger
 
 
@@ -72,8 +73,9 @@ def configure_torch(cfg: Config, rank: int = 0) -> None:
 
 def report_problems(logger: RunLogger, records: LineRecords, split: str) -> None:
     if records.problems:
-        logger.warning("%s: %d problem(s) in %s, those lines are left out; first: %s", split,
-                       len(records.problems), records.name, " | ".join(records.problems[:3]))
+        logger.warning("%s: %d problem(s) in %s, those lines are left out (%s); first: %s", split,
+                       len(records.problems), records.name, problem_summary(records.problems),
+                       " | ".join(records.problems[:3]))
 
 
 def check_vocab_coverage(logger: RunLogger, vocab: Vocab, records: LineRecords, split: str) -> None:
@@ -90,6 +92,9 @@ def find_resume_checkpoint(cfg: Config, checkpoint_dir: Path,
     last = checkpoint_dir / "last.pt"
     if cfg.train.resume == "auto":
         found = load_newest_valid(last, logger.warning)
+        if not found:
+            logger.info("train.resume=auto: nothing to resume in %s (no checkpoints/last.pt), so a new run starts",
+                        checkpoint_dir.parent)
     elif cfg.train.resume:
         found = load_checkpoint(cfg.train.resume), Path(cfg.train.resume)
     elif last.exists():
@@ -455,8 +460,28 @@ def fit(cfg: Config, start: ModelFile | None = None) -> RunState:
     try:
         configure_torch(cfg, dist_info.rank)
         stop_after = cfg.train.stop_after_minutes
-        state = build_run(cfg, dist_info, start).train(started + 60 * stop_after if stop_after else None)
+        with run_directory_lock(cfg, dist_info) as lock:
+            run = build_run(cfg, dist_info, start)
+            if lock and lock.taken_over:
+                run.logger.warning("took over the lock of %s left by process %s, which is no longer running",
+                                   cfg.train.output_dir, lock.taken_over.get("pid", "?"))
+            state = run.train(started + 60 * stop_after if stop_after else None)
         finished = True
         return state
     finally:
         distributed.cleanup(wait_for_all=finished)
+
+
+@contextmanager
+def run_directory_lock(cfg: Config, dist: DistInfo):
+    """The run directory's lock for the life of the run (crnn.outputs.RunLock), taken by the main
+    process only (under torchrun the other ranks write nothing there); checks train.output_dir
+    before any data is read. Yields the lock, or None on the other ranks."""
+    if not dist.is_main:
+        yield None
+        return
+    lock = RunLock(cfg.train.output_dir, "train.output_dir").acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()

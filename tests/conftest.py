@@ -52,3 +52,20 @@ def parquet_split(tmp_path: Path):
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(0)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny model trained once (one epoch on synthetic lines): checkpoints + train_texts.txt."""
+    from crnn.config import load_config
+    from crnn.trainer import fit
+    from tests.helpers import TINY
+
+    path = tmp_path_factory.mktemp("tiny_run")
+    fit(load_config(TINY, [f"train.output_dir={path}"]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(run_dir) -> Path:
+    return run_dir / "checkpoints" / "best.pt"

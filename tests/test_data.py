@@ -10,7 +10,7 @@ from crnn.config import load_config
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, load_records, make_sample
 from crnn.data.check import check_records
 from crnn.data.collate import LineDataset, collate, ctc_min_frames
-from crnn.data.images import decode_image
+from crnn.data.images import decode_image, image_size
 from crnn.data.sources import FolderRecords, hub_records, parquet_records
 from crnn.errors import DataError
 
@@ -101,9 +101,12 @@ def test_any_image_mode_becomes_grayscale_with_white_paper(tmp_path, mode):
 def test_unreadable_and_empty_images_name_the_file(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
-    for name in ("empty.png", "junk.png"):
-        with pytest.raises(DataError, match=rf"{name}: unreadable image"):
-            decode_image(tmp_path / name, str(tmp_path / name))
+    for name, why in (("empty.png", r"empty file \(0 bytes\), not an image"), ("junk.png", "unreadable image")):
+        for read in (decode_image, image_size):
+            with pytest.raises(DataError, match=rf"{name}: {why}"):
+                read(tmp_path / name, str(tmp_path / name))
+        with pytest.raises(DataError, match=rf"{name}: {why}"):
+            decode_image((tmp_path / name).read_bytes(), str(tmp_path / name))
     with pytest.raises(DataError, match="missing.png: image file not found"):
         decode_image(tmp_path / "missing.png", str(tmp_path / "missing.png"))
 

@@ -266,7 +266,7 @@ def test_evaluation_reports_unreadable_lines_and_scores_the_rest(tmp_path):
     model = build_model(cfg.model, len(vocab))
     loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=False), train=False)
     result = evaluate(model, loader, torch.device("cpu"), {"greedy": GreedyDecoder(vocab)}, show_progress=False)
-    assert result.unreadable == 1 and "1.png: unreadable image" in result.problems[0]
+    assert result.unreadable == 1 and "1.png: empty file (0 bytes), not an image" in result.problems[0]
     assert result.counts["greedy"].lines == 5
 
 

@@ -221,7 +221,68 @@ def test_predict_fills_the_xml_and_the_pages_read_back(pages, xml_run, tmp_path)
                           "--out", blocker / "sub")
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
     last = unwritable.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {blocker / 'sub'}") and last.endswith("Not a directory"), unwritable.stderr
+    assert last == f"error: --out: {blocker / 'sub'}: {blocker} is a file, not a folder; give a folder"
+
+
+def test_predict_never_overwrites_its_input_pages_unless_asked(pages, checkpoint, tmp_path):
+    before = {name: (pages / name).read_bytes() for name in ("a.xml", "b.xml")}
+    same = run_tool("tools/predict.py", "--ckpt", checkpoint, pages / "a.xml", pages / "b.xml", "--out", pages)
+    assert same.returncode == 2 and "Traceback" not in same.stderr
+    assert same.stderr.strip().splitlines()[-1] == (
+        f"error: --out {pages}: the transcribed page would overwrite its input {pages / 'a.xml'}; give another "
+        f"--out, or --in-place to write into the input pages (each backed up as a.xml.bak)")
+    twice = run_tool("tools/predict.py", "--ckpt", checkpoint, pages / "a.xml", tmp_path / "x" / ".." / "pages" / "a.xml",
+                     "--out", tmp_path / "out")
+    assert twice.returncode == 2 and "two input pages are named a.xml" in twice.stderr
+    assert {name: (pages / name).read_bytes() for name in before} == before
+    in_place = run_tool("tools/predict.py", "--ckpt", checkpoint, pages / "a.xml", pages / "b.xml", "--in-place")
+    assert in_place.returncode == 0, in_place.stderr
+    assert f"the original kept as {pages / 'a.xml.bak'}" in in_place.stderr
+    for name, original in before.items():
+        assert (pages / f"{name}.bak").read_bytes() == original
+        assert (pages / name).read_bytes() != original and read_page(pages / name).kind == read_page(
+            pages / f"{name}.bak").kind
+    transcribed = (pages / "a.xml").read_bytes()
+    assert run_tool("tools/predict.py", "--ckpt", checkpoint, pages / "a.xml", "--in-place").returncode == 0
+    assert (pages / "a.xml.bak").read_bytes() == before["a.xml"]  # a backup is never replaced
+    assert (pages / "a.xml.bak.1").read_bytes() == transcribed
+
+
+def test_a_line_with_garbage_geometry_keeps_its_text_and_is_reported(pages, checkpoint, tmp_path):
+    source = (pages / "a.xml").read_text(encoding="utf-8")
+    source = source.replace('<TextLine ID="l2"', '<TextLine ID="l2"><Shape><Polygon POINTS="nan nan 1e309 5 abc 7"/>'
+                            '</Shape></TextLine><TextLine ID="l2b"', 1)
+    source = source.replace('<TextLine ID="l3"', '<TextLine ID="l0" HPOS="40" VPOS="nan" WIDTH="5" HEIGHT="5">'
+                            '<String CONTENT="kept"/></TextLine><TextLine ID="l3"', 1)
+    (pages / "a.xml").write_text(source, encoding="utf-8")
+    page = read_page(pages / "a.xml")
+    problems = {line.id: line.geometry_problem for line in page.lines if line.geometry_problem}
+    assert problems == {"l2": "malformed Shape/Polygon POINTS 'nan nan 1e309 5 abc 7'",
+                        "l0": "malformed box 'HPOS=40 VPOS=nan WIDTH=5 HEIGHT=5'"}
+    result = run_tool("tools/predict.py", "--ckpt", checkpoint, pages / "a.xml", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert f"{pages / 'a.xml'} line l2: malformed Shape/Polygon POINTS 'nan nan 1e309 5 abc 7', line left out" \
+        in result.stderr
+    assert f"{pages / 'a.xml'} line l0: malformed box" in result.stderr
+    written = {line.id: line.text for line in read_page(tmp_path / "out" / "a.xml").lines}
+    assert written["l0"] == "kept" and written["l2"] is None  # as they were (l2 had no text)
+    printed = [line.split("\t")[0].rsplit(":", 1)[1] for line in result.stdout.strip().splitlines()]
+    assert "l2" not in printed and "l0" not in printed and "l2b" in printed
+
+
+def test_a_page_image_path_that_leaves_the_folder_is_refused(pages, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (pages / "scan_a.jpg").rename(outside / "scan_a.jpg")
+    (pages / "a.xml").write_text((pages / "a.xml").read_text(encoding="utf-8").replace(
+        "<fileName>scan_a.jpg</fileName>", "<fileName>../elsewhere/scan_a.jpg</fileName>"), encoding="utf-8")
+    records = load_records(xml_config(f"data.train={pages}").data, "train")
+    refused = [problem for problem in records.problems if "a.xml" in problem]
+    assert refused == [f"{pages / 'a.xml'} (line 2): the page image path '../elsewhere/scan_a.jpg' leads outside "
+                       f"{pages.resolve()}, refused; put the image beside the XML file or name the folder that holds "
+                       f"it (data.xml.image_root, predict --image-root) (6 line(s) left out)"]
+    allowed = load_records(xml_config(f"data.train={pages}", f"data.xml.image_root={tmp_path}").data, "train")
+    assert len(allowed) == len(records) + 3 and not [p for p in allowed.problems if "leads outside" in p]
 
 
 @pytest.mark.skipif(not COPISTE_PAGES.is_dir(), reason="the copiste-pages development data is absent")

@@ -44,6 +44,7 @@ from crnn.benchmark import budget_row, decoding_rows, loop_row, make_lines, spee
 from crnn.config import AMP_MODES
 from crnn.device import AMP_NAMES, resolve_amp, resolve_device
 from crnn.errors import CrnnError, tool_main
+from crnn.outputs import check_output_dir, check_output_file
 from crnn.runlog import setup_console_logging
 
 SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"),
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.cfg and not args.decoding:
         parser.error("give --cfg CONFIG (repeat to compare) or --decoding CKPT")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.budget_minutes:
+        check_output_dir(args.output, "--output")
     setup_console_logging()
     rows = run(args)
     if args.json:

@@ -27,6 +27,7 @@ from pathlib import Path
 from crnn.config import LM_SMOOTHINGS
 from crnn.errors import DataError, tool_main
 from crnn.lm import NgramLM, read_texts, text_to_tokens
+from crnn.outputs import check_output_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @tool_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for option, path in (("--out", args.out), ("--tokens-out", args.tokens_out)):
+        if path is not None:
+            check_output_file(path, option)
     texts = [text for path in args.texts for text in read_texts(path)]
     if not texts:
         raise DataError(f"no transcriptions in {', '.join(map(str, args.texts))}")

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
+from crnn.data.records import problem_summary
 from crnn.decoding import DECODER_NAMES
 from crnn.device import resolve_amp
 from crnn.engine import EvalResult, evaluate
@@ -57,6 +58,7 @@ from crnn.inference import (
     tune_language_model,
 )
 from crnn.metrics import worst_lines_first
+from crnn.outputs import check_output_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,7 +100,8 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off") -
     decoders = trained.decoders(names)  # first: a missing LM is found before the data is read
     records = load_records(cfg.data, split)
     if records.problems:
-        warn(f"{len(records.problems)} line(s) of {records.name} left out; first: {records.problems[0]}")
+        warn(f"{len(records.problems)} line(s) of {records.name} left out ({problem_summary(records.problems)}); "
+             f"first: {records.problems[0]} (tools/check_data.py lists them all)")
     unknown = set().union(*(trained.vocab.unknown(text) for text in records.texts))
     if unknown:
         warn(f"characters not in the checkpoint's vocab (counted as errors): {''.join(sorted(unknown))!r}")
@@ -106,7 +109,8 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off") -
     result = evaluate(trained.model, loader, trained.device, decoders, amp_dtype, keep_predictions=True,
                       desc=f"evaluate {split}")
     if result.unreadable:
-        warn(f"{result.unreadable} unreadable line(s) left out; first: {result.problems[0]}")
+        warn(f"{result.unreadable} unreadable line(s) left out ({problem_summary(result.problems)}); first: "
+             f"{result.problems[0]} (tools/check_data.py lists them all)")
     return result, records.ids
 
 
@@ -174,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or ("validation" if args.tune_lm else "test")
     names = decoder_names(args.decoders)
     overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
+    for option, path in (("--json", args.json), ("--errors", args.errors)):
+        if path is not None:
+            check_output_file(path, option)
     trained = load_trained_model(args.ckpt, overrides, args.device)
     if args.tune_lm:
         tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from crnn.errors import CrnnError, tool_main
+from crnn.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("tests", "loop", "referee")
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, command in commands.items():
             print(f"{name}\t{' '.join(command)}")
         return 0
+    check_output_dir(args.out, "--out")
     if not torch.cuda.is_available():
         raise CrnnError("no CUDA device here: tools/gpu_check.py checks a machine with a GPU (--dry-run "
                         "prints its commands anywhere)")

@@ -12,7 +12,11 @@ a transcription platform exports a segmentation): every text line is cropped as 
 (`crnn.data.xml_pages`), transcribed, and the page is written to --out DIR under its own name with
 the recognised text filled in (ALTO: one `String` per line; PAGE: the line's `TextEquiv`), ready
 to import back; `page.xml:LINE_ID<TAB>text` is printed per line. A line that cannot be cropped
-(no or a degenerate region, outside the page) keeps its former text and is reported on stderr.
+(no, a malformed or a degenerate region, outside the page) keeps its former text and is reported
+on stderr with its id. The input pages are never overwritten: an --out where a page would
+land on its own input is refused; --in-place writes the transcriptions into the input pages
+themselves, each first copied to NAME.xml.bak (NAME.xml.bak.1, ... if that exists). A page image
+named in the XML must lie in the XML's folder (or --image-root DIR).
 
 A directory stands for its image files (PNG, JPEG, WebP, TIFF, BMP, GIF; sorted by name, not
 recursive). Images in any mode (RGB, RGBA, 16-bit, palette) are converted to grayscale and
@@ -35,16 +39,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
-
-from PIL import Image
 
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
 from crnn.data.xml_pages import read_page, write_page
 from crnn.decoding import DECODER_NAMES, Decoder
 from crnn.errors import ConfigError, CrnnError, DataError, tool_main
 from crnn.inference import Reading, TrainedModel, load_trained_model
+from crnn.outputs import check_output_dir, check_output_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_DIR_OR_XML")
     parser.add_argument("--out", type=Path, help="folder for the transcribed XML pages (needed with XML inputs)")
+    parser.add_argument("--in-place", action="store_true",
+                        help="write the transcriptions into the input XML pages (each backed up as NAME.xml.bak)")
+    parser.add_argument("--image-root", type=Path,
+                        help="the folder page images must lie in (default: each XML file's own folder)")
     parser.add_argument("--decoder", default="greedy", choices=DECODER_NAMES)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -83,6 +91,46 @@ def split_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
     return pages, lines
 
 
+def page_targets(pages: list[Path], out: Path | None, in_place: bool) -> dict[Path, Path]:
+    """Where each XML page is written: `out`/its name, or itself with --in-place. CrnnError, before
+    any work, for an --out that is not a usable folder or where a page would overwrite an input
+    page (or another page of the same name)."""
+    if in_place and out is not None:
+        raise CrnnError("give --out DIR or --in-place, not both")
+    if not pages:
+        if in_place:
+            raise CrnnError("--in-place writes into XML pages, and no input is an XML page")
+        return {}
+    if in_place:
+        return {page: check_output_file(page, "--in-place") for page in pages}
+    if out is None:
+        raise CrnnError("XML pages need --out DIR, the folder the transcribed pages are written to (or "
+                        "--in-place to write into the input pages, each backed up first)")
+    check_output_dir(out, "--out")
+    targets: dict[Path, Path] = {}
+    for page in pages:
+        target = out / page.name
+        if target.exists() and target.samefile(page):
+            raise CrnnError(f"--out {out}: the transcribed page would overwrite its input {page}; give "
+                            f"another --out, or --in-place to write into the input pages (each backed up "
+                            f"as {page.name}.bak)")
+        if target in targets.values():
+            raise CrnnError(f"--out {out}: two input pages are named {page.name}; the second would overwrite "
+                            f"the first's transcription")
+        targets[page] = target
+    return targets
+
+
+def backup(page: Path) -> Path:
+    """Copy `page` to NAME.bak (or NAME.bak.1, .2, ...: an existing backup is never replaced)."""
+    target, number = page.with_name(page.name + ".bak"), 0
+    while target.exists():
+        number += 1
+        target = page.with_name(f"{page.name}.bak.{number}")
+    shutil.copy2(page, target)
+    return target
+
+
 def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given, directories as their image files sorted by name; DataError if none."""
     paths = []
@@ -101,11 +149,6 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def read_image(path: Path) -> Image.Image:
-    """A grayscale line image; DataError saying why not (empty file, not an image, ...)."""
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (0 bytes), not an image")
-    return decode_image(path, str(path))
 
 
 def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], args: argparse.Namespace) -> int:
@@ -115,7 +158,7 @@ def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], a
         readable, images = [], []
         for path in paths[start: start + batch_size]:
             try:
-                images.append(read_image(path))
+                images.append(decode_image(path, str(path)))
                 readable.append(path)
             except DataError as err:
                 print(f"error: {err}", file=sys.stderr)
@@ -137,12 +180,13 @@ def print_reading(name: str, reading: Reading, as_json: bool, nbest: bool) -> No
     print(json.dumps({"path": name, **fields}, ensure_ascii=False), flush=True)
 
 
-def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path], args: argparse.Namespace) -> int:
-    """Write each XML page to --out with its lines transcribed; returns how many pages failed."""
+def transcribe_pages(trained: TrainedModel, decoder: Decoder, targets: dict[Path, Path],
+                     args: argparse.Namespace) -> int:
+    """Write each XML page to its target with its lines transcribed; returns how many pages failed."""
     failed = 0
-    for path in pages:
+    for path, target in targets.items():
         try:
-            page = read_page(path)
+            page = read_page(path, args.image_root)
             readings, problems = trained.read_page(page, decoder, args.batch_size)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -152,9 +196,9 @@ def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path],
             print(f"warning: {problem}", file=sys.stderr)
         for line_id, line_reading in readings.items():
             print_reading(f"{path}:{line_id}", line_reading, args.json, bool(args.nbest))
-        out = args.out
-        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, out / path.name)
-        print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {out / path.name}", file=sys.stderr)
+        saved = f", the original kept as {backup(path)}" if target == path else ""
+        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, target)
+        print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {target}{saved}", file=sys.stderr)
     return failed
 
 
@@ -162,8 +206,7 @@ def transcribe_pages(trained: TrainedModel, decoder: Decoder, pages: list[Path],
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pages, lines = split_inputs(args.inputs)
-    if pages and args.out is None:
-        raise CrnnError("XML pages need --out DIR, the folder the transcribed pages are written to")
+    targets = page_targets(pages, args.out, args.in_place)
     paths = expand_inputs(lines)
     overrides = [f"decode.lm_path={args.lm}"] if args.lm else []
     overrides += [f"decode.nbest={args.nbest}"] if args.nbest else []
@@ -174,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{trained.config.decode.beam_size}); add decode.beam_size={args.nbest}")
     decoder = trained.decoders([args.decoder])[args.decoder]
     unreadable = transcribe_all(trained, decoder, paths, args)
-    unreadable += transcribe_pages(trained, decoder, pages, args) if pages else 0
+    unreadable += transcribe_pages(trained, decoder, targets, args) if targets else 0
     return 2 if unreadable else 0
 
 

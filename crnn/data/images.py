@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".g
 
 # A text line never needs more than this; larger files are decompression bombs or page scans.
 MAX_PIXELS = 50_000_000
+EMPTY_IMAGE = "empty file (0 bytes), not an image"
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
@@ -33,8 +35,17 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def _empty(source: bytes | str | Path) -> bool:
+    try:
+        return len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0
+    except OSError:
+        return False  # missing: opening it says so
+
+
 def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
     """Decode an image (raw bytes or a path) to grayscale; DataError names `where` on failure."""
+    if _empty(source):
+        raise DataError(f"{where}: {EMPTY_IMAGE}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -53,7 +64,7 @@ def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found") from None
     except UnidentifiedImageError:
-        raise DataError(f"{where}: unreadable image (empty file or not an image format Pillow knows)") from None
+        raise DataError(f"{where}: unreadable image (not an image format Pillow knows)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"{where}: rejected as a decompression bomb: {err}") from None
     except (OSError, ValueError, SyntaxError) as err:
@@ -62,6 +73,8 @@ def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
 
 def image_size(source: bytes | str | Path, where: str) -> tuple[int, int]:
     """(width, height) from the header only, without decoding pixels."""
+    if _empty(source):
+        raise DataError(f"{where}: {EMPTY_IMAGE}")
     try:
         stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
         with stream, Image.open(stream) as image:

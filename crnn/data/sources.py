@@ -144,12 +144,13 @@ class FolderRecords(LineRecords):
         if not gt_path.is_file():
             raise DataError(f"{key}: {folder} has no gt.tsv (file name<TAB>transcription per line)")
         self.name, self.problems, self.paths, self.texts, self.ids = str(folder), [], [], [], []
+        self._named: dict[str, int] = {}  # file name -> the gt.tsv line naming it, used or skipped
         for number, raw in enumerate(gt_path.read_bytes().splitlines(), start=1):
             self._add_line(gt_path, number, raw)
         listed = {path.name for path in self.paths}
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed:
-                self.problems.append(f"{path}: image has no entry in gt.tsv, not used")
+                self._unused_image(path, gt_path)
         if not self.texts:
             raise DataError(f"{gt_path}: no usable lines ({len(self.problems)} problems: {self.problems[:3]})")
 
@@ -166,6 +167,7 @@ class FolderRecords(LineRecords):
         if not tab:
             self.problems.append(f"{where}: no TAB between file name and transcription, skipped")
             return
+        self._named.setdefault(name, number)
         if _check_text(text, where, self.problems) is None:
             return
         path = gt_path.parent / name
@@ -175,6 +177,21 @@ class FolderRecords(LineRecords):
         self.paths.append(path)
         self.texts.append(text)
         self.ids.append(name)
+
+    def _unused_image(self, path: Path, gt_path: Path) -> None:
+        """An image of the folder no usable gt.tsv line names: said so, and what is wrong with the
+        file itself (empty, unreadable) if anything."""
+        try:
+            image_size(path, str(path))
+            damaged = ""
+        except DataError as err:
+            damaged = str(err)
+        if path.name not in self._named:
+            self.problems.append(f"{path}: image has no entry in gt.tsv, not used")
+        if damaged:
+            named = f" (named by {gt_path} line {self._named[path.name]}, which was skipped)" \
+                if path.name in self._named else ""
+            self.problems.append(f"{damaged}{named}")
 
     def image(self, index: int) -> Image.Image:
         return decode_image(self.paths[index], str(self.paths[index]))
@@ -242,5 +259,5 @@ def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
     if data_cfg.source == "xml":
         xml = data_cfg.xml
         return XmlRecords(path, key, (xml.baseline_above, xml.baseline_below), xml.cache_dir,
-                          workers=data_cfg.num_workers)
+                          workers=data_cfg.num_workers, image_root=xml.image_root)
     return FolderRecords(path, key)

@@ -13,9 +13,12 @@ its root element, whose page image sits beside it or is named in it (ALTO
 
 What cannot be used is left out, counted and reported with its file and line id: XML that does not
 parse or is neither ALTO nor PAGE, a page image that cannot be found or read, a line without
-text (for training), a line without a region or with a degenerate one (fewer than 3 distinct
-points, no area), a line reaching more than 2 px outside its page (the XML may not belong to
-that image). Page coordinates are scaled when the XML's page size differs from the image's.
+text (for training), a line without a region, with a malformed one (its first choice of polygon,
+box, baseline not numbers or not finite: never replaced by the next choice) or a degenerate one
+(fewer than 3 distinct points, no area), a line reaching more than 2 px outside its page (the XML
+may not belong to that image). Page coordinates are scaled when the XML's page size differs from
+the image's. A page image must lie in the XML's folder (or `data.xml.image_root`): a path in the
+XML that leads elsewhere is refused.
 
 Crops are made once, when the split is loaded (in `data.num_workers` processes): kept in memory as
 PNG, or with `data.xml.cache_dir` in a folder keyed by the XML's and the image's content (and the
@@ -31,6 +34,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -45,10 +49,11 @@ from PIL import Image, ImageDraw
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
 from crnn.data.records import LineRecords
 from crnn.errors import DataError
+from crnn.outputs import atomic_write
 from crnn.runlog import progress
 
 OUTSIDE_TOLERANCE = 2.0  # pixels a point may lie outside its page (rounding) before the line is refused
-CROP_VERSION = 1  # part of the cache key: bump when the cropping changes
+CROP_VERSION = 2  # part of the cache key: bump when the cropping changes
 
 
 def _local(tag: str) -> str:
@@ -72,17 +77,34 @@ def _descendants(element: ET.Element, name: str) -> list[ET.Element]:
 Point = tuple[float, float]
 
 
-def parse_points(text: str | None) -> list[Point]:
-    """'x,y x,y ...' (PAGE, ALTO v2/v3) or 'x y x y ...' (ALTO v4) -> points; [] if malformed."""
-    if not text:
+def parse_points(text: str | None) -> list[Point] | None:
+    """'x,y x,y ...' (PAGE, ALTO v2/v3) or 'x y x y ...' (ALTO v4) -> points; [] if not given,
+    None if malformed (not numbers, an odd count, NaN or infinite)."""
+    if text is None or not text.strip():
         return []
     try:
         numbers = [float(value) for value in text.replace(",", " ").split()]
     except ValueError:
-        return []
-    if len(numbers) % 2:
-        return []
+        return None
+    if len(numbers) % 2 or not all(math.isfinite(number) for number in numbers):
+        return None
     return list(zip(numbers[0::2], numbers[1::2], strict=True))
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _geometry(given: list[tuple[str, str | None, object]]) -> tuple[object, str | None]:
+    """The first geometry the XML gives, in order of preference: `given` holds (what, raw text,
+    parsed) with parsed None when malformed and falsy when absent. Returns (parsed, problem): a
+    malformed first choice is a problem, never a reason to fall back to the next one silently."""
+    for what, raw, parsed in given:
+        if parsed is None:
+            return None, f"malformed {what} {_shown(raw or '')}"
+        if parsed:
+            return parsed, None
+    return None, None
 
 
 @dataclass
@@ -95,6 +117,7 @@ class XmlLine:
     box: tuple[float, float, float, float] | None  # x0, y0, x1, y1
     baseline: list[Point]
     element: ET.Element = field(repr=False)
+    geometry_problem: str | None = None  # the XML's region for this line is malformed (so none is used)
 
 
 @dataclass
@@ -105,6 +128,7 @@ class XmlPage:
     size: tuple[float, float] | None  # the page's width and height in the XML, if given
     lines: list[XmlLine]
     tree: ET.ElementTree = field(repr=False)
+    image_root: Path | None = None  # the folder its image must lie in (None: the XML's own folder)
 
 
 def _nfc(text: str) -> str | None:
@@ -125,30 +149,44 @@ def _alto_text(line: ET.Element) -> str | None:
     return _nfc("".join(parts))
 
 
+def _alto_box(line: ET.Element) -> tuple[str, tuple[float, float, float, float] | None | bool]:
+    """(the attributes as written, the box x0, y0, x1, y1): False if the line has no box
+    attributes, None if they are incomplete, not numbers, not finite or of negative size."""
+    raw = [line.get(key) for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT")]
+    text = " ".join(f"{key}={value}" for key, value in zip(("HPOS", "VPOS", "WIDTH", "HEIGHT"), raw, strict=True))
+    if all(value is None for value in raw):
+        return text, False
+    try:
+        x, y, w, h = (float(value) for value in raw)
+    except (TypeError, ValueError):
+        return text, None
+    if not all(math.isfinite(value) for value in (x, y, w, h)) or w < 0 or h < 0:
+        return text, None
+    return text, (x, y, x + w, y + h)
+
+
 def _alto_line(line: ET.Element, number: int) -> XmlLine:
     shape = _child(line, "Shape")
     polygon = _child(shape, "Polygon") if shape is not None else None
-    box = None
-    try:
-        x, y, w, h = (float(line.get(key)) for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT"))
-        box = (x, y, x + w, y + h)
-    except (TypeError, ValueError):
-        pass
-    return XmlLine(line.get("ID") or f"line {number}", _alto_text(line),
-                   parse_points(polygon.get("POINTS")) if polygon is not None else [], box,
-                   parse_points(line.get("BASELINE")), line)
+    points_text = polygon.get("POINTS") if polygon is not None else None
+    box_text, box = _alto_box(line)
+    polygon_points, baseline = parse_points(points_text), parse_points(line.get("BASELINE"))
+    region, problem = _geometry([("Shape/Polygon POINTS", points_text, polygon_points), ("box", box_text, box),
+                                 ("BASELINE", line.get("BASELINE"), baseline)])
+    return XmlLine(line.get("ID") or f"line {number}", _alto_text(line), polygon_points or [],
+                   box or None, baseline or [], line, problem)
 
 
-def _page_points(element: ET.Element | None) -> list[Point]:
-    """PAGE Coords/Baseline: a `points` attribute (2013+) or Point children (2010)."""
+def _page_points(element: ET.Element | None) -> tuple[str, list[Point] | None]:
+    """PAGE Coords/Baseline: (the points as written, the points) from a `points` attribute (2013+)
+    or Point children (2010); the points are None if malformed, [] if not given."""
     if element is None:
-        return []
+        return "", []
     if element.get("points") is not None:
-        return parse_points(element.get("points"))
-    try:
-        return [(float(p.get("x")), float(p.get("y"))) for p in _children(element, "Point")]
-    except (TypeError, ValueError):
-        return []
+        return element.get("points"), parse_points(element.get("points"))
+    children = _children(element, "Point")
+    text = " ".join(f"{p.get('x')},{p.get('y')}" for p in children)
+    return text, parse_points(text.replace("None", "?"))
 
 
 def _page_text(element: ET.Element) -> str | None:
@@ -166,12 +204,15 @@ def _page_line(line: ET.Element, number: int) -> XmlLine:
     if text is None:
         words = [_page_text(word) for word in _children(line, "Word")]
         text = _nfc(" ".join(word for word in words if word))
-    return XmlLine(line.get("id") or f"line {number}", text, _page_points(_child(line, "Coords")), None,
-                   _page_points(_child(line, "Baseline")), line)
+    (coords_text, coords), (baseline_text, baseline) = _page_points(_child(line, "Coords")), _page_points(
+        _child(line, "Baseline"))
+    _, problem = _geometry([("Coords", coords_text, coords), ("Baseline", baseline_text, baseline)])
+    return XmlLine(line.get("id") or f"line {number}", text, coords or [], None, baseline or [], line, problem)
 
 
-def read_page(path: Path) -> XmlPage:
-    """Parse an ALTO or PAGE file; DataError if it does not parse or is neither."""
+def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
+    """Parse an ALTO or PAGE file; DataError if it does not parse or is neither. Its page image is
+    looked for inside `image_root` (None: the XML's own folder, see `find_image`)."""
     try:
         tree = ET.parse(path)
     except ET.ParseError as err:
@@ -182,9 +223,9 @@ def read_page(path: Path) -> XmlPage:
     kind = {"alto": "alto", "PcGts": "page"}.get(_local(root.tag))
     if kind is None:
         raise DataError(f"{path}: neither ALTO nor PAGE XML (root element <{_local(root.tag)}>)")
-    if kind == "alto":
-        return _read_alto(path, tree)
-    return _read_page_xml(path, tree)
+    page = _read_alto(path, tree) if kind == "alto" else _read_page_xml(path, tree)
+    page.image_root = image_root
+    return page
 
 
 def _read_alto(path: Path, tree: ET.ElementTree) -> XmlPage:
@@ -212,17 +253,45 @@ def _read_page_xml(path: Path, tree: ET.ElementTree) -> XmlPage:
     return XmlPage(path, "page", page.get("imageFilename", "").strip(), size, lines, tree)
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def _xml_line_of(path: Path, text: str) -> str:
+    """' (line N)': where `text` first appears in the file, for messages ('' if not found)."""
+    try:
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if text in line:
+                return f" (line {number})"
+    except OSError:
+        pass
+    return ""
+
+
 def find_image(page: XmlPage) -> Path:
     """The page image: as named (relative to the XML's folder, or only its file name there), else an
-    image beside the XML with the XML's own name. DataError if none exists."""
-    folder, tried = page.path.parent, []
+    image beside the XML with the XML's own name. The image must lie inside the page's
+    `image_root` (by default the XML's folder): a named path that leaves it is refused (DataError
+    naming the XML file and line), as is a page without any image found."""
+    folder = page.path.parent
+    root = (page.image_root or folder).resolve()
+    tried, escaped = [], None
     if page.image_name:
         named = Path(page.image_name.replace("\\", "/"))
-        tried += [named if named.is_absolute() else folder / named, folder / named.name]
+        candidate = named if named.is_absolute() else folder / named
+        if _inside(candidate, root):
+            tried.append(candidate)
+        else:
+            escaped = candidate
+        tried.append(folder / named.name)
     tried += [page.path.with_suffix(suffix) for suffix in IMAGE_SUFFIXES]
     for candidate in tried:
-        if candidate.is_file():
+        if candidate.is_file() and _inside(candidate, root):
             return candidate
+    if escaped is not None:
+        raise DataError(f"{page.path}{_xml_line_of(page.path, page.image_name)}: the page image path "
+                        f"'{page.image_name}' leads outside {root}, refused; put the image beside the XML file "
+                        f"or name the folder that holds it (data.xml.image_root, predict --image-root)")
     named = f" (the XML names '{page.image_name}')" if page.image_name else ""
     raise DataError(f"{page.path}: page image not found{named}; put it beside the XML file")
 
@@ -249,6 +318,8 @@ def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | Non
     """Why this region cannot be cropped from a page of `page_size`, or None."""
     if not points:
         return "no polygon, box or baseline"
+    if not all(math.isfinite(value) for point in points for value in point):
+        return "coordinates that are not finite numbers"
     if len(set(points)) < 3 or _area(points) < 1.0:
         return f"degenerate polygon ({len(set(points))} distinct points, no area)"
     width, height = page_size
@@ -299,6 +370,9 @@ def crop_lines(page: XmlPage, image: Image.Image, band: tuple[float, float], nee
         where = f"{page.path} line {line.id}"
         if need_text and line.text is None:
             result.problems.append(f"{where}: no transcription, line left out")
+            continue
+        if line.geometry_problem:
+            result.problems.append(f"{where}: {line.geometry_problem}, line left out")
             continue
         region = [(x * scale_x, y * scale_y) for x, y in line_region(line, band)]
         problem = region_problem(region, image.size)
@@ -377,10 +451,11 @@ class PageLines:
     read: bool = True
 
 
-def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None) -> PageLines:
+def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
+               image_root: Path | None = None) -> PageLines:
     """Read one XML file and crop its lines, or take them from the cache folder if made before."""
     try:
-        page = read_page(path)
+        page = read_page(path, image_root)
     except DataError as err:
         return PageLines(problems=[str(err)], read=False)
     if cache_dir is None:
@@ -416,13 +491,14 @@ class XmlRecords(LineRecords):
     `workers` processes."""
 
     def __init__(self, spec: str, key: str, band: tuple[float, float], cache_dir: str = "",
-                 show_progress: bool = True, workers: int = 0):
+                 show_progress: bool = True, workers: int = 0, image_root: str = ""):
         self.name, self.problems, self.texts, self.ids = spec, [], [], []
         self._images: list[bytes | Path] = []  # a crop as PNG bytes, or its file in the cache
         self._sizes: list[tuple[int, int]] = []
         self.pages = 0
         paths = xml_files(spec, key)
-        job = functools.partial(page_lines, band=band, cache_dir=Path(cache_dir).expanduser() if cache_dir else None)
+        job = functools.partial(page_lines, band=band, cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+                                image_root=Path(image_root).expanduser() if image_root else None)
         for lines in progress(map_pages(job, paths, workers), f"{key}: cropping lines", show_progress, len(paths)):
             self.pages += lines.read
             self.ids += lines.ids
@@ -450,7 +526,8 @@ def _namespaces(path: Path) -> dict[str, str]:
 def write_page(page: XmlPage, texts: dict[str, str], out_path: Path) -> int:
     """Write `page` to `out_path` with `texts` (line id -> recognised text) as the transcription of
     those lines: ALTO, one `String` per line (with the line's box); PAGE, the line's `TextEquiv`.
-    The lines' former words and transcriptions are replaced. Returns the lines written."""
+    The lines' former words and transcriptions are replaced; the file is written whole or not at
+    all (`atomic_write`). Returns the lines written."""
     for prefix, uri in _namespaces(page.path).items():
         ET.register_namespace(prefix, uri)
     written = 0
@@ -462,8 +539,7 @@ def write_page(page: XmlPage, texts: dict[str, str], out_path: Path) -> int:
         else:
             _set_page_text(line.element, texts[line.id])
         written += 1
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    page.tree.write(out_path, encoding="UTF-8", xml_declaration=True)
+    atomic_write(out_path, lambda stream: page.tree.write(stream, encoding="UTF-8", xml_declaration=True))
     return written
 
 
