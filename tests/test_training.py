@@ -10,7 +10,7 @@ from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
 from crnn.decoding import GreedyDecoder
 from crnn.distributed import DistInfo
-from crnn.engine import evaluate
+from crnn.engine import EpochStats, evaluate
 from crnn.errors import ConfigError
 from crnn.optim import WeightEma
 from crnn.trainer import fit
@@ -176,6 +176,12 @@ def test_max_minutes_fits_the_lr_schedule_to_the_steps_that_fit(tmp_path, monkey
     floor = cfg.train.lr * cfg.train.min_lr_ratio
     assert run.setup.scheduler.lr_lambdas[0](120) * cfg.train.lr == pytest.approx(floor)
     assert run.out_of_budget(120, 3.0) and not run.out_of_budget(119, 3.0)
+    # at the end of epoch 2, fitted again from that epoch's speed: 6 steps in 1.5 s, 55 s left
+    run.state.step, run.state.train_seconds = 12, 5.0
+    run.refit_budget(3, EpochStats(batches=6, seconds=1.5))
+    assert run.state.planned_steps == 120  # only the second epoch re-fits
+    run.refit_budget(2, EpochStats(batches=6, seconds=1.5))
+    assert run.state.planned_steps == run.setup.horizon.steps == 12 + 4 * 55
     trainer.shut_down(run.train_loader)
 
     # a whole run: it stops at its planned step (or its minutes), the plan travels in the checkpoint

@@ -1,0 +1,266 @@
+"""Calibration: probabilities a user can take at their word, fitted on labelled lines.
+
+A network's raw posteriors are overconfident, and the characters it drops carry no confidence at
+all. Two parts, fitted in this order on a labelled split (a run's validation split, or any split):
+
+1. **A temperature** `T` on the log-probs: the posteriors become `softmax(log_probs / T)`, `T`
+   chosen to minimise the CTC loss of the references (one number; `T > 1` softens).
+2. **A line model** on a few features of each line's calibrated posteriors (`FEATURES`): the
+   probability that the line is read exactly (`p_exact`, a logistic regression) and its expected
+   number of character errors (a Poisson regression, which counts the dropped characters the
+   per-character confidences miss); a collection's estimated CER is the sum of its lines'
+   expected errors over their expected reference length, with an interval from the fitted
+   dispersion of the errors.
+
+Plain torch; the fitted `Calibration` is a handful of numbers, stored as a dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from crnn.errors import DataError
+
+MIN_LINES = 50  # labelled lines a fit needs at least
+TEMPERATURE_RANGE = (0.2, 5.0)
+# what the line model sees of a line, from its calibrated log-probs and its greedy path
+FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest")
+L2 = 1e-3  # ridge on the line model's weights (not the bias): a stable fit on small splits
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted calibration (see the module docstring); the identity when nothing was fitted."""
+
+    temperature: float = 1.0
+    exact_weights: tuple[float, ...] = ()  # logistic regression of "read exactly" on FEATURES
+    error_weights: tuple[float, ...] = ()  # Poisson regression of character errors on FEATURES
+    dispersion: float = 1.0  # variance / mean of the errors around the Poisson model, on the fit split
+    length_ratio: float = 1.0  # reference characters / characters read, on the fit split
+    lines: int = 0  # labelled lines it was fitted on
+    fitted_on: str = ""  # which split, for the record
+    extra: dict = field(default_factory=dict)  # the fit's own measurements (for the logs)
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.error_weights)
+
+    def to_dict(self) -> dict:
+        state = asdict(self)
+        state["exact_weights"], state["error_weights"] = list(self.exact_weights), list(self.error_weights)
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict | None) -> Calibration:
+        if not state:
+            return cls()
+        known = {name: state[name] for name in cls.__dataclass_fields__ if name in state}
+        for name in ("exact_weights", "error_weights"):
+            known[name] = tuple(float(value) for value in known.get(name, ()))
+        return cls(**known)
+
+    def scale(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Calibrated log-probs (over the last dimension)."""
+        if self.temperature == 1.0:
+            return log_probs
+        return F.log_softmax(log_probs.float() / self.temperature, dim=-1)
+
+    def line_estimates(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p_exact, expected character errors) of lines with `features` `(N, len(FEATURES))`."""
+        if not self.fitted:
+            raise ValueError("this calibration has no line model")
+        x = features.double()
+        p_exact = torch.sigmoid(x @ torch.tensor(self.exact_weights, dtype=torch.float64))
+        errors = torch.exp((x @ torch.tensor(self.error_weights, dtype=torch.float64)).clamp(max=20.0))
+        return p_exact, errors
+
+    def estimate_cer(self, expected_errors: Sequence[float], read_chars: Sequence[int],
+                     z: float = 1.96) -> tuple[float, tuple[float, float]]:
+        """A collection's estimated CER from its lines' expected errors and the characters read in
+        each, with an interval: (estimate, (low, high))."""
+        errors = float(sum(expected_errors))
+        reference = max(float(sum(read_chars)) * self.length_ratio, 1.0)
+        spread = z * math.sqrt(max(self.dispersion, 1.0) * errors)
+        return errors / reference, (max(errors - spread, 0.0) / reference, (errors + spread) / reference)
+
+
+def line_features(log_probs: torch.Tensor) -> torch.Tensor:
+    """FEATURES of one line from its calibrated log-probs `(T, C)` (blank = class 0): the sum of one
+    minus each read character's posterior (doubt), the non-blank mass of frames read as blank
+    (characters it may have dropped), the mean entropy per frame, log(1 + characters read) and the
+    logit of the weakest read character's posterior."""
+    probs = log_probs.double().exp()
+    best, labels = probs.max(dim=-1)
+    previous = torch.cat([labels.new_full((1,), -1), labels[:-1]])
+    emitted = (labels != 0) & (labels != previous)
+    confidences = best[emitted]
+    doubt = float((1.0 - confidences).sum())
+    missed = float((1.0 - probs[labels == 0, 0]).sum())
+    entropy = float(-(probs * log_probs.double()).sum(dim=-1).mean()) if len(probs) else 0.0
+    weakest = float(confidences.min()) if len(confidences) else 1.0
+    weakest = min(max(weakest, 1e-6), 1 - 1e-6)
+    return torch.tensor([1.0, doubt, missed, entropy, math.log1p(len(confidences)),
+                         math.log(weakest / (1 - weakest))], dtype=torch.float64)
+
+
+def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> float:
+    """The temperature that minimises the CTC loss of `targets` (class indices) under
+    `softmax(log_probs / T)`, each line's log-probs `(T_i, C)`: a golden-section search on log T
+    within TEMPERATURE_RANGE (the loss is smooth and, in practice, unimodal in log T)."""
+    usable = [(lp.float(), list(t)) for lp, t in zip(log_probs, targets, strict=True) if len(t) <= len(lp)]
+    if not usable:
+        raise DataError("no line to fit a temperature on (every reference longer than its frames)")
+    frames = max(len(lp) for lp, _ in usable)
+    batch = torch.stack([F.pad(lp, (0, 0, 0, frames - len(lp))) for lp, _ in usable], dim=1)  # (T, N, C)
+    input_lengths = torch.tensor([len(lp) for lp, _ in usable])
+    target_lengths = torch.tensor([len(t) for _, t in usable])
+    flat = torch.tensor([c for _, t in usable for c in t], dtype=torch.long)
+
+    def loss(log_t: float) -> float:
+        scaled = F.log_softmax(batch / math.exp(log_t), dim=-1)
+        return float(F.ctc_loss(scaled, flat, input_lengths, target_lengths, blank=0, reduction="sum",
+                                zero_infinity=True))
+
+    low, high = math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1])
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    for _ in range(40):
+        if loss_a < loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return math.exp((low + high) / 2)
+
+
+def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Weights of a logistic (kind='logistic', y in {0, 1}) or Poisson (kind='poisson', y counts)
+    regression of `y` on `x` (first column the bias), by Newton's method with a small ridge."""
+    weights = torch.zeros(x.shape[1], dtype=torch.float64)
+    if kind == "poisson":
+        weights[0] = math.log(max(float(y.mean()), 1e-3))
+    else:
+        rate = min(max(float(y.mean()), 1e-3), 1 - 1e-3)
+        weights[0] = math.log(rate / (1 - rate))
+    ridge = torch.full((x.shape[1],), L2 * len(y), dtype=torch.float64)
+    ridge[0] = 0.0
+    for _ in range(50):
+        eta = (x @ weights).clamp(-30, 20)
+        if kind == "poisson":
+            mean = torch.exp(eta)
+            variance = mean
+        else:
+            mean = torch.sigmoid(eta)
+            variance = mean * (1 - mean)
+        gradient = x.T @ (y - mean) - ridge * weights
+        hessian = (x * variance.unsqueeze(1)).T @ x + torch.diag(ridge) + 1e-9 * torch.eye(x.shape[1],
+                                                                                           dtype=torch.float64)
+        step = torch.linalg.solve(hessian, gradient)
+        weights = weights + step
+        if float(step.abs().max()) < 1e-8:
+            break
+    return weights
+
+
+def standardised(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features with every column but the bias centred and scaled, mean, scale)."""
+    mean, scale = features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)
+    mean[0], scale[0] = 0.0, 1.0
+    return (features - mean) / scale, mean, scale
+
+
+def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_chars: Sequence[int],
+                   read_chars: Sequence[int]) -> dict:
+    """The line model's fields of a `Calibration` from labelled lines: their FEATURES `(N, F)`, the
+    character errors of each reading, and the characters of each reference and each reading."""
+    x, mean, scale = standardised(features.double())
+    y_errors = torch.tensor(list(errors), dtype=torch.float64)
+    exact = _fit_glm(x, (y_errors == 0).double(), "logistic")
+    poisson = _fit_glm(x, y_errors, "poisson")
+
+    def unscaled(weights: torch.Tensor) -> tuple[float, ...]:  # the same model on the raw features
+        raw = weights / scale
+        raw[0] = weights[0] - float((weights[1:] * mean[1:] / scale[1:]).sum())
+        return tuple(float(w) for w in raw)
+
+    predicted = torch.exp((x @ poisson).clamp(max=20.0))
+    dispersion = float(((y_errors - predicted) ** 2 / predicted.clamp(min=1e-6)).sum()) / max(
+        len(y_errors) - x.shape[1], 1)
+    return {"exact_weights": unscaled(exact), "error_weights": unscaled(poisson), "dispersion": dispersion,
+            "length_ratio": sum(reference_chars) / max(sum(read_chars), 1)}
+
+
+def check_enough(lines: int, where: str) -> None:
+    if lines < MIN_LINES:
+        raise DataError(f"{where}: {lines} labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
+
+
+# --- how well calibrated: measured on labelled lines the calibration was not fitted on -----------
+
+def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> float:
+    """ECE: over equal-width bins of the predicted probability, the mean |accuracy - confidence|
+    weighted by the share of predictions in each bin."""
+    p = torch.tensor(list(probabilities), dtype=torch.float64)
+    hit = torch.tensor([float(o) for o in outcomes], dtype=torch.float64)
+    if not len(p):
+        return 0.0
+    index = (p * bins).long().clamp(max=bins - 1)
+    total = 0.0
+    for b in range(bins):
+        chosen = index == b
+        if chosen.any():
+            total += float(chosen.sum()) * abs(float(hit[chosen].mean()) - float(p[chosen].mean()))
+    return total / len(p)
+
+
+def reliability(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> list[dict]:
+    """Per bin of the predicted probability: its range, lines, mean confidence and accuracy."""
+    rows = []
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        chosen = [(p, o) for p, o in zip(probabilities, outcomes, strict=True)
+                  if low <= p < high or (b == bins - 1 and p == 1.0)]
+        if chosen:
+            rows.append({"low": low, "high": high, "count": len(chosen),
+                         "confidence": sum(p for p, _ in chosen) / len(chosen),
+                         "accuracy": sum(o for _, o in chosen) / len(chosen)})
+    return rows
+
+
+def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """The probability that a random positive scores above a random negative (ties count half)."""
+    pairs = sorted(zip(scores, positives, strict=True))
+    ranks, i = [0.0] * len(pairs), 0
+    while i < len(pairs):
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos = sum(1 for _, positive in pairs if positive)
+    n_neg = len(pairs) - n_pos
+    if not n_pos or not n_neg:
+        return float("nan")
+    rank_sum = sum(rank for rank, (_, positive) in zip(ranks, pairs, strict=True) if positive)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def errors_in_least_confident(order_scores: Sequence[float], errors: Sequence[int], share: float = 0.2) -> float:
+    """The share of all character errors held by the `share` of lines with the highest
+    `order_scores` (e.g. expected CER: the lines a reviewer would look at first)."""
+    total = sum(errors)
+    if not total:
+        return float("nan")
+    ranked = sorted(zip(order_scores, errors, strict=True), key=lambda pair: -pair[0])
+    top = ranked[: max(1, round(share * len(ranked)))]
+    return sum(e for _, e in top) / total
