@@ -23,8 +23,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
+from crnn.data import Vocab
+from crnn.decoding import greedy_decode
+from crnn.engine import evaluate
 from crnn.errors import DataError
+from crnn.metrics import aligned_hits, char_errors
 
 MIN_LINES = 50  # labelled lines a fit needs at least
 TEMPERATURE_RANGE = (0.2, 5.0)
@@ -204,6 +209,45 @@ def check_enough(lines: int, where: str) -> None:
         raise DataError(f"{where}: {lines} labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
 
 
+def line_log_probs(model: torch.nn.Module, loader, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[str]]:
+    """One forward pass over `loader` (one process): each line's log-probs `(T_i, C)` on the CPU
+    and its reference, in the loader's order."""
+    lines: list[torch.Tensor] = []
+
+    def keep(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        log_probs = log_probs.float().cpu()
+        lines.extend(log_probs[: int(length), i].clone() for i, length in enumerate(lengths.tolist()))
+        return [""] * len(lengths)
+
+    result = evaluate(model, loader, device, {"keep": keep}, amp_dtype, keep_predictions=True,
+                      desc="forward pass (calibration)")
+    return lines, [reference for _, reference, _ in result.predictions["keep"]]
+
+
+def read_greedily(calibration: Calibration, log_probs: torch.Tensor, vocab: Vocab) -> tuple[str, torch.Tensor]:
+    """A line's greedy reading and its FEATURES, under `calibration`'s temperature."""
+    scaled = calibration.scale(log_probs)
+    text = vocab.decode(greedy_decode(scaled.unsqueeze(1), torch.tensor([len(scaled)]))[0])
+    return text, line_features(scaled)
+
+
+def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab,
+                    where: str) -> Calibration:
+    """The temperature, then the line model, on labelled lines (each line's raw log-probs `(T_i, C)`
+    and its reference); DataError naming `where` with fewer than MIN_LINES lines."""
+    check_enough(len(log_probs), where)
+    targets = [[vocab.index[char] for char in reference if char in vocab.index] for reference in references]
+    temperature = fit_temperature(log_probs, targets)
+    tempered = Calibration(temperature=temperature)
+    readings = [read_greedily(tempered, line, vocab) for line in log_probs]
+    texts = [text for text, _ in readings]
+    fields = fit_line_model(torch.stack([features for _, features in readings]),
+                            [char_errors(reference, text) for reference, text in zip(references, texts, strict=True)],
+                            [len(reference) for reference in references], [len(text) for text in texts])
+    return Calibration(temperature=temperature, **fields, lines=len(log_probs), fitted_on=where)
+
+
 # --- how well calibrated: measured on labelled lines the calibration was not fitted on -----------
 
 def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> float:
@@ -264,3 +308,93 @@ def errors_in_least_confident(order_scores: Sequence[float], errors: Sequence[in
     ranked = sorted(zip(order_scores, errors, strict=True), key=lambda pair: -pair[0])
     top = ranked[: max(1, round(share * len(ranked)))]
     return sum(e for _, e in top) / total
+
+
+def char_confidences(log_probs: torch.Tensor) -> list[float]:
+    """Each greedily read character's posterior: its largest over the run of frames where it is
+    the most probable class (as predict reports it)."""
+    probs = log_probs.exp()
+    labels = probs.argmax(dim=-1).tolist()
+    confidences, start = [], 0
+    for t in range(1, len(labels) + 1):
+        if t == len(labels) or labels[t] != labels[start]:
+            if labels[start] != 0:
+                confidences.append(float(probs[start:t, labels[start]].max()))
+            start = t
+    return confidences
+
+
+class CalibrationProbe:
+    """The greedy decoder, keeping for each line it reads what the calibration says of it (its
+    characters' confidences, p_exact, expected errors), in the order of the lines: what
+    `calibration_report` measures against the references. Use in place of the greedy decoder."""
+
+    def __init__(self, calibration: Calibration, vocab: Vocab):
+        self.calibration, self.vocab = calibration, vocab
+        self.confidences: list[list[float]] = []
+        self.features: list[torch.Tensor] = []
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        texts, log_probs = [], log_probs.float().cpu()  # one transfer for the batch
+        for i, length in enumerate(lengths.tolist()):
+            scaled = self.calibration.scale(log_probs[:length, i])
+            text, features = read_greedily(Calibration(), scaled, self.vocab)
+            texts.append(text)
+            self.confidences.append(char_confidences(scaled))
+            self.features.append(features)
+        return texts
+
+
+def calibration_report(probe: CalibrationProbe, references: Sequence[str], hypotheses: Sequence[str],
+                       bins: int = 10) -> dict:
+    """How well `probe`'s calibration holds on these labelled lines: ECE of p_exact and of the
+    character confidences, the estimated against the true CER, the AUROC of finding the lines
+    with errors (by 1 - p_exact), the share of the errors in the 20% of lines with the most
+    expected errors, and the reliability bins of both."""
+    p_exact, expected = probe.calibration.line_estimates(torch.stack(probe.features))
+    errors = [char_errors(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
+    exact = [e == 0 for e in errors]
+    char_p = [c for confidences in probe.confidences for c in confidences]
+    char_hit = [hit for ref, hyp in zip(references, hypotheses, strict=True) for hit in aligned_hits(ref, hyp)]
+    estimate, (low, high) = probe.calibration.estimate_cer(expected.tolist(), [len(h) for h in hypotheses])
+    true_cer = sum(errors) / max(sum(len(r) for r in references), 1)
+    return {
+        "lines": len(errors), "true_cer": true_cer, "estimated_cer": estimate, "interval": [low, high],
+        "estimate_relative_error": (estimate - true_cer) / true_cer if true_cer else float("nan"),
+        "ece_p_exact": expected_calibration_error(p_exact.tolist(), exact, bins),
+        "ece_characters": expected_calibration_error(char_p, char_hit, bins),
+        "auroc_lines_with_errors": auroc((1 - p_exact).tolist(), [not e for e in exact]),
+        "errors_in_least_confident_20pct": errors_in_least_confident(expected.tolist(), errors),
+        "reliability_p_exact": reliability(p_exact.tolist(), exact, bins),
+        "reliability_characters": reliability(char_p, char_hit, bins),
+    }
+
+
+def reliability_diagram(curves: dict[str, list[dict]], size: int = 360) -> Image.Image:
+    """A reliability diagram (RGB): per curve (name -> `reliability` rows), accuracy against
+    confidence, one dot per bin sized by its count, over the diagonal of perfect calibration."""
+    margin, plot = 40, size - 60
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return margin + x * plot, margin + (1 - y) * plot - 10
+
+    draw.rectangle([at(0, 1), at(1, 0)], outline="black")
+    draw.line([at(0, 0), at(1, 1)], fill=(160, 160, 160))
+    for tick in (0.0, 0.5, 1.0):
+        draw.text((at(tick, 0)[0] - 8, at(tick, 0)[1] + 4), f"{tick:g}", fill="black")
+        draw.text((4, at(0, tick)[1] - 6), f"{tick:g}", fill="black")
+    draw.text((margin + plot / 2 - 30, size - 18), "confidence", fill="black")
+    draw.text((4, 4), "accuracy", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    for k, (name, rows) in enumerate(curves.items()):
+        colour, total = colours[k % len(colours)], max(sum(row["count"] for row in rows), 1)
+        points = [at(row["confidence"], row["accuracy"]) for row in rows]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for (x, y), row in zip(points, rows, strict=True):
+            radius = 2 + 6 * math.sqrt(row["count"] / total)
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+        draw.text((margin + 8, margin + 4 + 14 * k), name, fill=colour)
+    return image

@@ -175,6 +175,8 @@ class TrainingCheckpoint:
     # being trained, which a resumed run continues from ({} without EMA)
     training_weights: dict = field(default_factory=dict)
     ema_updates: int = 0
+    # crnn.calibration.Calibration.to_dict(), fitted at the end of the run (or by tools/calibrate.py)
+    calibration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         state = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.name != "progress"}
@@ -210,9 +212,13 @@ def bundle_files(path: Path) -> set[str]:
         return set()
 
 
-def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], Path]:
-    """(config as a dict, vocab characters, weights, the weights' file) of a bundle, its LM file's
-    path resolved against the bundle; CheckpointError naming the file that is missing or wrong."""
+CALIBRATION_FILE = "calibration.json"  # in a bundle: crnn.calibration.Calibration.to_dict()
+
+
+def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], Path, dict]:
+    """(config as a dict, vocab characters, weights, the weights' file, calibration) of a bundle,
+    its LM file's path resolved against the bundle; CheckpointError naming the file that is missing
+    or wrong."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -224,6 +230,8 @@ def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], P
         chars = json.loads((path / files["vocab"]).read_text(encoding="utf-8"))["chars"]
         weights = load_file(path / files["weights"])
         config = yaml.safe_load((path / files["config"]).read_text(encoding="utf-8"))
+        calibration = json.loads((path / files["calibration"]).read_text(encoding="utf-8")) \
+            if "calibration" in files else {}
     except (OSError, KeyError, ValueError, TypeError, yaml.YAMLError, SafetensorError) as err:
         raise CheckpointError(f"{path}: incomplete or damaged bundle ({err})") from None
     if not isinstance(config, dict):
@@ -231,7 +239,7 @@ def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], P
     lm_path = (config.get("decode") or {}).get("lm_path")
     if lm_path:
         config["decode"]["lm_path"] = str(path / lm_path)
-    return config, list(chars), weights, path / files["weights"]
+    return config, list(chars), weights, path / files["weights"], calibration
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,7 @@ class ModelFile:
     weights: dict[str, torch.Tensor]
     weights_file: Path  # the file that holds the weights
     is_bundle: bool
+    calibration: dict = field(default_factory=dict)  # {} if none was fitted
 
     def sha256(self) -> str:
         """Of the weights' file: what `train.init_sha256` records."""
@@ -259,8 +268,8 @@ def read_model_file(path: Path, what: str = "") -> ModelFile:
     option that named it, if any) if it is missing, damaged or neither."""
     path = Path(path).expanduser()
     if is_bundle(path):
-        config, chars, weights, weights_file = read_bundle(path)
-        return ModelFile(path, config, chars, weights, weights_file, True)
+        config, chars, weights, weights_file, calibration = read_bundle(path)
+        return ModelFile(path, config, chars, weights, weights_file, True, calibration)
     if path.is_dir():
         raise CheckpointError(f"{what + ': ' if what else ''}{path}: this folder holds no export bundle (no "
                               f"{MANIFEST}); give a checkpoint file (checkpoints/best.pt) or a bundle of tools/export.py")
@@ -270,4 +279,21 @@ def read_model_file(path: Path, what: str = "") -> ModelFile:
         raise CheckpointError(f"{what + ': ' if what else ''}{path}: a checkpoint without {', '.join(missing)}; "
                               f"give one written by tools/train.py (checkpoints/best.pt or last.pt) or an "
                               f"export bundle (tools/export.py)")
-    return ModelFile(path, state["config"], list(state["vocab"]), state["model"], path, False)
+    return ModelFile(path, state["config"], list(state["vocab"]), state["model"], path, False,
+                     state.get("calibration") or {})
+
+
+def store_calibration(path: Path, calibration: dict) -> None:
+    """Put `calibration` into a checkpoint (rewritten atomically, the rest of it unchanged) or a
+    bundle (its calibration.json, listed in bundle.json)."""
+    path = Path(path)
+    if is_bundle(path):
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        atomic_write(path / CALIBRATION_FILE, lambda s: s.write(json.dumps(calibration, indent=2).encode("utf-8")))
+        manifest["files"]["calibration"] = CALIBRATION_FILE
+        atomic_write(path / MANIFEST, lambda s: s.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8")))
+        return
+    state = load_checkpoint(path)
+    state["calibration"] = calibration
+    state = {key: value for key, value in state.items() if key not in ("format", "version")}
+    save_checkpoint(state, path)

@@ -7,6 +7,7 @@ A bundle is a folder:
 - `config.yaml`: the model's config (data.* for the preprocessing, decode.* with the run's tuned LM
   weights), `vocab.json`: `{"blank": 0, "chars": [...]}` (class i > 0 is chars[i - 1]);
 - `lm.arpa`: beam_lm's character n-gram (when the run has its training texts or an LM file);
+- `calibration.json`: the model's fitted calibration (crnn.calibration), when it has one;
 - `model.onnx`: the network for ONNX runtimes, batch and width dynamic. Inputs `images` float32
   `(N, 1, H, W)`, ink in [0, 1] (255 - pixel, / 255) right-padded with zeros, and `widths` int64
   `(N,)`, each line's unpadded width; outputs `log_probs` float32 `(T, N, classes)` and `lengths`
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from crnn.checkpoint import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
+from crnn.checkpoint import BUNDLE_FORMAT, BUNDLE_VERSION, CALIBRATION_FILE, MANIFEST
 from crnn.config import config_yaml
 from crnn.errors import CrnnError
 from crnn.lm import NgramLM
@@ -106,6 +107,9 @@ def export_bundle(trained, out: Path, lm_texts: Sequence[str] | None) -> dict:
         lm_file = "lm.arpa"
     if lm_file:
         files["language_model"] = lm_file
+    if trained.calibration.fitted:
+        files["calibration"] = CALIBRATION_FILE
+        atomic_write_text(out / CALIBRATION_FILE, json.dumps(trained.calibration.to_dict(), indent=2))
     # the LM file's path is kept relative to the bundle; crnn.checkpoint.read_bundle resolves it
     saved = dataclasses.replace(config, decode=dataclasses.replace(config.decode, lm_path=lm_file))
     atomic_write_text(out / files["config"], config_yaml(saved))

@@ -4,7 +4,7 @@ model. What tools/evaluate.py and tools/predict.py share."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,9 +12,10 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
+from crnn.calibration import Calibration, check_enough, fit_calibration, line_features, line_log_probs
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
-from crnn.data import Preprocess, Vocab, collate, make_sample
+from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
 from crnn.data.transforms import resized_size
 from crnn.data.xml_pages import XmlPage, crop_lines, page_image
 from crnn.decoding import BeamDecoder, Decoder, build_decoders, build_language_model
@@ -48,6 +49,7 @@ class TrainedModel:
     model: nn.Module
     device: torch.device
     path: Path  # the checkpoint, in <run>/checkpoints/
+    calibration: Calibration = field(default_factory=Calibration)  # the identity if none was fitted
 
     @property
     def train_texts_path(self) -> Path:
@@ -82,13 +84,20 @@ class TrainedModel:
 
     def read(self, images: Sequence[Image.Image], decoder: Decoder) -> list[Reading]:
         """Grayscale PIL line images -> what the model reads in each, how sure it is and where
-        each character sits (`Reading`); the decoder's n best readings (its `decode.nbest`)."""
+        each character sits (`Reading`); the decoder's n best readings (its `decode.nbest`). The
+        decoder reads the network's log-probs; the confidences come from the calibrated ones, and
+        with a fitted calibration each line gets its p_exact and expected errors."""
         output, _ = self.forward(images)
         log_probs, lengths = output.log_probs.float().cpu(), output.lengths.cpu()
         readings = []
         for i, (image, hypotheses) in enumerate(zip(images, decoder.nbest(log_probs, lengths), strict=True)):
-            line_log_probs = log_probs[: int(lengths[i]), i]
-            readings.append(reading(line_log_probs, hypotheses, self.vocab, self.content_width(image), image.width))
+            calibrated = self.calibration.scale(log_probs[: int(lengths[i]), i])
+            line = reading(calibrated, hypotheses, self.vocab, self.content_width(image), image.width)
+            if self.calibration.fitted:
+                p_exact, errors = self.calibration.line_estimates(line_features(calibrated).unsqueeze(0))
+                line.p_exact, line.expected_errors = round(float(p_exact[0]), 4), round(float(errors[0]), 3)
+                line.expected_cer = round(float(errors[0]) / max(len(line.text) * self.calibration.length_ratio, 1.0), 4)
+            readings.append(line)
         return readings
 
     def content_width(self, image: Image.Image) -> tuple[int, int]:
@@ -118,10 +127,24 @@ class Reading:
     confidence_min: float
     characters: list[dict]  # {"char", "confidence", "x0", "x1"}, left to right
     nbest: list[dict]  # {"text", "score"}, best first
+    # with a fitted calibration: the probability the line is read exactly, its expected character
+    # errors and expected CER (None without one)
+    p_exact: float | None = None
+    expected_errors: float | None = None
+    expected_cer: float | None = None
 
     def to_dict(self) -> dict:
         return {"text": self.text, "confidence": {"mean": self.confidence_mean, "min": self.confidence_min},
+                "p_exact": self.p_exact, "expected_cer": self.expected_cer, "expected_errors": self.expected_errors,
                 "characters": self.characters, "nbest": self.nbest}
+
+    @property
+    def line_confidence(self) -> float:
+        """One number for the line, for ALTO `WC` and PAGE `conf`: one minus its expected CER with
+        a calibration, else the mean of its characters' confidences."""
+        if self.expected_cer is not None:
+            return round(min(max(1.0 - self.expected_cer, 0.0), 1.0), 4)
+        return self.confidence_mean
 
 
 def reading(log_probs: torch.Tensor, hypotheses: list, vocab: Vocab, widths: tuple[int, int],
@@ -187,7 +210,19 @@ def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: 
     except RuntimeError as err:
         raise CheckpointError(f"{path}: its weights do not fit the model of its own config "
                               f"({str(err).splitlines()[0]})") from None
-    return TrainedModel(config, vocab, model.to(torch_device).eval(), torch_device, path)
+    return TrainedModel(config, vocab, model.to(torch_device).eval(), torch_device, path,
+                        Calibration.from_dict(stored.calibration))
+
+
+def calibrate(trained: TrainedModel, split: str) -> Calibration:
+    """Fit `trained`'s calibration on a labelled split of its config's data (`crnn.calibration`);
+    DataError if the split has fewer than MIN_LINES usable lines."""
+    data = trained.config.data
+    records = load_records(data, split)
+    check_enough(len(records), f"data.{split}")
+    loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
+    log_probs, references = line_log_probs(trained.model, loader, trained.device)
+    return fit_calibration(log_probs, references, trained.vocab, f"{split} split of {records.name}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -95,6 +96,11 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image (RGB) in TensorBoard."""
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def samples(self, step: int, samples: list[tuple[torch.Tensor, str, str]]) -> None:
         """Validation images `(1, H, W)` of ink, shown as dark ink on white, with ref and hyp."""

@@ -32,6 +32,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from crnn import distributed
+from crnn.calibration import (
+    Calibration,
+    CalibrationProbe,
+    expected_calibration_error,
+    reliability,
+    reliability_diagram,
+)
 from crnn.checkpoint import (
     ModelFile,
     RunState,
@@ -42,17 +49,19 @@ from crnn.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    store_calibration,
 )
 from crnn.config import Config, check_starting_point, config_from_dict, config_yaml
 from crnn.data import LineRecords, Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.check import check_records
 from crnn.data.records import problem_summary
-from crnn.decoding import GreedyDecoder
 from crnn.device import AMP_NAMES, check_device_options
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
 from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_epoch
-from crnn.errors import CheckpointError, ConfigError
+from crnn.errors import CheckpointError, ConfigError, DataError
 from crnn.finetune import initial_vocab, starting_weights
+from crnn.inference import calibrate, load_trained_model
+from crnn.metrics import aligned_hits
 from crnn.models import build_model, check_model_name
 from crnn.optim import WeightEma, scaled_lr
 from crnn.outputs import RunLock, atomic_write_text
@@ -342,11 +351,27 @@ class Run:
         """The model the run saves (the weights' average with train.ema) on the validation split."""
         model = self.model if isinstance(self.model, DataParallelCRNN) else unwrap(self.model)
         distributed.broadcast_buffers(model)  # every rank ends the epoch with the statistics rank 0 saves
+        probe = CalibrationProbe(Calibration(), self.vocab)  # greedy, keeping each character's confidence
         with averaged_weights(unwrap(self.model), self.setup.ema):
             distributed.broadcast_buffers(model)  # the average's too (each rank averaged its own)
-            return evaluate(model, self.val_loader, self.dist.device, {"greedy": GreedyDecoder(self.vocab)},
-                            self.setup.amp_dtype, keep_samples=self.cfg.train.val_images,
-                            show_progress=self.dist.is_main)
+            result = evaluate(model, self.val_loader, self.dist.device, {"greedy": probe}, self.setup.amp_dtype,
+                              keep_samples=self.cfg.train.val_images, keep_predictions=self.dist.is_main,
+                              show_progress=self.dist.is_main)
+        if self.dist.is_main:
+            self.log_reliability(probe, result)
+        return result
+
+    def log_reliability(self, probe: CalibrationProbe, result: EvalResult) -> None:
+        """TensorBoard: how well the raw character confidences match their accuracy on (this rank's
+        share of) the validation split: `val/ece_characters` and the reliability diagram."""
+        pairs = result.predictions.get("greedy", [])
+        hits = [hit for _, reference, hypothesis in pairs for hit in aligned_hits(reference, hypothesis)]
+        confidences = [c for line in probe.confidences for c in line]
+        if not hits or len(hits) != len(confidences):
+            return
+        self.logger.scalars(self.state.step, {"val/ece_characters": expected_calibration_error(confidences, hits)})
+        self.logger.image("val/reliability", reliability_diagram({"characters": reliability(confidences, hits)}),
+                          self.state.step)
 
     def out_of_budget(self, step: int, epoch_seconds: float) -> bool:
         """train.max_steps, the steps planned for train.max_minutes or the minutes themselves reached
@@ -486,10 +511,31 @@ def fit(cfg: Config, start: ModelFile | None = None) -> RunState:
                 run.logger.warning("took over the lock of %s left by process %s, which is no longer running",
                                    cfg.train.output_dir, lock.taken_over.get("pid", "?"))
             state = run.train(started + 60 * stop_after if stop_after else None)
-        finished = True
+            finished = True
+            distributed.cleanup(wait_for_all=True)
+            if dist_info.is_main and state.stopped_by is None:
+                calibrate_run(cfg, run.logger)
         return state
     finally:
         distributed.cleanup(wait_for_all=finished)
+
+
+def calibrate_run(cfg: Config, logger: RunLogger) -> None:
+    """At the end of a run, in the main process alone: fit the calibration of checkpoints/best.pt on
+    the validation split (crnn.calibration) and store it in best.pt; a split too small for it is a
+    warning (tools/calibrate.py fits one on any labelled split later)."""
+    best = Path(cfg.train.output_dir) / "checkpoints" / "best.pt"
+    if not best.is_file():
+        return
+    trained = load_trained_model(best, device=cfg.train.device)
+    try:
+        calibration = calibrate(trained, "validation")
+    except DataError as err:
+        logger.warning("no calibration fitted: %s (tools/calibrate.py fits one on another labelled split)", err)
+        return
+    store_calibration(best, calibration.to_dict())
+    logger.info("calibration fitted on %d validation lines and stored in %s: temperature %.3f", calibration.lines,
+                best, calibration.temperature)
 
 
 @contextmanager

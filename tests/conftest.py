@@ -69,3 +69,16 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint(run_dir) -> Path:
     return run_dir / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def calibrated_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model trained once with a validation split large enough for its calibration to be
+    fitted at the end of the run: checkpoints/best.pt."""
+    from crnn.config import load_config
+    from crnn.trainer import fit
+    from tests.helpers import TINY
+
+    path = tmp_path_factory.mktemp("calibrated_run")
+    fit(load_config(TINY, [f"train.output_dir={path}", "data.synthetic.validation=60"]))
+    return path / "checkpoints" / "best.pt"

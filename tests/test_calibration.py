@@ -1,13 +1,16 @@
 """crnn/calibration.py: the fits recover what generated the data; the measures of calibration."""
 
+import json
 import math
 
 import pytest
 import torch
+from PIL import Image
 
 from crnn.calibration import (
     FEATURES,
     MIN_LINES,
+    TEMPERATURE_RANGE,
     Calibration,
     auroc,
     check_enough,
@@ -17,7 +20,13 @@ from crnn.calibration import (
     fit_temperature,
     line_features,
 )
+from crnn.checkpoint import load_checkpoint
+from crnn.config import load_config
 from crnn.errors import DataError
+from crnn.inference import load_trained_model
+from crnn.metrics import aligned_hits
+from crnn.trainer import fit
+from tests.helpers import TINY, run_tool, synthetic_folder
 
 
 def ctc_lines(count, frames=30, classes=6, sharpen=2.0, seed=0):
@@ -83,3 +92,103 @@ def test_measures_of_calibration():
 def test_too_few_lines_name_the_minimum():
     with pytest.raises(DataError, match=f"validation: 12 labelled line\\(s\\) .* at least {MIN_LINES}"):
         check_enough(12, "validation")
+
+
+def test_a_run_fits_its_calibration_which_survives_export_and_reload(calibrated_checkpoint, tmp_path):
+    best = calibrated_checkpoint
+    stored = load_checkpoint(best)["calibration"]
+    assert stored["lines"] == 60 and TEMPERATURE_RANGE[0] < stored["temperature"] < TEMPERATURE_RANGE[1]
+    assert len(stored["error_weights"]) == len(stored["exact_weights"]) == len(FEATURES)
+    trained = load_trained_model(best, device="cpu")
+    assert trained.calibration == Calibration.from_dict(stored) and trained.calibration.fitted
+    bundle = tmp_path / "bundle"
+    assert run_tool("tools/export.py", "--ckpt", best, "--out", bundle).returncode == 0
+    assert json.loads((bundle / "calibration.json").read_text()) == json.loads(json.dumps(stored))
+    assert load_trained_model(bundle, device="cpu").calibration == trained.calibration
+
+    # tools/calibrate.py: into a copy (the original untouched), or refused on a split too small
+    before = best.read_bytes()
+    copy = tmp_path / "copy.pt"
+    result = run_tool("tools/calibrate.py", "--ckpt", best, "--out", copy, "--split", "validation",
+                      "data.synthetic.validation=70")
+    assert result.returncode == 0, result.stderr
+    assert best.read_bytes() == before and load_checkpoint(copy)["calibration"]["lines"] == 70
+    small = run_tool("tools/calibrate.py", "--ckpt", bundle, "--split", "test")
+    assert small.returncode == 2 and small.stderr.strip() == (
+        f"error: data.test: 16 labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
+
+
+def test_a_run_with_a_small_validation_split_warns_and_stores_none(tmp_path, caplog):
+    fit(load_config(TINY, [f"train.output_dir={tmp_path / 'run'}"]))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["calibration"] == {}
+    assert (f"no calibration fitted: data.validation: 16 labelled line(s) to fit a calibration on; it needs at least "
+            f"{MIN_LINES}") in caplog.text
+
+
+def test_predict_gives_calibrated_fields_a_summary_and_a_review(calibrated_checkpoint, tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 5)
+    result = run_tool("tools/predict.py", "--ckpt", calibrated_checkpoint, lines, "--json", "--summary", "--review", "2")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    readings, review, summary = rows[:5], rows[5]["review"], rows[6]["summary"]
+    calibration = load_trained_model(calibrated_checkpoint, device="cpu").calibration
+    for row in readings:
+        assert 0.0 <= row["p_exact"] <= 1.0 and row["expected_errors"] >= 0.0
+        assert row["expected_cer"] == pytest.approx(
+            row["expected_errors"] / max(len(row["text"]) * calibration.length_ratio, 1.0), abs=2e-4)
+    ranked = sorted(readings, key=lambda row: -row["expected_errors"])[:2]
+    assert [line["path"] for line in review] == [row["path"] for row in ranked]
+    estimate, (low, high) = calibration.estimate_cer([row["expected_errors"] for row in readings],
+                                                     [len(row["text"]) for row in readings])
+    assert summary["lines"] == 5 and summary["estimated_cer"] == pytest.approx(estimate, abs=1e-3)
+    assert summary["interval"][0] == pytest.approx(low, abs=1e-3) and summary["interval"][1] == pytest.approx(
+        high, abs=1e-3)
+    text = run_tool("tools/predict.py", "--ckpt", calibrated_checkpoint, lines, "--summary")
+    assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 5
+    assert f"summary: 5 line(s), estimated CER {estimate:.1%} ({low:.1%} to {high:.1%}, 95% interval)" in text.stderr
+
+
+def test_summary_needs_a_calibrated_model(checkpoint, tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 1)
+    result = run_tool("tools/predict.py", "--ckpt", checkpoint, lines, "--summary")
+    assert result.returncode == 2 and "has no calibration: fit one with python tools/calibrate.py" in result.stderr
+    plain = run_tool("tools/predict.py", "--ckpt", checkpoint, lines, "--json")
+    row = json.loads(plain.stdout)
+    assert row["p_exact"] is None and row["expected_cer"] is None  # the keys are there, empty
+
+
+def test_aligned_hits_mark_the_characters_read_right():
+    assert aligned_hits("chat", "chat") == [True] * 4
+    assert aligned_hits("chat", "cbat") == [True, False, True, True]
+    assert aligned_hits("chat", "chaat") == [True, True, True, False, True] or aligned_hits(
+        "chat", "chaat") == [True, True, False, True, True]
+    assert aligned_hits("chat", "") == [] and aligned_hits("", "ab") == [False, False]
+
+
+def test_evaluate_measures_the_calibration_against_the_truth(calibrated_checkpoint, tmp_path):
+    result = run_tool("tools/evaluate.py", "--ckpt", calibrated_checkpoint, "--split", "test", "--decoders", "beam",
+                      "--json", tmp_path / "r.json", "--reliability", tmp_path / "reliability.png")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) == {"beam", "calibration"}  # greedy read for the calibration, not reported
+    calibration = report["calibration"]
+    assert calibration["lines"] == 16 and 0 <= calibration["ece_p_exact"] <= 1 and 0 <= calibration["ece_characters"] <= 1
+    greedy = run_tool("tools/evaluate.py", "--ckpt", calibrated_checkpoint, "--split", "test", "--json",
+                      tmp_path / "g.json")
+    assert greedy.returncode == 0 and "estimated CER" in greedy.stdout  # with greedy asked for: reported
+    assert calibration["true_cer"] == pytest.approx(json.loads((tmp_path / "g.json").read_text())["greedy"]["cer"])
+    low, high = calibration["interval"]
+    assert low <= calibration["estimated_cer"] <= high
+    assert sum(row["count"] for row in calibration["reliability_p_exact"]) == 16
+    assert "estimated CER" in result.stdout and "AUROC of finding the lines with errors" in result.stdout
+    assert Image.open(tmp_path / "reliability.png").size == (360, 360)
+
+
+def test_each_epoch_logs_the_reliability_of_the_character_confidences(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "val/reliability" in events.Tags()["images"]
+    ece = events.Scalars("val/ece_characters")
+    assert len(ece) == 1 and 0.0 <= ece[0].value <= 1.0  # one epoch

@@ -290,3 +290,24 @@ def test_real_escriptorium_pages():
     records = load_records(xml_config(f"data.train={COPISTE_PAGES}").data, "train")
     assert records.pages == 6 and len(records) == 138 and records.problems == []
     assert records.texts[0] == "Philippe de Croy, 3e duc d'Aerschot, né le"
+
+
+def test_predict_writes_confidences_where_alto_and_page_keep_them(pages, calibrated_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = run_tool("tools/predict.py", "--ckpt", calibrated_checkpoint, pages / "a.xml", pages / "b.xml",
+                      "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    readings = {row["path"].rsplit(":", 1)[1]: row for row in map(json.loads, result.stdout.strip().splitlines())}
+    alto_strings = {line.id: next(child for child in line.element if child.tag.endswith("String"))
+                    for line in read_page(out / "a.xml").lines if line.id in readings}
+    for line_id, string in alto_strings.items():
+        row = readings[line_id]
+        assert float(string.get("WC")) == pytest.approx(1 - row["expected_cer"], abs=1e-4)
+        if row["text"]:
+            digits = [int(d) for d in string.get("CC").split()]
+            assert digits == [min(9, max(0, round((1 - c["confidence"]) * 9))) for c in row["characters"]]
+    page_lines = [line for line in read_page(out / "b.xml").lines if line.id in readings]
+    for line in page_lines:
+        equiv = next(child for child in line.element if child.tag.endswith("TextEquiv"))
+        assert float(equiv.get("conf")) == pytest.approx(1 - readings[line.id]["expected_cer"], abs=1e-4)
+    assert alto_strings and page_lines

@@ -28,6 +28,12 @@ decode.lm_smoothing) from <run>/train_texts.txt, which tools/train.py writes nex
 Beam decoders run in decode.workers processes (0, the default: one per CPU core), overlapping
 with the next batch's forward pass.
 
+A model with a calibration (fitted at the end of training or by tools/calibrate.py) is also
+measured against the truth: the estimated against the true CER, the ECE of p_exact and of the
+character confidences, the AUROC of finding the lines with errors and the share of the errors in
+the 20% of lines with the most expected errors ("calibration" in --json, with the reliability
+bins); --reliability OUT.png draws the reliability diagram.
+
 Choose the LM weights on data (the validation split unless --split says otherwise):
     python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --tune-lm \
         [--lm-weights 0,0.25,0.5,0.75,1,1.5] [--word-scores -1,0,1,2]
@@ -43,6 +49,7 @@ import json
 import sys
 from pathlib import Path
 
+from crnn.calibration import Calibration, CalibrationProbe, calibration_report, reliability_diagram
 from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
 from crnn.data.records import problem_summary
@@ -69,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(DECODER_NAMES)} (default: greedy)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--errors", type=Path, help="write per-line errors (TSV, worst first) here")
+    parser.add_argument("--reliability", type=Path,
+                        help="a calibrated model: draw the split's reliability diagram (PNG) here")
     parser.add_argument("--lm", help="language model file for beam_lm (same as decode.lm_path=...)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="off", choices=AMP_MODES,
@@ -93,11 +102,15 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off") -> tuple[EvalResult, list[str]]:
-    """Evaluate every decoder in one pass over `split`; returns the result and the line ids."""
+def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
+        probe: CalibrationProbe | None = None) -> tuple[EvalResult, list[str]]:
+    """Evaluate every decoder in one pass over `split`; returns the result and the line ids. With
+    `probe`, it reads in greedy's place (the same readings) and keeps the calibration's estimates."""
     cfg = trained.config
     amp_dtype = resolve_amp(amp, trained.device, key="--amp")
     decoders = trained.decoders(names)  # first: a missing LM is found before the data is read
+    if probe is not None:
+        decoders["greedy"] = probe
     records = load_records(cfg.data, split)
     if records.problems:
         warn(f"{len(records.problems)} line(s) of {records.name} left out ({problem_summary(records.problems)}); "
@@ -112,6 +125,18 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off") -
         warn(f"{result.unreadable} unreadable line(s) left out ({problem_summary(result.problems)}); first: "
              f"{result.problems[0]} (tools/check_data.py lists them all)")
     return result, records.ids
+
+
+def print_calibration(report: dict, calibration: Calibration) -> None:
+    """What the model's calibration (fitted on `calibration.fitted_on`) says against the truth here."""
+    low, high = report["interval"]
+    print(f"calibration (temperature {calibration.temperature:.3f}, fitted on {calibration.lines} lines of the "
+          f"{calibration.fitted_on or 'unknown split'}), measured on {report['lines']} lines:")
+    print(f"  estimated CER {report['estimated_cer']:.2%} ({low:.2%} to {high:.2%}) against the true "
+          f"{report['true_cer']:.2%} ({report['estimate_relative_error']:+.1%} relative)")
+    print(f"  ECE of p_exact {report['ece_p_exact']:.4f}, of the character confidences {report['ece_characters']:.4f}")
+    print(f"  AUROC of finding the lines with errors {report['auroc_lines_with_errors']:.3f}; the 20% of lines with "
+          f"the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} of the errors")
 
 
 def summary(result: EvalResult) -> dict[str, dict]:
@@ -178,18 +203,34 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or ("validation" if args.tune_lm else "test")
     names = decoder_names(args.decoders)
     overrides = args.overrides + ([f"decode.lm_path={args.lm}"] if args.lm else [])
-    for option, path in (("--json", args.json), ("--errors", args.errors)):
+    for option, path in (("--json", args.json), ("--errors", args.errors), ("--reliability", args.reliability)):
         if path is not None:
             check_output_file(path, option)
     trained = load_trained_model(args.ckpt, overrides, args.device)
     if args.tune_lm:
         tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))
         return 0
-    result, ids = run(trained, split, names, args.amp)
+    probe = CalibrationProbe(trained.calibration, trained.vocab) if trained.calibration.fitted else None
+    result, ids = run(trained, split, ["greedy", *[name for name in names if name != "greedy"]] if probe else names,
+                      args.amp, probe)
     rows = summary(result)
+    if probe is not None and "greedy" not in names:
+        del rows["greedy"]
     print_table(rows)
+    report = None
+    if probe is not None:
+        report = calibration_report(probe, *zip(*[(ref, hyp) for _, ref, hyp in result.predictions["greedy"]],
+                                                strict=True))
+        print_calibration(report, trained.calibration)
+        if args.reliability:
+            reliability_diagram({"characters": report["reliability_characters"],
+                                 "lines read exactly": report["reliability_p_exact"]}).save(args.reliability)
+            print(f"reliability diagram: {args.reliability}", file=sys.stderr)
+    elif args.reliability:
+        warn(f"{args.ckpt} has no calibration: no reliability diagram (fit one with tools/calibrate.py)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps({**rows, **({"calibration": report} if report else {})}, indent=2) + "\n",
+                             encoding="utf-8")
     if args.errors:
         write_errors(args.errors, result, ids)
     return 0

@@ -25,11 +25,21 @@ An image that cannot be read is reported on stderr as `error: <path>: <why>` and
 others are still transcribed and the exit status is then 2.
 
 --json prints one JSON object per line instead (JSON Lines): {"path", "text", "confidence": {"mean",
-"min"}, "characters": [{"char", "confidence", "x0", "x1"}, ...]} and, with --nbest K (beam
-decoders), "nbest": [{"text", "score"}, ...] best first. A character's confidence is its posterior
-probability at its strongest frame in the run of frames where CTC places it; x0..x1 is that run in
-the input image's pixels (left to right). The line's confidence is the mean and the minimum over
-its characters (a line read as empty: the mean posterior of its best path).
+"min"}, "p_exact", "expected_cer", "expected_errors", "characters": [{"char", "confidence", "x0",
+"x1"}, ...]} and, with --nbest K (beam decoders), "nbest": [{"text", "score"}, ...] best first. A
+character's confidence is its calibrated posterior probability at its strongest frame in the run of
+frames where CTC places it; x0..x1 is that run in the input image's pixels (left to right). The
+line's confidence is the mean and the minimum over its characters (a line read as empty: the mean
+posterior of its best path). With the model's calibration (fitted at the end of training, or by
+tools/calibrate.py; crnn/calibration.py): p_exact, the probability that the line is read exactly,
+and its expected character errors and CER (null without a calibration). ALTO pages get the line's
+confidence as the String's WC (one minus its expected CER, else the mean character confidence) and
+each character's as CC (0 sure .. 9 unsure); PAGE pages as the TextEquiv's conf.
+
+--summary ends with the estimated CER of everything read and a 95% interval, without any ground
+truth (with --json as a last line {"summary": {"lines", "estimated_cer", "interval": [low, high]}});
+--review N lists the N lines with the most expected errors, the ones to check first (with --json
+a line {"review": [...]}). Both need a calibrated model.
 
 beam_lm's language model: --lm FILE (ARPA or KenLM binary, e.g. from tools/build_lm.py), else
 the checkpoint's decode.lm_path, else estimated from <run>/train_texts.txt next to the checkpoint.
@@ -43,8 +53,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from crnn.calibration import MIN_LINES, Calibration
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
-from crnn.data.xml_pages import read_page, write_page
+from crnn.data.xml_pages import LineConfidence, read_page, write_page
 from crnn.decoding import DECODER_NAMES, Decoder
 from crnn.errors import ConfigError, CrnnError, DataError, tool_main
 from crnn.inference import Reading, TrainedModel, load_trained_model
@@ -68,9 +79,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one JSON object per line: text, confidence, characters with their spans")
     parser.add_argument("--nbest", type=int, default=0, help="with --json: the K best readings and their scores")
     parser.add_argument("--workers", type=int, help="beam search processes (decode.workers; default: one per core)")
+    parser.add_argument("--summary", action="store_true",
+                        help="at the end, the estimated CER of all the lines read, with an interval (no ground truth)")
+    parser.add_argument("--review", type=int, default=0, metavar="N",
+                        help="at the end, the N lines with the most expected errors: where a person should look first")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.review < 0:
+        parser.error("--review N needs N >= 1")
     if args.nbest and (args.nbest < 1 or not args.json or args.decoder == "greedy"):
         parser.error("--nbest K needs K >= 1, --json and --decoder beam or beam_lm (greedy has one reading)")
     return args
@@ -151,7 +168,51 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 
 
-def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], args: argparse.Namespace) -> int:
+class Printer:
+    """Prints each line's reading as it comes (text or JSON) and keeps what --summary and --review
+    need of it."""
+
+    def __init__(self, args: argparse.Namespace, calibration: Calibration):
+        self.as_json, self.nbest, self.calibration = args.json, bool(args.nbest), calibration
+        self.lines: list[tuple[str, Reading]] = []
+
+    def __call__(self, name: str, reading: Reading) -> None:
+        self.lines.append((name, reading))
+        if not self.as_json:
+            print(f"{name}\t{reading.text}", flush=True)
+            return
+        fields = reading.to_dict()
+        if not self.nbest:
+            del fields["nbest"]
+        print(json.dumps({"path": name, **fields}, ensure_ascii=False), flush=True)
+
+    def review(self, count: int) -> None:
+        """The `count` lines with the most expected character errors, most first."""
+        ranked = sorted(self.lines, key=lambda line: -line[1].expected_errors)[:count]
+        if self.as_json:
+            print(json.dumps({"review": [{"path": name, "expected_errors": r.expected_errors,
+                                          "expected_cer": r.expected_cer, "p_exact": r.p_exact, "text": r.text}
+                                         for name, r in ranked]}, ensure_ascii=False))
+            return
+        print(f"review: the {len(ranked)} line(s) with the most expected errors (expected errors, expected CER, "
+              f"path, text):", file=sys.stderr)
+        for name, r in ranked:
+            print(f"{r.expected_errors:8.2f}  {r.expected_cer:7.1%}  {name}\t{r.text}", file=sys.stderr)
+
+    def summary(self) -> None:
+        """The estimated CER of everything read, with its interval, without any ground truth."""
+        estimate, (low, high) = self.calibration.estimate_cer(
+            [r.expected_errors for _, r in self.lines], [len(r.text) for _, r in self.lines])
+        if self.as_json:
+            print(json.dumps({"summary": {"lines": len(self.lines), "estimated_cer": round(estimate, 4),
+                                          "interval": [round(low, 4), round(high, 4)]}}))
+        else:
+            print(f"summary: {len(self.lines)} line(s), estimated CER {estimate:.1%} ({low:.1%} to {high:.1%}, "
+                  f"95% interval)", file=sys.stderr)
+
+
+def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], args: argparse.Namespace,
+                   show: Printer) -> int:
     """Print what each readable image reads, a batch at a time; returns how many were not readable."""
     unreadable, batch_size = 0, args.batch_size
     for start in range(0, len(paths), batch_size):
@@ -165,23 +226,12 @@ def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], a
                 unreadable += 1
         if images:
             for path, line_reading in zip(readable, trained.read(images, decoder), strict=True):
-                print_reading(str(path), line_reading, args.json, bool(args.nbest))
+                show(str(path), line_reading)
     return unreadable
 
 
-def print_reading(name: str, reading: Reading, as_json: bool, nbest: bool) -> None:
-    """`name<TAB>text`, or with --json one JSON object (the nbest readings with --nbest)."""
-    if not as_json:
-        print(f"{name}\t{reading.text}", flush=True)
-        return
-    fields = reading.to_dict()
-    if not nbest:
-        del fields["nbest"]
-    print(json.dumps({"path": name, **fields}, ensure_ascii=False), flush=True)
-
-
 def transcribe_pages(trained: TrainedModel, decoder: Decoder, targets: dict[Path, Path],
-                     args: argparse.Namespace) -> int:
+                     args: argparse.Namespace, show: Printer) -> int:
     """Write each XML page to its target with its lines transcribed; returns how many pages failed."""
     failed = 0
     for path, target in targets.items():
@@ -195,9 +245,11 @@ def transcribe_pages(trained: TrainedModel, decoder: Decoder, targets: dict[Path
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)
         for line_id, line_reading in readings.items():
-            print_reading(f"{path}:{line_id}", line_reading, args.json, bool(args.nbest))
+            show(f"{path}:{line_id}", line_reading)
         saved = f", the original kept as {backup(path)}" if target == path else ""
-        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, target)
+        confidences = {line_id: LineConfidence(r.line_confidence, [c["confidence"] for c in r.characters])
+                       for line_id, r in readings.items()}
+        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, target, confidences)
         print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {target}{saved}", file=sys.stderr)
     return failed
 
@@ -215,9 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.nbest > trained.config.decode.beam_size:
         raise ConfigError(f"--nbest {args.nbest} needs decode.beam_size >= {args.nbest} (it is "
                           f"{trained.config.decode.beam_size}); add decode.beam_size={args.nbest}")
+    if (args.summary or args.review) and not trained.calibration.fitted:
+        raise CrnnError(f"--summary and --review need a calibrated model, and {args.ckpt} has no calibration: fit one "
+                        f"with python tools/calibrate.py --ckpt {args.ckpt} (on a labelled split of at least "
+                        f"{MIN_LINES} lines)")
     decoder = trained.decoders([args.decoder])[args.decoder]
-    unreadable = transcribe_all(trained, decoder, paths, args)
-    unreadable += transcribe_pages(trained, decoder, targets, args) if targets else 0
+    show = Printer(args, trained.calibration)
+    unreadable = transcribe_all(trained, decoder, paths, args, show)
+    unreadable += transcribe_pages(trained, decoder, targets, args, show) if targets else 0
+    if args.review:
+        show.review(args.review)
+    if args.summary:
+        show.summary()
     return 2 if unreadable else 0
 
 

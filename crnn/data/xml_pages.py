@@ -523,9 +523,23 @@ def _namespaces(path: Path) -> dict[str, str]:
     return dict(node for _, node in ET.iterparse(path, events=("start-ns",)))
 
 
-def write_page(page: XmlPage, texts: dict[str, str], out_path: Path) -> int:
+@dataclass
+class LineConfidence:
+    """How sure a reading is, as the page formats carry it: the line's (0-1) and each character's."""
+
+    line: float
+    characters: list[float]
+
+    def alto_cc(self) -> str:
+        """ALTO `CC`: per character 0 (sure) to 9 (unsure), space-separated."""
+        return " ".join(str(min(9, max(0, round((1.0 - c) * 9)))) for c in self.characters)
+
+
+def write_page(page: XmlPage, texts: dict[str, str], out_path: Path,
+               confidences: dict[str, LineConfidence] | None = None) -> int:
     """Write `page` to `out_path` with `texts` (line id -> recognised text) as the transcription of
-    those lines: ALTO, one `String` per line (with the line's box); PAGE, the line's `TextEquiv`.
+    those lines: ALTO, one `String` per line (with the line's box, and with `confidences` its `WC`
+    and `CC`); PAGE, the line's `TextEquiv` (with its `conf`).
     The lines' former words and transcriptions are replaced; the file is written whole or not at
     all (`atomic_write`). Returns the lines written."""
     for prefix, uri in _namespaces(page.path).items():
@@ -534,16 +548,17 @@ def write_page(page: XmlPage, texts: dict[str, str], out_path: Path) -> int:
     for line in page.lines:
         if line.id not in texts:
             continue
+        confidence = (confidences or {}).get(line.id)
         if page.kind == "alto":
-            _set_alto_text(line.element, texts[line.id])
+            _set_alto_text(line.element, texts[line.id], confidence)
         else:
-            _set_page_text(line.element, texts[line.id])
+            _set_page_text(line.element, texts[line.id], confidence)
         written += 1
     atomic_write(out_path, lambda stream: page.tree.write(stream, encoding="UTF-8", xml_declaration=True))
     return written
 
 
-def _set_alto_text(line: ET.Element, text: str) -> None:
+def _set_alto_text(line: ET.Element, text: str, confidence: LineConfidence | None) -> None:
     for child in [c for c in line if _local(c.tag) in ("String", "SP", "HYP")]:
         line.remove(child)
     string = ET.SubElement(line, line.tag[: -len("TextLine")] + "String")
@@ -551,13 +566,19 @@ def _set_alto_text(line: ET.Element, text: str) -> None:
         if line.get(key) is not None:
             string.set(key, line.get(key))
     string.set("CONTENT", text)
+    if confidence is not None:
+        string.set("WC", f"{confidence.line:.4f}")
+        if len(confidence.characters) == len(text) and text:
+            string.set("CC", confidence.alto_cc())
 
 
-def _set_page_text(line: ET.Element, text: str) -> None:
+def _set_page_text(line: ET.Element, text: str, confidence: LineConfidence | None) -> None:
     namespace = line.tag[: -len("TextLine")]
     for child in [c for c in line if _local(c.tag) in ("Word", "TextEquiv")]:
         line.remove(child)
     equiv = ET.Element(namespace + "TextEquiv")
+    if confidence is not None:
+        equiv.set("conf", f"{confidence.line:.4f}")
     ET.SubElement(equiv, namespace + "Unicode").text = text
     later = [i for i, c in enumerate(line) if _local(c.tag) in ("TextStyle", "UserDefined", "Labels")]
     line.insert(later[0] if later else len(line), equiv)
