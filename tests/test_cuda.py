@@ -184,3 +184,23 @@ def test_out_of_memory_is_retried_in_halves_or_named(tmp_path):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
         torch.cuda.empty_cache()
+
+
+def test_calibration_fitted_on_the_gpu_and_used_by_predict_and_evaluate(tmp_path):
+    """The end-of-run calibration (a forward pass on the GPU), predict's calibrated fields and
+    evaluate's calibration report with the model on the GPU."""
+    run_dir = tmp_path / "run"
+    result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "data.synthetic.validation=60",
+                      f"train.output_dir={run_dir}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = run_dir / "checkpoints" / "best.pt"
+    assert torch.load(best, weights_only=True)["calibration"]["lines"] == 60
+    lines = synthetic_folder(tmp_path / "lines", 3)
+    read = run_tool("tools/predict.py", "--ckpt", best, lines, "--device", "cuda", "--json", "--summary")
+    assert read.returncode == 0, read.stderr
+    rows = [json.loads(line) for line in read.stdout.strip().splitlines()]
+    assert all(row["p_exact"] is not None for row in rows[:3]) and rows[3]["summary"]["lines"] == 3
+    report = run_tool("tools/evaluate.py", "--ckpt", best, "--device", "cuda", "--split", "test", "--json",
+                      tmp_path / "r.json")
+    assert report.returncode == 0, report.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["calibration"]["lines"] == 16
