@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,6 @@ class Calibration:
     length_ratio: float = 1.0  # reference characters / characters read, on the fit split
     lines: int = 0  # labelled lines it was fitted on
     fitted_on: str = ""  # which split, for the record
-    extra: dict = field(default_factory=dict)  # the fit's own measurements (for the logs)
 
     @property
     def fitted(self) -> bool:
