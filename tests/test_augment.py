@@ -3,13 +3,14 @@
 import functools
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from crnn.config import AugmentConfig
 from crnn.data import BatchAugmenter, Preprocess, Vocab, collate, make_sample, synthetic
-from crnn.data.augment import augmented_width, draw_params
-from crnn.data.samplers import WidthBatchSampler, augmentation_seed, batch_sizes
+from crnn.data.augment import augmented_widths, draw_params, draw_warps
+from crnn.data.samplers import WidthBatchSampler, augmentation_seeds, batch_sizes
 from tests.helpers import STRONG, ink_lines, pad_batch
 
 
@@ -53,12 +54,11 @@ def test_each_op_does_what_it_says():
     seed = next(s for s in range(100) if abs(draw_params(wider, int(widths[0]), 64, s).out_width - widths[0]) > 10)
     sheared, sheared_width = BatchAugmenter(wider)(images, widths, [seed])
     assert int(sheared_width[0]) > int(widths[0])  # a sheared line takes more columns, and its CTC frames follow
-    thick, _ = BatchAugmenter(AugmentConfig(prob=1.0, **{**only, "morphology": 2.0}))(images, widths, [1])
-    thin, _ = BatchAugmenter(AugmentConfig(prob=1.0, **{**only, "morphology": 2.0}))(images, widths, [3])
-    kinds = {seed: draw_params(AugmentConfig(prob=1.0, **{**only, "morphology": 2.0}), 100, 64, seed).dilate
-             for seed in (1, 3)}
-    assert kinds == {1: True, 3: False} or kinds == {1: False, 3: True}
-    dilated, eroded = (thick, thin) if kinds[1] else (thin, thick)
+    morphology = AugmentConfig(prob=1.0, **{**only, "morphology": 2.0})
+    dilating, eroding = (next(s for s in range(100) if draw_params(morphology, 100, 64, s).dilate == kind)
+                         for kind in (True, False))
+    dilated, _ = BatchAugmenter(morphology)(images, widths, [dilating])
+    eroded, _ = BatchAugmenter(morphology)(images, widths, [eroding])
     assert dilated.sum() > images.sum() > eroded.sum()
     lit, _ = BatchAugmenter(AugmentConfig(prob=1.0, **{**only, "brightness": 0.5, "contrast": 0.5}))(
         images, widths, [5])
@@ -94,20 +94,85 @@ def test_a_shuffled_epoch_has_few_distinct_batch_sizes():
 
 
 def test_training_batches_group_lines_by_the_width_they_will_have_once_augmented():
-    widths = torch.randint(200, 2000, (640,), generator=torch.Generator().manual_seed(0)).tolist()
-    will_have = functools.partial(augmented_width, STRONG, 64)
-    assert all(will_have(w, s) == draw_params(STRONG, w, 64, s).out_width for s, w in enumerate(widths[:50]))
+    widths = torch.randint(200, 2000, (640,), generator=torch.Generator().manual_seed(0)).numpy()
+    will_have = functools.partial(augmented_widths, STRONG, 64)
+    augmented = will_have(widths, augmentation_seeds(1, 3, len(widths)))
 
     def padding(sampler):
         sampler.set_epoch(3)
         padded = used = 0
         for keys in sampler:
-            augmented = [will_have(widths[i], augmentation_seed(1, 3, i)) for i, _ in keys]
-            padded, used = padded + len(keys) * max(augmented), used + sum(augmented)
+            batch = augmented[[i for i, _ in keys]]
+            padded, used = padded + len(keys) * batch.max(), used + batch.sum()
         return 1 - used / padded
 
     grouped = WidthBatchSampler(widths, 16, shuffle=True, seed=1, augmented_width=will_have)
-    grouped.set_epoch(3)
-    assert all(seed == augmentation_seed(1, 3, i) for keys in grouped for i, seed in keys)
     plain = WidthBatchSampler(widths, 16, shuffle=True, seed=1)
     assert padding(grouped) < padding(plain) / 3
+
+
+@pytest.mark.parametrize("cfg,height", [(STRONG, 64), (AugmentConfig(), 128), (AugmentConfig(prob=1.0), 32)])
+def test_the_samplers_widths_are_the_augmenters_out_widths(cfg, height):
+    seeds = augmentation_seeds(5, 2, 5000)
+    widths = np.random.default_rng(0).choice([1, 8, 37, 100, 640, 1999, 4000], len(seeds))
+    drawn = [draw_params(cfg, int(width), height, int(seed)).out_width
+             for width, seed in zip(widths, seeds, strict=True)]
+    predicted = augmented_widths(cfg, height, widths, seeds)
+    assert predicted.tolist() == drawn and (predicted != widths).mean() > 0.5
+
+
+def test_augmentation_seeds_depend_on_the_seed_epoch_and_index_only():
+    seeds = augmentation_seeds(1, 3, 100_000)
+    assert seeds.dtype == np.int64 and seeds.min() >= 0  # so below 2**63
+    assert np.array_equal(seeds, augmentation_seeds(1, 3, 100_000))
+    assert np.array_equal(seeds[:10], augmentation_seeds(1, 3, 10))  # whatever the split's size
+    assert len(np.unique(seeds)) == len(seeds)
+    for other in (augmentation_seeds(1, 4, 100_000), augmentation_seeds(2, 3, 100_000)):
+        assert not np.isin(seeds, other).any()
+    for seed in [*seeds[:1000], seeds.max(), seeds.min()]:
+        torch.Generator().manual_seed(int(seed))
+
+
+def test_each_warp_op_fires_at_its_probability_and_draws_in_its_range():
+    cfg, seeds = AugmentConfig(prob=0.3, shear=0.4, rotation=2.0, scale=0.2), augmentation_seeds(0, 1, 20_000)
+    warps = draw_warps(cfg, 64, seeds)
+    fired = {"shear": warps.shear != 0, "rotation": warps.angle != 0, "scale": warps.scale_x != 1,
+             "distortion": warps.distort != 0}
+    for name, fires in fired.items():
+        assert abs(fires.mean() - cfg.prob) < 0.02, name  # 6 standard deviations
+    assert abs((fired["shear"] & fired["scale"]).mean() - cfg.prob**2) < 0.015  # independent draws
+    assert np.array_equal(warps.scale_y != 1, fired["scale"])
+    assert np.abs(warps.shear).max() <= 0.4 and np.abs(np.degrees(warps.angle)).max() <= 2.0
+    assert 0.8 <= warps.scale_x.min() and warps.scale_x.max() <= 1.2
+    assert 0.8 <= warps.scale_y.min() and warps.scale_y.max() <= 1.0
+    assert abs(warps.shear[fired["shear"]].mean()) < 0.02  # centred
+    assert set(warps.distort.tolist()) == {0.0, 3.0}
+
+
+def test_prob_zero_is_the_identity_everywhere():
+    cfg, seeds = AugmentConfig(prob=0.0), augmentation_seeds(0, 1, 20_000)
+    widths = np.random.default_rng(0).integers(1, 3000, len(seeds))
+    assert draw_warps(cfg, 64, seeds).identity().all()
+    assert np.array_equal(augmented_widths(cfg, 64, widths, seeds), widths)
+    for seed in seeds[:200]:
+        assert draw_params(cfg, 500, 64, int(seed)) == draw_params(cfg, 500, 64, None)
+
+
+def test_an_epochs_keys_are_the_same_for_any_sampler_and_any_number_of_ranks():
+    widths = np.random.default_rng(1).integers(100, 3000, 1000)
+    will_have = functools.partial(augmented_widths, STRONG, 64)
+
+    def keys(rank, world):
+        sampler = WidthBatchSampler(widths, 16, shuffle=True, seed=4, augmented_width=will_have, rank=rank,
+                                    world_size=world)
+        sampler.set_epoch(2)
+        return list(sampler)
+
+    single = keys(0, 1)
+    assert single == keys(0, 1)
+    assert all(type(i) is int and type(seed) is int for batch in single for i, seed in batch)
+    expected = {(i, int(seed)) for i, seed in enumerate(augmentation_seeds(4, 2, len(widths)))}
+    assert {key for batch in single for key in batch} == expected
+    shards = [keys(rank, 3) for rank in range(3)]
+    union = [key for shard in shards for batch in shard for key in batch]
+    assert len(union) == len(widths) and set(union) == expected

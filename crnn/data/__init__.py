@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from crnn.config import DataConfig
-from crnn.data.augment import BatchAugmenter, augmented_width
+from crnn.data.augment import BatchAugmenter, augmented_widths
 from crnn.data.cache import LineCache
 from crnn.data.collate import Batch, LineDataset, collate
 from crnn.data.records import LineRecords
@@ -56,7 +56,7 @@ def build_loader(data_cfg: DataConfig, dataset: LineDataset, train: bool, seed: 
     augment = train and data_cfg.augment.enabled
     sampler = WidthBatchSampler(
         dataset.widths, data_cfg.batch_size, shuffle=train, seed=seed, window=data_cfg.shuffle_window,
-        augmented_width=functools.partial(augmented_width, data_cfg.augment, data_cfg.height) if augment else None,
+        augmented_width=functools.partial(augmented_widths, data_cfg.augment, data_cfg.height) if augment else None,
         rank=rank, world_size=world_size,
     )
     workers = data_cfg.num_workers

@@ -4,9 +4,11 @@ The DataLoader workers only decode and resize; `BatchAugmenter` then warps, thic
 re-lights every line of the batch with a few batched tensor ops on the training device (the GPU,
 or the CPU when training there: the same code runs on CPU tensors).
 
-Each line draws its parameters from its own `torch.Generator`, seeded by the sampler with a seed
-that depends only on (train.seed, epoch, line), in a fixed order: a line is augmented the same way
-whatever batch it lands in, on any rank and after a resume. Per line, each op fires with
+Each line draws its parameters from its seed, given by the sampler, which depends only on
+(train.seed, epoch, line): a line is augmented the same way whatever batch it lands in, on any rank
+and after a resume. The warp comes from counter-based uniforms (a hash of the seed and a fixed slot
+per draw), so the sampler computes a million lines' new widths in a few array ops; the rest is drawn
+in a fixed order from a `torch.Generator` seeded with it. Per line, each op fires with
 probability `data.augment.prob`:
 - warp: shear, rotation, scale (never taller) and a grid distortion (a smooth random displacement
   field), composed into one sampling grid: one interpolation, not three. The line's width follows
@@ -21,10 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from crnn.config import AugmentConfig
+from crnn.data.samplers import hash64
 from crnn.data.transforms import round_up
 
 
@@ -50,60 +54,80 @@ class LineParams:
     brightness: float = 0.0
 
 
-@dataclass
-class Warp:
-    shear: float = 0.0
-    angle: float = 0.0  # radians
-    scale_x: float = 1.0
-    scale_y: float = 1.0
-    distort: float = 0.0  # max displacement, pixels
-
-    @property
-    def is_identity(self) -> bool:
-        return not (self.shear or self.angle or self.distort) and self.scale_x == self.scale_y == 1.0
-
-    def out_width(self, width: int, height: int) -> int:
-        """A warped line's width: scaled, plus the room its shear takes."""
-        return width if self.is_identity else max(8, round(width * self.scale_x + abs(self.shear) * height))
+# The warp's uniform draws: slot k of a line is hash64(seed, k) / 2**64, each op on its own slots
+# whether it fires or not, so that every line's warp is a few array ops away from its seed.
+_SLOTS = 8
+(_SHEAR_FIRES, _SHEAR, _ROTATION_FIRES, _ROTATION, _SCALE_FIRES, _SCALE_X, _SCALE_Y,
+ _DISTORT_FIRES) = range(_SLOTS)
 
 
-def draw_warp(cfg: AugmentConfig, height: int, generator: torch.Generator) -> Warp:
-    """The first draws of a line: its warp, which decides its new width."""
-    warp = Warp()
-    if _fires(generator, cfg.prob):
-        warp.shear = _uniform(generator, -cfg.shear, cfg.shear)
-    if _fires(generator, cfg.prob):
-        warp.angle = math.radians(_uniform(generator, -cfg.rotation, cfg.rotation))
-    if _fires(generator, cfg.prob):
-        warp.scale_x = _uniform(generator, 1 - cfg.scale, 1 + cfg.scale)
-        warp.scale_y = _uniform(generator, 1 - cfg.scale, 1.0)  # never taller: keep ascenders
-    if _fires(generator, cfg.prob):
-        warp.distort = cfg.distortion * height / 64
-    return warp
+@dataclass(frozen=True)
+class Warps:
+    """The warps of many lines, one array entry per line: the draws that decide a line's new width."""
+
+    shear: np.ndarray
+    angle: np.ndarray  # radians
+    scale_x: np.ndarray
+    scale_y: np.ndarray
+    distort: np.ndarray  # max displacement, pixels
+
+    def identity(self) -> np.ndarray:
+        """Lines left as they are: no op fired, or each drew its neutral value."""
+        unmoved = (self.shear == 0) & (self.angle == 0) & (self.distort == 0)
+        return unmoved & (self.scale_x == 1) & (self.scale_y == 1)
+
+    def out_widths(self, widths: np.ndarray, height: int) -> np.ndarray:
+        """The warped lines' widths: scaled, plus the room their shear takes."""
+        warped = np.maximum(8, np.round(widths * self.scale_x + np.abs(self.shear) * height))
+        return np.where(self.identity(), widths, warped).astype(np.int64)
 
 
-def augmented_width(cfg: AugmentConfig, height: int, width: int, seed: int) -> int:
-    """The width a line of `width` px will have once augmented with `seed` (for the sampler, which
+def draw_warps(cfg: AugmentConfig, height: int, seeds: np.ndarray) -> Warps:
+    """The warps of the lines of `seeds`. The one place warps are drawn: the sampler's widths and the
+    augmenter's agree because both come from here."""
+    bits = hash64(np.asarray(seeds)[:, None], np.arange(_SLOTS))
+    uniform = (bits >> np.uint64(11)) * 2.0**-53  # the top 53 bits: exact floats in [0, 1)
+    fires = uniform < cfg.prob
+
+    def between(slot: int, low: float, high: float) -> np.ndarray:
+        return low + (high - low) * uniform[:, slot]
+
+    scaled = fires[:, _SCALE_FIRES]
+    return Warps(
+        shear=np.where(fires[:, _SHEAR_FIRES], between(_SHEAR, -cfg.shear, cfg.shear), 0.0),
+        angle=np.where(fires[:, _ROTATION_FIRES],
+                       np.radians(between(_ROTATION, -cfg.rotation, cfg.rotation)), 0.0),
+        scale_x=np.where(scaled, between(_SCALE_X, 1 - cfg.scale, 1 + cfg.scale), 1.0),
+        scale_y=np.where(scaled, between(_SCALE_Y, 1 - cfg.scale, 1.0), 1.0),  # never taller: keep ascenders
+        distort=np.where(fires[:, _DISTORT_FIRES], cfg.distortion * height / 64, 0.0),
+    )
+
+
+def augmented_widths(cfg: AugmentConfig, height: int, widths: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The widths lines of `widths` px will have once augmented with `seeds` (for the sampler, which
     groups lines by the width they will have, so that augmentation adds little padding)."""
-    return draw_warp(cfg, height, torch.Generator().manual_seed(seed)).out_width(width, height)
+    return draw_warps(cfg, height, seeds).out_widths(np.asarray(widths), height)
 
 
 def draw_params(cfg: AugmentConfig, width: int, height: int, seed: int | None) -> LineParams:
-    """The line's parameters from its seed (None: no augmentation), always drawn in this order."""
+    """The line's parameters from its seed (None: no augmentation): its warp from `draw_warps`, the
+    rest drawn in this order from a generator seeded with it."""
     params = LineParams(width, width)
     if seed is None:
         return params
+    warps = draw_warps(cfg, height, np.array([seed]))
+    params.out_width = int(warps.out_widths(np.array([width]), height)[0])
     generator = torch.Generator().manual_seed(seed)
-    warp = draw_warp(cfg, height, generator)
-    params.out_width = warp.out_width(width, height)
-    if not warp.is_identity:
+    if not warps.identity()[0]:
         # forward map (source -> output), about the centres: rotation . shear . scale
-        cos, sin = math.cos(warp.angle), math.sin(warp.angle)
-        forward = torch.tensor([[cos, -sin], [sin, cos]]) @ torch.tensor([[1.0, warp.shear], [0.0, 1.0]])
-        params.inverse = torch.linalg.inv(forward @ torch.diag(torch.tensor([warp.scale_x, warp.scale_y])))
-        if warp.distort:
+        angle, shear = float(warps.angle[0]), float(warps.shear[0])
+        cos, sin = math.cos(angle), math.sin(angle)
+        forward = torch.tensor([[cos, -sin], [sin, cos]]) @ torch.tensor([[1.0, shear], [0.0, 1.0]])
+        scale = torch.tensor([float(warps.scale_x[0]), float(warps.scale_y[0])])
+        params.inverse = torch.linalg.inv(forward @ torch.diag(scale))
+        if warps.distort[0]:
             cells = (2, max(2, params.out_width // max(1, height // 2)))
-            params.field = (torch.rand((2, *cells), generator=generator) * 2 - 1) * warp.distort
+            params.field = (torch.rand((2, *cells), generator=generator) * 2 - 1) * float(warps.distort[0])
     radius = round(cfg.morphology * height / 64)
     if radius >= 1 and _fires(generator, cfg.prob):
         params.morphology = 1 + 2 * int(torch.randint(1, radius + 1, (), generator=generator))
