@@ -51,7 +51,7 @@ from crnn.inference import collect_emissions, load_trained_model
 from crnn.metrics import ErrorCounts
 from crnn.models import build_model
 from crnn.outputs import atomic_write_text
-from crnn.runlog import RunLogger, setup_console_logging
+from crnn.runlog import RunLogger, process_memory, setup_console_logging
 from crnn.trainer import build_loaders, build_training, configure_torch, fit, load_data
 
 
@@ -439,4 +439,119 @@ def decoding_rows(checkpoint: str, overrides: list[str], split: str, worker_coun
                          "cer": counts.cer})
             if hasattr(decoder, "close"):
                 decoder.close()
+    return rows
+
+
+# --- start-up time and memory at scale (tools/benchmark.py --startup) -------------------------
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train.py"
+FIRST_STEP = "first training step"
+
+
+def repeated_parquet(source: Path, lines: int, out: Path) -> Path:
+    """The parquet split `source` repeated to `lines` rows in one file at `out` (written once, a
+    row group per repetition; an existing file of that many rows is reused)."""
+    import pyarrow.parquet as pq
+
+    if out.is_file() and pq.ParquetFile(out).metadata.num_rows == lines:
+        return out
+    table = pq.read_table(source, columns=["image", "text"])
+    temporary = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(temporary, table.schema) as writer:
+        for start in range(0, lines, len(table)):
+            writer.write_table(table.slice(0, min(len(table), lines - start)))
+    temporary.replace(out)
+    return out
+
+
+def _process_tree(root: int) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of `root` and all its descendants (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                table[int(entry.name)] = (parent, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in table:
+            tree[pid] = table[pid]
+            frontier += [child for child, (parent, _) in table.items() if parent == pid]
+    return tree
+
+
+def _sample_memory(root: int, peaks: dict[str, float]) -> None:
+    """Fold the memory of the training processes under `root` into `peaks` (MB): per rank (a
+    tools/train.py process, not a DataLoader worker forked from one) and per worker."""
+    tree = _process_tree(root)
+
+    def trainer(command: str) -> bool:  # a rank or a worker forked from one, not torchrun itself
+        return TRAIN_SCRIPT.name in command and "torch.distributed.run" not in command
+
+    ranks = {pid for pid, (parent, command) in tree.items() if trainer(command) and not trainer(tree.get(parent, (0, ""))[1])}
+    for pid, (parent, _) in tree.items():
+        role = "rank" if pid in ranks else "worker" if parent in ranks else None
+        if role is None:
+            continue
+        for kind, size in process_memory(pid).items():
+            key = f"{role}_{kind}_mb"
+            peaks[key] = max(peaks.get(key, 0.0), size / 2**20)
+
+
+def startup_row(cfg_path: str, overrides: list[str], steps: int, ranks: int, run_dir: Path, label: str) -> dict:
+    """Start `tools/train.py` (under torchrun with `ranks` > 1) for `steps` steps and measure the
+    seconds from its start to its first training step, whether the data's index was built or
+    reused, and the peak memory of its processes by kind (`crnn.runlog.process_memory`)."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [str(TRAIN_SCRIPT), "--cfg", cfg_path, *overrides, f"train.max_steps={steps}", "train.epochs=1",
+               "train.patience=0", f"train.output_dir={run_dir}"]
+    if ranks > 1:
+        command = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", *command]
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic() - started, line) for line in process.stderr))
+    reader.start()
+    peaks: dict[str, float] = {}
+    while process.poll() is None:
+        _sample_memory(process.pid, peaks)
+        time.sleep(0.25)
+    reader.join()
+    log = "".join(line for _, line in lines)
+    atomic_write_text(run_dir / "startup.log", log)
+    if process.returncode != 0:
+        raise CrnnError(f"{label}: training exited with code {process.returncode}:\n{log[-3000:]}")
+    first = [seconds for seconds, line in lines if FIRST_STEP in line]
+    # under torchrun the rank that builds an index may log below the level shown; the others say
+    # they waited for it
+    built = "index built in" in log or "built by another process" in log
+    return {"run": label, "ranks": ranks, "index": "built" if built else "reused",
+            "indexes_built": log.count("index built in"), "first_step_s": round(first[0], 1) if first else None,
+            **{key: round(value) for key, value in sorted(peaks.items())}}
+
+
+def startup_table(cfg_path: str, data: str, scales: list[int], overrides: list[str], steps: int, ranks: int,
+                  output: Path) -> list[dict]:
+    """`startup_row` twice (index built, then reused) for the training parquet of `data`
+    ("TRAIN,VALIDATION") repeated to each line count of `scales`, everything under `output`."""
+    train, _, validation = data.partition(",")
+    rows = []
+    for lines in scales:
+        repeated = repeated_parquet(Path(train), lines, output / f"train-{lines}.parquet")
+        run_overrides = ["data.source=parquet", f"data.train={repeated}", f"data.validation={validation}",
+                         f"data.index_dir={output / 'index'}", *overrides]
+        for attempt in ("first", "again"):
+            label = f"{lines} lines, {attempt}"
+            rows.append({"lines": lines, **startup_row(cfg_path, run_overrides, steps, ranks,
+                                                       output / f"run-{lines}-{attempt}", label)})
+            logging.getLogger(__name__).info("%s", json.dumps(rows[-1]))
     return rows

@@ -132,8 +132,12 @@ class DataConfig:
     width_multiple: int = _positive(64)
     num_workers: int = _non_negative(2)  # DataLoader workers; also the processes cropping source=xml pages
     # decoded, resized lines are kept (uint8, in memory shared by all DataLoader workers) up to this
-    # many MB for both splits together, so that later epochs do not decode images again (0: off)
-    cache_mb: int = _non_negative(2048)
+    # many MB for both splits together, validation first, so that later epochs do not decode images
+    # again (0: off)
+    cache_mb: float = _non_negative(2048.0)
+    # where the data's indexes are kept (line sizes; a memory-mapped Arrow copy of each parquet file),
+    # built once and reused by later runs and all ranks ("": $CRNN_INDEX_DIR, else ~/.cache/crnn/index)
+    index_dir: str = ""
     shuffle_window: int = _positive(50)  # batches drawn from windows of this many batches, sorted by width
     check: bool = False  # before training, decode every image and log every problem found
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -59,9 +59,9 @@ def read_texts(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if path.suffix == ".parquet" or path.is_dir():
-        from crnn.data.sources import parquet_records
+        from crnn.data.sources import parquet_texts
 
-        return parquet_records(str(path), str(path)).texts
+        return parquet_texts(str(path), str(path))
     try:
         content = path.read_text(encoding="utf-8")
     except FileNotFoundError:

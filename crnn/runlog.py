@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,42 @@ from tqdm import tqdm
 from crnn.outputs import atomic_write_text
 
 log = logging.getLogger("crnn")
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident memory in bytes, by kind (Linux; {} elsewhere): `private` (pages it
+    alone has written: its heap, and shared memory no other process has touched; what it costs the
+    machine), `anonymous` (heap and the like, including pages still shared with the process it was
+    forked from), `mapped_files` (file pages mapped in, e.g. memory-mapped data: page cache, shared by
+    every process that maps them and reclaimable) and `shared_memory` (e.g. the decode cache)."""
+    kinds = {"Private_Dirty": "private", "RssAnon": "anonymous", "RssFile": "mapped_files",
+             "RssShmem": "shared_memory"}
+    memory = {}
+    for name in ("smaps_rollup", "status"):
+        try:
+            with open(f"/proc/{pid}/{name}") as source:
+                lines = source.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in kinds:
+                memory[kinds[key]] = int(value.split()[0]) * 1024
+    return {kind: memory[kind] for kind in kinds.values() if kind in memory}
+
+
+def process_age(pid: int | str = "self") -> float | None:
+    """Seconds since the process started (Linux; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat, open("/proc/uptime") as uptime:
+            started = int(stat.read().rpartition(")")[2].split()[19])  # field 22: start time, clock ticks
+            return float(uptime.read().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def describe_memory(memory: dict[str, int]) -> str:
+    return ", ".join(f"{kind.replace('_', ' ')} {size / 2**20:.0f} MB" for kind, size in memory.items()) or "unknown"
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:

@@ -64,8 +64,8 @@ from crnn.inference import calibrate, load_trained_model
 from crnn.metrics import aligned_hits
 from crnn.models import build_model, check_model_name
 from crnn.optim import WeightEma, scaled_lr
-from crnn.outputs import RunLock, atomic_write_text
-from crnn.runlog import RunLogger
+from crnn.outputs import RunLock, atomic_write, atomic_write_text
+from crnn.runlog import RunLogger, describe_memory, process_age, process_memory
 
 
 def configure_torch(cfg: Config, rank: int = 0) -> None:
@@ -88,7 +88,7 @@ def report_problems(logger: RunLogger, records: LineRecords, split: str) -> None
 
 
 def check_vocab_coverage(logger: RunLogger, vocab: Vocab, records: LineRecords, split: str) -> None:
-    unknown = set().union(*(vocab.unknown(text) for text in records.texts))
+    unknown = vocab.unknown_in(records.texts)
     if unknown:
         effect = "left out of the CTC targets" if split == "train" else "counted as errors"
         logger.warning("%s: characters not in the vocabulary (%s): %r", split, effect, "".join(sorted(unknown)))
@@ -159,22 +159,26 @@ def start_run_directory(cfg: Config, dist: DistInfo, logger: RunLogger, data: Ru
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", config_yaml(cfg))
-    atomic_write_text(output_dir / "train_texts.txt", "".join(text + "\n" for text in data.train.texts))
+    atomic_write(output_dir / "train_texts.txt",
+                 lambda stream: stream.writelines(f"{text}\n".encode() for text in data.train.texts))
     if resume:
         logger.truncate_metrics(resume.progress.epoch)
 
 
 def build_loaders(cfg: Config, dist: DistInfo, logger: RunLogger, data: RunData) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders, sharded over the ranks; `data.cache_mb` of decoded lines
-    for both (the training split first)."""
+    for both, the validation split first (it is read whole every epoch, the training split the rest)."""
     shard = {"rank": dist.rank, "world_size": dist.world_size, "pin_memory": dist.device.type == "cuda"}
-    budget = cfg.data.cache_mb * 2**20
-    train_set = build_dataset(cfg.data, data.train, data.vocab, True, budget)
-    used = train_set.cache.nbytes if train_set.cache else 0
-    val_set = build_dataset(cfg.data, data.validation, data.vocab, False, budget - used)
-    for split, dataset in (("train", train_set), ("validation", val_set)):
+    budget = int(cfg.data.cache_mb * 2**20)
+    val_set = build_dataset(cfg.data, data.validation, data.vocab, False, budget)
+    used = val_set.cache.nbytes if val_set.cache else 0
+    train_set = build_dataset(cfg.data, data.train, data.vocab, True, budget - used)
+    for split, dataset in (("validation", val_set), ("train", train_set)):
         if dataset.cache is not None:
             logger.info("%s: decoded lines cached for later epochs: %s", split, dataset.cache.describe())
+        elif cfg.data.cache_mb:
+            logger.info("%s: no decoded lines cached (data.cache_mb=%g is taken by the validation split)",
+                        split, cfg.data.cache_mb)
     return (build_loader(cfg.data, train_set, True, cfg.train.seed, **shard),
             build_loader(cfg.data, val_set, False, cfg.train.seed, **shard))
 
@@ -330,6 +334,7 @@ class Run:
     setup: TrainSetup
     state: RunState
     _budget_timer: tuple[int, float] | None = None  # (step, training seconds) where the budget's timing began
+    stepped: bool = False  # this process has taken its first step (logged with its start-up time and memory)
 
     def save(self, metrics: dict, best: bool = False) -> None:
         """Write checkpoints/last.pt (keeping the one it replaces) and, if `best`, best.pt."""
@@ -422,6 +427,10 @@ class Run:
     def after_step(self, stats: EpochStats, stop: StopRequest) -> bool:
         """Between two steps: log, checkpoint on schedule or on a stop request. True: end the epoch."""
         step, train = self.state.step, self.cfg.train
+        if not self.stepped:
+            self.stepped = True
+            self.logger.info("first training step %.1f s after the process started; memory of this process: %s",
+                             process_age() or 0.0, describe_memory(process_memory()))
         self.fit_schedule_to_budget(step, stats.seconds)
         if step % train.log_every == 0:
             self.logger.scalars(step, {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,

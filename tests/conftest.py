@@ -15,6 +15,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # loaded before any test module, leaves to the tests (torch must start after the setting above).
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_dir(tmp_path_factory) -> Path:
+    """The data indexes the tests build (crnn.data.index) go to a folder of the test session, not
+    to the user's cache (tools run as subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("index")
+    os.environ["CRNN_INDEX_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def folder_split(tmp_path: Path):
     """A folder split: 6 PNG lines and gt.tsv; returns (folder, texts)."""

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -58,6 +59,24 @@ def test_budget_mode_trains_each_config_for_the_budget(tmp_path):
     assert row["train_seconds"] <= 0.05 * 60 + 10  # stops at the budget (one step may overrun it)
     metrics = read_metrics(tmp_path / "runs" / "tiny")
     assert min(m["val_cer"] for m in metrics) == row["best_val_cer"]
+
+
+def test_startup_mode_measures_the_start_and_the_memory_of_real_runs(tmp_path, parquet_split):
+    train, _ = parquet_split("train.parquet", ("abc", "hello", "the cat", "a dog"))
+    out = tmp_path / "startup.json"
+    result = run_tool("tools/benchmark.py", "--startup", "--cfg", TINY, "--scale", "40", "--steps", "20",
+                      "--data", f"{train},{train}", "--output", tmp_path / "startup", "--json", out,
+                      "data.num_workers=1", "data.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    first, again = json.loads(out.read_text())
+    assert [row["run"] for row in (first, again)] == ["40 lines, first", "40 lines, again"]
+    # the repeated training file and the validation file are indexed the first time, reused after
+    assert (first["index"], first["indexes_built"], again["index"], again["indexes_built"]) == ("built", 2, "reused", 0)
+    assert pq.ParquetFile(tmp_path / "startup" / "train-40.parquet").metadata.num_rows == 40
+    for row in (first, again):
+        assert 0 < row["first_step_s"] < 120
+        assert 50 < row["rank_private_mb"] < 4000 and 0 < row["worker_private_mb"] < 4000  # a rank and its worker
+    assert "| 40 lines, again | 1 | reused |" in result.stdout
 
 
 class Outbox:

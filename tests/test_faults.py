@@ -254,7 +254,7 @@ def test_very_wide_line_is_capped_at_max_width(tmp_path):
     cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.max_width=40"])
     records = load_records(cfg.data, "train")
     dataset = build_dataset(cfg.data, records, Vocab.from_texts(records.texts), train=False)
-    assert dataset[(0, None)].image.shape[-1] == 40 and dataset.widths == [40, 40]
+    assert dataset[(0, None)].image.shape[-1] == 40 and dataset.widths.tolist() == [40, 40]
 
 
 def test_evaluation_reports_unreadable_lines_and_scores_the_rest(tmp_path):

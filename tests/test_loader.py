@@ -1,5 +1,6 @@
 """The DataLoader side of the loop: decode once (a cache shared by the workers), clean stops."""
 
+import logging
 import multiprocessing
 import textwrap
 
@@ -48,7 +49,30 @@ def test_the_cache_keeps_to_its_budget_and_skips_lines_of_unexpected_size():
     cache.put(1, torch.ones(1, 2, 21, dtype=torch.uint8))  # not the size its header promised
     cache.put(3, torch.ones(1, 2, 40, dtype=torch.uint8))  # over the budget
     assert cache.get(0).shape == (1, 2, 10) and cache.get(1) is None and cache.get(3) is None
-    assert cache.lines_filled == 1 and "3 of 4 lines, 0 MB" in cache.describe()
+    assert cache.lines_filled == 1 and "3 of 4 lines" in cache.describe() and "0 MB" in cache.describe()
+
+
+def test_the_cache_budget_goes_to_the_validation_split_first(tmp_path, caplog):
+    from crnn.distributed import DistInfo
+    from crnn.runlog import RunLogger
+    from crnn.trainer import RunData, build_loaders, shut_down
+
+    train, validation = synthetic_folder(tmp_path / "train", 40), synthetic_folder(tmp_path / "val", 10, seed=1)
+    overrides = ["data.source=folder", f"data.train={train}", f"data.validation={validation}", "data.num_workers=0"]
+    cfg = load_config(TINY, overrides)
+    data = RunData(load_records(cfg.data, "train"), load_records(cfg.data, "validation"), None)
+    data.vocab = Vocab.from_texts(data.train.texts)
+    val_bytes = int(sum(build_dataset(cfg.data, data.validation, data.vocab, False).widths)) * cfg.data.height
+    # a budget that holds the validation split and a few training lines, not the whole training split
+    cfg = load_config(TINY, [*overrides, f"data.cache_mb={(val_bytes + 5 * 32 * 300) / 2**20}"])
+    with caplog.at_level(logging.INFO, logger="crnn"):
+        loaders = build_loaders(cfg, DistInfo(0, 0, 1, torch.device("cpu")), RunLogger(tmp_path, True), data)
+    train_cache, val_cache = (loader.dataset.cache for loader in loaders)
+    assert val_cache.slots == 10 and 0 < train_cache.slots < 40
+    assert "validation: decoded lines cached for later epochs: 10 of 10 lines (100%)" in caplog.text
+    assert f"train: decoded lines cached for later epochs: {train_cache.slots} of 40 lines" in caplog.text
+    for loader in loaders:
+        shut_down(loader)
 
 
 def test_an_abandoned_loader_with_persistent_workers_exits_at_once(tmp_path):

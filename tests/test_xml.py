@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from crnn.config import load_config
-from crnn.data import load_records, synthetic
+from crnn.data import load_records, synthetic, xml_pages
 from crnn.data.xml_pages import read_page
 from crnn.trainer import fit
 from tests.helpers import REPO, TINY, read_metrics, run_tool
@@ -150,17 +150,25 @@ def test_every_bad_input_is_reported_with_file_and_line_and_the_rest_loads(pages
 def test_crops_are_made_once_and_reused_from_the_cache_folder(pages, tmp_path, monkeypatch):
     cfg = xml_config(f"data.train={pages}", f"data.xml.cache_dir={tmp_path / 'cache'}")
     first = load_records(cfg.data, "train")
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # one folder per page that has an image
-    decoded = []
+
+    def crop_folders():
+        return [path for path in (tmp_path / "cache").iterdir() if path.name != "pages"]
+
+    assert len(crop_folders()) == 2  # one folder per page that has an image
+    decoded, parsed = [], []
     monkeypatch.setattr("crnn.data.xml_pages.page_image", lambda page: decoded.append(page) or None)
+    real_read_page = xml_pages.read_page
+    monkeypatch.setattr("crnn.data.xml_pages.read_page", lambda *args: parsed.append(args[0]) or real_read_page(*args))
     again = load_records(cfg.data, "train")
     assert decoded == []  # no page image decoded: every crop came from the cache
+    # the pages whose crops are cached are not even parsed again (broken.xml, lost.xml have none)
+    assert sorted(path.name for path in parsed) == ["broken.xml", "lost.xml"]
     assert again.texts == first.texts and again.sizes() == first.sizes() and again.problems == first.problems
     assert again.image(1).tobytes() == first.image(1).tobytes()
     monkeypatch.undo()
     (pages / "a.xml").write_text((pages / "a.xml").read_text().replace('"ville"', '"village"'))
     changed = load_records(cfg.data, "train")  # a changed file is a new key: cropped again
-    assert "une village" in changed.texts and len(list((tmp_path / "cache").iterdir())) == 3
+    assert "une village" in changed.texts and len(crop_folders()) == 3
 
 
 def test_pages_cropped_in_worker_processes_give_the_same_records(pages, tmp_path):

@@ -25,6 +25,13 @@ A session with a wall-clock limit: `--stop-after-minutes 9 --output runs/referee
 after 9 minutes; the same command again continues each run with its planned steps, and reports the
 finished configs from their run directories.
 
+Start-up time and memory at scale: the --data training parquet repeated to each --scale line count
+(written once under --output), then tools/train.py on it for --steps steps, twice (the data's index
+built, then reused; `data.index_dir` under --output), its processes' memory sampled every 0.25 s:
+    python tools/benchmark.py --startup --cfg experiments/copiste.yaml --scale 100000,1000000 --steps 20 \
+        --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet \
+        --output /tmp/startup data.cache_mb=0 --json startup.json     # --ranks 2: under torchrun (gloo)
+
 `--data TRAIN,VALIDATION` takes parquet files or gt.tsv folders; more `key=value` overrides apply to
 every config (e.g. data.num_workers=1) in --loop and --budget-minutes modes.
 """
@@ -40,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from crnn.benchmark import budget_row, decoding_rows, loop_row, make_lines, speed_row
+from crnn.benchmark import budget_row, decoding_rows, loop_row, make_lines, speed_row, startup_table
 from crnn.config import AMP_MODES
 from crnn.device import AMP_NAMES, resolve_amp, resolve_device
 from crnn.errors import CrnnError, tool_main
@@ -59,6 +66,11 @@ LOOP_COLUMNS = [("config", "config", "{}"), ("steps", "steps", "{}"), ("loop_lin
                 ("padding_fraction", "padding", "{:.1%}"), ("distinct_shapes", "shapes", "{}")]
 DECODING_COLUMNS = [("decoder", "decoder", "{}"), ("workers", "workers", "{}"), ("lines", "lines", "{}"),
                     ("lines_per_s", "lines/s", "{:.1f}"), ("cer", "CER", "{:.4f}")]
+STARTUP_COLUMNS = [("run", "run", "{}"), ("ranks", "ranks", "{}"), ("index", "index", "{}"),
+                   ("first_step_s", "start to first step (s)", "{}"),
+                   ("rank_private_mb", "private MB per rank", "{}"), ("worker_private_mb", "private MB per worker", "{}"),
+                   ("rank_mapped_files_mb", "mapped files MB per rank", "{}"),
+                   ("rank_shared_memory_mb", "shared memory MB per rank", "{}")]
 BUDGET_COLUMNS = [("config", "config", "{}"), ("minutes", "minutes", "{:g}"), ("status", "status", "{}"),
                   ("steps", "steps", "{}"), ("planned_steps", "planned", "{}"),
                   ("epochs", "epochs", "{}"), ("best_val_cer", "best val CER", "{:.4f}"),
@@ -102,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-epoch", action="store_true", help="--loop: one whole untimed epoch first")
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--budget-minutes", type=float, help="train each config this long instead")
+    parser.add_argument("--startup", action="store_true", help="measure start-up time and memory at --scale lines")
+    parser.add_argument("--scale", default="100000,1000000", help="--startup: training line counts")
+    parser.add_argument("--ranks", type=int, default=1, help="--startup: processes under torchrun (1: plain)")
     parser.add_argument("--data", help="TRAIN,VALIDATION for --loop and --budget-minutes")
     parser.add_argument("--output", default=f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}",
                         help="run directories of --budget-minutes (the same again continues its runs)")
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --cfg CONFIG (repeat to compare) or --decoding CKPT")
     if args.json:
         check_output_file(args.json, "--json")
-    if args.budget_minutes:
+    if args.budget_minutes or args.startup:
         check_output_dir(args.output, "--output")
     setup_console_logging()
     rows = run(args)
@@ -138,6 +153,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows = [loop_row(cfg, overrides, args.steps, warmup, args.warm_epoch) for cfg in args.cfg]
         print_table(rows, LOOP_COLUMNS)
         return rows
+    if args.startup:
+        return startup_rows(args)
     if args.budget_minutes:
         if not args.data:
             raise CrnnError("--budget-minutes needs --data TRAIN,VALIDATION")
@@ -163,6 +180,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     warmup = 1 if args.warmup is None else args.warmup
     rows = [speed_row(cfg, lines, device, batch_size, args.repeats, warmup, args.amp) for cfg in args.cfg]
     print_table(rows, SPEED_COLUMNS, precision)
+    return rows
+
+
+def startup_rows(args: argparse.Namespace) -> list[dict]:
+    if not args.data:
+        raise CrnnError("--startup needs --data TRAIN,VALIDATION (a parquet training split to repeat)")
+    scales = [int(value) for value in args.scale.split(",") if value.strip()]
+    rows = startup_table(args.cfg[0], args.data, scales, args.overrides, args.steps, args.ranks, Path(args.output))
+    print_table(rows, STARTUP_COLUMNS)
     return rows
 
 

@@ -115,7 +115,7 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
     if records.problems:
         warn(f"{len(records.problems)} line(s) of {records.name} left out ({problem_summary(records.problems)}); "
              f"first: {records.problems[0]} (tools/check_data.py lists them all)")
-    unknown = set().union(*(trained.vocab.unknown(text) for text in records.texts))
+    unknown = trained.vocab.unknown_in(records.texts)
     if unknown:
         warn(f"characters not in the checkpoint's vocab (counted as errors): {''.join(sorted(unknown))!r}")
     loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)

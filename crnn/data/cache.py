@@ -66,5 +66,6 @@ class LineCache:
         return int(self.filled.sum())
 
     def describe(self) -> str:
-        return (f"{self.slots} of {len(self.widths)} lines, {self.nbytes / 2**20:.0f} MB of shared memory "
-                f"(one copy for all DataLoader workers)")
+        share = 100 * self.slots / max(1, len(self.widths))
+        return (f"{self.slots} of {len(self.widths)} lines ({share:.0f}%), {self.nbytes / 2**20:.0f} MB of shared "
+                f"memory (one copy for all DataLoader workers)")

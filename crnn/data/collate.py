@@ -7,6 +7,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,9 +88,9 @@ class LineDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     @functools.cached_property
-    def widths(self) -> list[int]:
+    def widths(self) -> np.ndarray:
         """Width of each line after resizing, from image headers (to group batches, size the cache)."""
-        return [self.preprocess.scaled_width(width, height) for width, height in self.records.sizes()]
+        return self.preprocess.scaled_widths(self.records.size_array())
 
     def __getitem__(self, key: Key) -> Sample:
         index, augmentation_seed = key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 from PIL import Image
 
 
@@ -29,6 +30,10 @@ class LineRecords:
     def sizes(self) -> list[tuple[int, int]]:
         """(width, height) of every line, from image headers (or an estimate)."""
         raise NotImplementedError
+
+    def size_array(self) -> np.ndarray:
+        """`sizes()` as an `(N, 2)` integer array (sources with many lines give it without a list)."""
+        return np.asarray(self.sizes(), dtype=np.int64).reshape(-1, 2)
 
 
 # The reasons a line is left out, as the sources' messages word them: (what the message contains,

@@ -20,12 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
 from crnn.config import DataConfig
 from crnn.data.records import LineRecords
-from crnn.data.transforms import resize_line, resized_size
+from crnn.data.transforms import resize_line
 from crnn.data.vocab import Vocab
 from crnn.errors import DataError
 
@@ -61,11 +62,17 @@ class Preprocess:
 
     def scaled_width(self, width: int, height: int) -> int:
         """The width `__call__` gives an image of this size (0 x 0: unknown, assume the widest)."""
+        return int(self.scaled_widths(np.array([[width, height]]))[0])
+
+    def scaled_widths(self, sizes: np.ndarray) -> np.ndarray:
+        """`scaled_width` of each row `(width, height)` of `sizes` `(N, 2)`, as an int64 array."""
+        sizes = np.asarray(sizes).reshape(-1, 2)
         if self.resize != "keep_aspect":
-            return self.width
-        if not height:
-            return self.max_width
-        return resized_size(width, height, self.height, self.resize, self.width, self.max_width)[0]
+            return np.full(len(sizes), self.width, dtype=np.int64)
+        width, height = sizes[:, 0], sizes[:, 1]
+        # as resized_size computes it: round(width * (target height / height)), half to even
+        scaled = np.rint(width * (self.height / np.maximum(height, 1).astype(np.float64)))
+        return np.where(height > 0, np.clip(scaled, 1, self.max_width), self.max_width).astype(np.int64)
 
 
 def unusable(index: int, error: str) -> Sample:

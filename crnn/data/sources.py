@@ -12,13 +12,28 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from stat import S_ISREG
 from urllib.parse import urlparse
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from crnn.config import SPLITS, DataConfig
 from crnn.data.images import IMAGE_SUFFIXES, decode_image, image_size
+from crnn.data.index import (
+    digest,
+    image_sources,
+    index_path,
+    index_root,
+    parquet_index,
+    size_array,
+    size_columns,
+    size_index,
+)
 from crnn.data.records import LineRecords
 from crnn.data.xml_pages import XmlRecords
 from crnn.errors import DataError
@@ -32,26 +47,38 @@ def _check_text(text: object, where: str, problems: list[str]) -> str | None:
 
 
 class ArrowRecords(LineRecords):
-    """Rows of a pyarrow table in the Teklia/IAM-line schema: `image` {bytes, path} and `text`."""
+    """Rows of an Arrow table in the Teklia/IAM-line schema: `image` {bytes, path} and `text`.
 
-    def __init__(self, table, name: str, base_dir: Path | None = None):
+    The table may be memory-mapped (an index, `crnn.data.index`): texts, ids and images are read
+    from it when asked for, and the records hold per line only its row number, so that their
+    memory does not grow with the images (nor with Python objects per line). Each line's size comes
+    from `sizes` (a table of `width`, `height`, `error` per row), from those columns of `table`
+    itself (a parquet index), or is read from the image headers when first asked for."""
+
+    def __init__(self, table: pa.Table, name: str, base_dir: Path | None = None, sizes: pa.Table | None = None):
         missing = {"image", "text"} - set(table.column_names)
         if missing:
             raise DataError(
                 f"{name}: missing column(s) {sorted(missing)}; expected the Teklia/IAM-line schema "
                 f"with columns 'image' and 'text', found {table.column_names}"
             )
+        texts = table.column("text")
+        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) or pa.types.is_null(texts.type)):
+            raise DataError(f"{name}: column 'text' holds {texts.type}, not text (the Teklia/IAM-line schema has strings)")
         self.name, self.base_dir, self.problems = name, base_dir, []
         self.images = table.column("image")
-        self.rows, self.texts, self.ids = [], [], []
-        for row, text in enumerate(table.column("text").to_pylist()):
-            if _check_text(text, f"{name} row {row}", self.problems) is not None:
-                self.rows.append(row)
-                self.texts.append(text)
-                self.ids.append(f"{name}:{row}")
+        if sizes is None and "width" in table.column_names:
+            sizes = table.select(["width", "height", "error"])
+        self._size_table = sizes
+        usable = _usable_texts(texts)
+        self.rows = np.flatnonzero(usable)
+        self.problems += [f"{name} row {row}: empty transcription, line skipped" for row in np.flatnonzero(~usable)]
+        self.texts = RowView(texts, self.rows)
+        self.ids = RowIds(name, self.rows)
+        self._sizes: np.ndarray | None = None
 
     def _source(self, index: int) -> bytes | Path:
-        cell = self.images[self.rows[index]].as_py()
+        cell = self.images[int(self.rows[index])].as_py()
         if isinstance(cell, dict) and cell.get("bytes"):
             return cell["bytes"]
         if isinstance(cell, dict) and cell.get("path"):
@@ -62,15 +89,101 @@ class ArrowRecords(LineRecords):
     def image(self, index: int) -> Image.Image:
         return decode_image(self._source(index), self.ids[index])
 
+    def size_array(self) -> np.ndarray:
+        if self._sizes is None:
+            if self._size_table is None:
+                sources, wheres = [], []
+                for index in range(len(self)):
+                    try:
+                        sources.append(self._source(index))
+                    except DataError:
+                        sources.append(b"")
+                    wheres.append(self.ids[index])
+                self._size_table = pa.table(size_columns(sources, wheres), names=["width", "height", "error"])
+                rows = np.arange(len(self))
+            else:
+                rows = self.rows
+            sizes = size_array(self._size_table)
+            every_row = len(rows) == len(sizes)  # rows ascend without repeats: then they are all rows
+            self._sizes = sizes if every_row else sizes[rows]
+            errors = self._size_table.column("error")
+            if errors.null_count < len(errors):  # decoding will fail again later and be counted there
+                failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
+                used = np.zeros(len(sizes), dtype=bool)
+                used[rows] = True
+                self.problems += RowView(errors, failed[used[failed]])[:]
+        return self._sizes
+
     def sizes(self) -> list[tuple[int, int]]:
-        sizes = []
-        for index in range(len(self)):
-            try:
-                sizes.append(image_size(self._source(index), self.ids[index]))
-            except DataError as err:  # decoding will fail again later and be counted there
-                self.problems.append(str(err))
-                sizes.append((0, 0))
-        return sizes
+        return [(int(width), int(height)) for width, height in self.size_array()]
+
+
+def _usable_texts(texts: pa.ChunkedArray) -> np.ndarray:
+    """True for each row whose transcription is not empty nor only white space."""
+    if pa.types.is_null(texts.type):
+        return np.zeros(len(texts), dtype=bool)
+    usable = [pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(chunk)), 0), False)
+              .to_numpy(zero_copy_only=False) for chunk in texts.chunks]  # a chunk at a time: no copy of all texts
+    return np.concatenate(usable).astype(bool) if usable else np.zeros(0, dtype=bool)
+
+
+class RowView(Sequence):
+    """The values of an Arrow column at `rows`, read when asked for (a list's interface). Values are
+    taken chunk by chunk: a take over the whole chunked column would first join its chunks (a copy
+    of the column)."""
+
+    def __init__(self, column: pa.ChunkedArray, rows: np.ndarray):
+        self.column, self.rows = column, rows
+        self.starts = np.cumsum([0, *(len(chunk) for chunk in column.chunks)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _values(self, rows: np.ndarray) -> list:
+        """The values at `rows` (ascending or not), in their order."""
+        chunks = np.searchsorted(self.starts, rows, side="right") - 1
+        values: list = [None] * len(rows)
+        for chunk in np.unique(chunks):
+            where = np.flatnonzero(chunks == chunk)
+            local = pa.array(rows[where] - self.starts[chunk])
+            for at, value in zip(where.tolist(), self.column.chunk(int(chunk)).take(local).to_pylist(), strict=True):
+                values[at] = value
+        return values
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._values(self.rows[index])
+        row = int(self.rows[index])
+        chunk = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.column.chunk(chunk)[row - int(self.starts[chunk])].as_py()
+
+    def __iter__(self) -> Iterator:
+        for start in range(0, len(self.rows), 65536):
+            yield from self[start:start + 65536]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"RowView({len(self)} rows)"
+
+
+class RowIds(Sequence):
+    """`name:row` for each line, made when asked for."""
+
+    def __init__(self, name: str, rows: np.ndarray):
+        self.name, self.rows = name, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [f"{self.name}:{row}" for row in self.rows[index]]
+        return f"{self.name}:{self.rows[index]}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
 
 
 def _parquet_files(path_text: str, key: str) -> list[Path]:
@@ -85,17 +198,32 @@ def _parquet_files(path_text: str, key: str) -> list[Path]:
     return [path]
 
 
-def parquet_records(path_text: str, key: str) -> ArrowRecords:
-    """A local parquet file (or a folder of them) in the Teklia/IAM-line schema."""
-    import pyarrow as pa
+def parquet_records(path_text: str, key: str, index_dir: str = "") -> ArrowRecords:
+    """A local parquet file (or a folder of them) in the Teklia/IAM-line schema, read through its
+    index (`crnn.data.index`: an Arrow copy built once, memory-mapped)."""
+    files = _parquet_files(path_text, key)
+    root = index_root(index_dir)
+    tables = [parquet_index(file, root, f"{key} ({file})" if len(files) > 1 else key).replace_schema_metadata(None)
+              for file in files]
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowException as err:
+        raise DataError(f"{key}: the parquet files of {path_text} do not share one schema: {err}") from None
+    return ArrowRecords(table, str(path_text), base_dir=files[0].parent)
+
+
+def parquet_texts(path_text: str, key: str) -> list[str]:
+    """The transcriptions of a parquet file (or folder), without their images; empty ones skipped."""
     import pyarrow.parquet as pq
 
-    files = _parquet_files(path_text, key)
-    try:
-        table = pa.concat_tables([pq.read_table(file) for file in files])
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{key}: cannot read parquet {path_text}: {err}") from None
-    return ArrowRecords(table, str(path_text), base_dir=files[0].parent)
+    texts = []
+    for file in _parquet_files(path_text, key):
+        try:
+            column = pq.read_table(file, columns=["text"]).column("text")
+        except (pa.ArrowException, OSError, KeyError) as err:
+            raise DataError(f"{key}: cannot read the 'text' column of parquet {file}: {err}") from None
+        texts += column.filter(pa.array(_usable_texts(column))).to_pylist()
+    return texts
 
 
 def _hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
@@ -109,7 +237,7 @@ def _hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
         return False, f"{endpoint} ({err})"
 
 
-def hub_records(name: str, split: str) -> ArrowRecords:
+def hub_records(name: str, split: str, index_dir: str = "") -> ArrowRecords:
     """A split of a Hugging Face hub dataset; fails within seconds, with what to do, when offline."""
     offline = any(os.environ.get(var, "") in ("1", "true", "TRUE") for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if not offline:
@@ -130,24 +258,44 @@ def hub_records(name: str, split: str) -> ArrowRecords:
     except Exception as err:  # the hub raises many types; all mean "cannot get this split"
         raise DataError(f"cannot load split '{split}' of hub dataset '{name}': {err}") from None
     dataset = dataset.cast_column("image", datasets.Image(decode=False))
-    return ArrowRecords(dataset.with_format("arrow")[:], f"{name}:{split}")
+    return dataset_records(dataset, f"{name}:{split}", index_dir)
+
+
+def dataset_records(dataset, name: str, index_dir: str = "") -> ArrowRecords:
+    """A `datasets.Dataset` (memory-mapped Arrow files in its cache) as records; its lines' sizes
+    are indexed once per version of those files."""
+    table = dataset.with_format("arrow")[:]
+    files = [Path(entry["filename"]) for entry in dataset.cache_files]
+    if not files:  # a dataset held in memory: nothing to key an index on
+        return ArrowRecords(table, name)
+    identity = {"source": digest(f"{file.resolve()}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files),
+                "rows": len(table)}
+
+    def sources() -> tuple[list, Sequence[str]]:
+        images = [source for chunk in table.column("image").chunks for source in image_sources(chunk, None)]
+        return images, RowIds(name, np.arange(len(table)))
+
+    sizes = size_index(index_path(index_root(index_dir), "hub", name), identity, sources, name)
+    return ArrowRecords(table, name, sizes=sizes)
 
 
 class FolderRecords(LineRecords):
     """A folder of line images with `gt.tsv`: `file name<TAB>transcription` per line, UTF-8."""
 
-    def __init__(self, folder_text: str, key: str):
+    def __init__(self, folder_text: str, key: str, index_dir: str = ""):
         folder = Path(folder_text).expanduser()
         gt_path = folder / "gt.tsv"
         if not folder.is_dir():
             raise DataError(f"{key}: folder not found: {folder}")
         if not gt_path.is_file():
             raise DataError(f"{key}: {folder} has no gt.tsv (file name<TAB>transcription per line)")
-        self.name, self.problems, self.paths, self.texts, self.ids = str(folder), [], [], [], []
+        self.name, self.problems, self.texts, self.ids = str(folder), [], [], []
+        self.folder, self.index_dir = folder, index_dir
         self._named: dict[str, int] = {}  # file name -> the gt.tsv line naming it, used or skipped
+        self._stamps: list[str] = []  # each used image's name, size and modification time: the index's key
         for number, raw in enumerate(gt_path.read_bytes().splitlines(), start=1):
             self._add_line(gt_path, number, raw)
-        listed = {path.name for path in self.paths}
+        listed = {Path(name).name for name in self.ids}
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed:
                 self._unused_image(path, gt_path)
@@ -171,10 +319,14 @@ class FolderRecords(LineRecords):
         if _check_text(text, where, self.problems) is None:
             return
         path = gt_path.parent / name
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
             self.problems.append(f"{where}: image file {path} not found, skipped")
             return
-        self.paths.append(path)
+        self._stamps.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
         self.texts.append(text)
         self.ids.append(name)
 
@@ -193,18 +345,30 @@ class FolderRecords(LineRecords):
                 if path.name in self._named else ""
             self.problems.append(f"{damaged}{named}")
 
+    def path(self, index: int) -> Path:
+        return self.folder / self.ids[index]
+
     def image(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index], str(self.paths[index]))
+        path = self.path(index)
+        return decode_image(path, str(path))
+
+    def size_array(self) -> np.ndarray:
+        """The images' sizes, from the index (built once per version of the folder's images, their
+        headers read by 8 threads)."""
+        identity = {"source": str(self.folder.resolve()), "images": digest(self._stamps)}
+
+        def sources() -> tuple[list, list[str]]:
+            paths = [self.path(index) for index in range(len(self))]
+            return paths, [str(path) for path in paths]
+
+        table = size_index(index_path(index_root(self.index_dir), "folder", self.folder.resolve()), identity,
+                           sources, self.name, threads=8)
+        errors = table.column("error")
+        self.problems += [error for error in errors.filter(errors.is_valid()).to_pylist()]
+        return size_array(table)
 
     def sizes(self) -> list[tuple[int, int]]:
-        sizes = []
-        for path in self.paths:
-            try:
-                sizes.append(image_size(path, str(path)))
-            except DataError as err:
-                self.problems.append(str(err))
-                sizes.append((0, 0))
-        return sizes
+        return [(int(width), int(height)) for width, height in self.size_array()]
 
 
 class SyntheticRecords(LineRecords):
@@ -250,14 +414,14 @@ def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
             getattr(synth, split), synth.seed, split, data_cfg.height, synth.min_words, synth.max_words
         )
     if data_cfg.source == "hf":
-        return hub_records(data_cfg.name, split)
+        return hub_records(data_cfg.name, split, data_cfg.index_dir)
     path = getattr(data_cfg, split)
     if not path:
         raise DataError(f"'{key}' is not set: data.source={data_cfg.source} needs a path for the {split} split")
     if data_cfg.source == "parquet":
-        return parquet_records(path, key)
+        return parquet_records(path, key, data_cfg.index_dir)
     if data_cfg.source == "xml":
         xml = data_cfg.xml
         return XmlRecords(path, key, (xml.baseline_above, xml.baseline_below), xml.cache_dir,
                           workers=data_cfg.num_workers, image_root=xml.image_root)
-    return FolderRecords(path, key)
+    return FolderRecords(path, key, data_cfg.index_dir)

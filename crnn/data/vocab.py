@@ -9,6 +9,14 @@ from crnn.errors import DataError
 BLANK = 0
 
 
+def characters(texts: Iterable[str]) -> set[str]:
+    """Every character of `texts` (a million lines without one string of them all)."""
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    return seen
+
+
 class Vocab:
     """Maps characters to class indices 1..C-1 (0 is the blank) and back."""
 
@@ -20,7 +28,7 @@ class Vocab:
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> Vocab:
-        return cls(sorted(set("".join(texts))))
+        return cls(sorted(characters(texts)))
 
     def __len__(self) -> int:
         """Number of classes, blank included."""
@@ -31,6 +39,10 @@ class Vocab:
 
     def unknown(self, text: str) -> set[str]:
         return {char for char in text if char not in self.index}
+
+    def unknown_in(self, texts: Iterable[str]) -> set[str]:
+        """The characters of `texts` that are not in the vocabulary."""
+        return characters(texts) - self.index.keys()
 
     def decode(self, indices: Iterable[int]) -> str:
         """Class indices (no blanks) -> text."""

@@ -454,6 +454,9 @@ class PageLines:
 def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
                image_root: Path | None = None) -> PageLines:
     """Read one XML file and crop its lines, or take them from the cache folder if made before."""
+    remembered = _remembered_crops(path, cache_dir, band, image_root) if cache_dir is not None else None
+    if remembered is not None:
+        return _cached_lines(path, remembered)
     try:
         page = read_page(path, image_root)
     except DataError as err:
@@ -463,15 +466,64 @@ def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
         return PageLines([f"{path}:{i}" for i in crops.ids], crops.texts, [_png(c) for c in crops.crops],
                          [c.size for c in crops.crops], crops.problems)
     try:
-        folder = cache_dir / _cache_key(path, find_image(page), band)
+        image = find_image(page)
+        folder = cache_dir / _cache_key(path, image, band)
     except DataError as err:
         return PageLines(problems=[f"{err} ({len(page.lines)} line(s) left out)"])
     if not (folder / "lines.json").is_file():
         _save_crops(folder, crop_page(page, band))
+    _remember_crops(path, image, folder, band, image_root)
+    return _cached_lines(path, folder)
+
+
+def _cached_lines(path: Path, folder: Path) -> PageLines:
     manifest = json.loads((folder / "lines.json").read_text(encoding="utf-8"))
     return PageLines([f"{path}:{i}" for i in manifest["ids"]], manifest["texts"],
                      [folder / f"{i}.png" for i in range(len(manifest["ids"]))],
                      [tuple(size) for size in manifest["sizes"]], manifest["problems"])
+
+
+# A page's crops are found by the content of its XML and image files (`_cache_key`), which means
+# reading both whole; at a million lines (tens of thousands of pages) that would be most of the
+# start. So the cache also remembers, per XML file, the crops folder it led to and the size and
+# modification time of the two files then: while neither has changed, the page is neither parsed
+# nor read again.
+def _memo_path(xml_path: Path, cache_dir: Path) -> Path:
+    return cache_dir / "pages" / f"{hashlib.sha256(str(xml_path.resolve()).encode()).hexdigest()[:32]}.json"
+
+
+def _stamp(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _memo(xml_path: Path, image: Path | None, band: tuple[float, float], image_root: Path | None) -> dict:
+    return {"version": CROP_VERSION, "band": list(band), "image_root": str(image_root or ""),
+            "xml": _stamp(xml_path), "image": _stamp(image) if image else None}
+
+
+def _remember_crops(xml_path: Path, image: Path, folder: Path, band: tuple[float, float],
+                    image_root: Path | None) -> None:
+    memo = {**_memo(xml_path, image, band, image_root), "folder": folder.name}
+    try:
+        atomic_write(_memo_path(xml_path, folder.parent),
+                     lambda stream: stream.write(json.dumps(memo, ensure_ascii=False).encode("utf-8")))
+    except OSError:
+        pass  # only a shortcut: the next start reads the files again
+
+
+def _remembered_crops(xml_path: Path, cache_dir: Path, band: tuple[float, float],
+                      image_root: Path | None) -> Path | None:
+    """The crops folder of an unchanged page, or None (then the page is read as the first time)."""
+    try:
+        memo = json.loads(_memo_path(xml_path, cache_dir).read_text(encoding="utf-8"))
+        image = Path(memo["image"][0])
+        if {**_memo(xml_path, image, band, image_root), "folder": memo["folder"]} != memo:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    folder = cache_dir / memo["folder"]
+    return folder if (folder / "lines.json").is_file() else None
 
 
 def map_pages(job, paths: list[Path], workers: int):
