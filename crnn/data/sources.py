@@ -293,6 +293,7 @@ class FolderRecords(LineRecords):
         self.folder, self.index_dir = folder, index_dir
         self._named: dict[str, int] = {}  # file name -> the gt.tsv line naming it, used or skipped
         self._stamps: list[str] = []  # each used image's name, size and modification time: the index's key
+        self._sizes: np.ndarray | None = None
         for number, raw in enumerate(gt_path.read_bytes().splitlines(), start=1):
             self._add_line(gt_path, number, raw)
         listed = {Path(name).name for name in self.ids}
@@ -355,6 +356,8 @@ class FolderRecords(LineRecords):
     def size_array(self) -> np.ndarray:
         """The images' sizes, from the index (built once per version of the folder's images, their
         headers read by 8 threads)."""
+        if self._sizes is not None:
+            return self._sizes
         identity = {"source": str(self.folder.resolve()), "images": digest(self._stamps)}
 
         def sources() -> tuple[list, list[str]]:
@@ -365,7 +368,8 @@ class FolderRecords(LineRecords):
                            sources, self.name, threads=8)
         errors = table.column("error")
         self.problems += [error for error in errors.filter(errors.is_valid()).to_pylist()]
-        return size_array(table)
+        self._sizes = size_array(table)
+        return self._sizes
 
     def sizes(self) -> list[tuple[int, int]]:
         return [(int(width), int(height)) for width, height in self.size_array()]
