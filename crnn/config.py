@@ -167,6 +167,10 @@ class ModelConfig:
     shortcut_weight: float = _non_negative(0.1)
     shortcut_kernel: int = _positive(3)
     shortcut_dropout: float = _fraction(0.2)
+    # training only: about this share of each line's frames, in spans of span_length frames, zeroed
+    # at the input of the BiLSTM (span masking; 0: off)
+    span_mask: float = _range(0.0, 0.0, 0.9)
+    span_length: int = _positive(4)
 
 
 @dataclass(frozen=True)

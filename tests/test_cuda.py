@@ -55,6 +55,21 @@ def test_forward_and_backward_with_widths_left_on_the_cpu():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_span_masking_on_the_gpu_masks_inside_each_line():
+    from crnn.models.crnn import mask_spans
+
+    torch.manual_seed(0)
+    columns, lengths = torch.ones(50, 3, 8, device=CUDA), torch.tensor([50, 30, 9], device=CUDA)
+    masked = mask_spans(columns, lengths, 0.3, 4)
+    zeroed = (masked == 0).all(-1)  # (T, N)
+    assert masked.is_cuda and zeroed.any()
+    assert not zeroed[30:, 1].any() and not zeroed[9:, 2].any()
+    model = build_model(load_config(TINY, ["model.span_mask=0.2"]).model, 12).to(CUDA).train()
+    output = model(torch.rand(2, 1, 32, 96, device=CUDA), torch.tensor([96, 50]))  # widths on the CPU
+    output.log_probs.sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_twenty_steps_on_varying_widths(amp, tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 40)

@@ -81,3 +81,37 @@ def test_the_gpu_recipes_have_the_frame_width_they_state(name, pixels_per_frame)
     with torch.no_grad():
         output = model(torch.rand(1, 1, 128, 1920), torch.tensor([1920]))
     assert output.lengths.tolist() == [1920 // pixels_per_frame]
+
+
+def test_span_masking_zeroes_spans_inside_each_line_only():
+    from crnn.models.crnn import mask_spans
+
+    columns, lengths = torch.arange(1.0, 61.0)[:, None, None].repeat(1, 3, 2), torch.tensor([60, 24, 8])
+    assert mask_spans(columns, lengths, 0.0, 4) is columns
+    torch.manual_seed(0)
+    zeroed = (mask_spans(columns, lengths, 0.25, 4) == 0).all(-1)  # (T, N)
+    for line, length in enumerate(lengths.tolist()):
+        count = round(length * 0.25 / 4)  # spans of 4 frames: 4, 2 and 0 of them
+        assert not zeroed[length:, line].any()  # never the padding
+        assert 0 < zeroed[:, line].sum() <= 4 * count if count else not zeroed[:, line].any()
+        edges = torch.diff(torch.cat([torch.tensor([0]), zeroed[:, line].int(), torch.tensor([0])])).nonzero().flatten()
+        assert all(end - start >= 4 for start, end in zip(edges[::2], edges[1::2], strict=True))  # whole spans
+    rates = torch.stack([(mask_spans(columns, lengths, 0.25, 4) == 0).all(-1)[:, 0] for _ in range(200)]).float()
+    assert 0.15 < rates.mean() < 0.25  # 4 spans of 4 over 60 frames, overlaps counted once
+
+
+def test_span_masking_runs_in_training_only():
+    torch.manual_seed(0)
+    no_dropout = ("model.lstm_dropout=0", "model.head_dropout=0", "model.shortcut=false")
+    plain = build_model(small(*no_dropout), num_classes=7)
+    masked = build_model(small(*no_dropout, "model.span_mask=0.5", "model.span_length=2"), num_classes=7)
+    masked.load_state_dict(plain.state_dict())  # no parameters of its own
+    images, widths = torch.rand(2, 1, 32, 120), torch.tensor([120, 80])
+    assert torch.equal(plain.eval()(images, widths).log_probs, masked.eval()(images, widths).log_probs)
+    plain.train(), masked.train()
+    for module in (plain, masked):  # BatchNorm in eval: training mode differs only by the masking
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.eval()
+    assert torch.equal(plain(images, widths).log_probs, plain(images, widths).log_probs)
+    assert not torch.allclose(plain(images, widths).log_probs, masked(images, widths).log_probs)

@@ -31,10 +31,11 @@ class CRNN(nn.Module):
     CLASS_ROWS = ("head.classifier.weight", "head.classifier.bias", "shortcut.conv.weight", "shortcut.conv.bias")
 
     def __init__(self, encoder: ResNetEncoder, head: BiLSTMHead, shortcut: ShortcutHead | None,
-                 column_pool: str = "max", frames: int = 0):
+                 column_pool: str = "max", frames: int = 0, span_mask: float = 0.0, span_length: int = 4):
         super().__init__()
         self.encoder, self.head, self.shortcut = encoder, head, shortcut
         self.column_pool, self.frames = column_pool, frames
+        self.span_mask, self.span_length = span_mask, span_length
 
     def output_lengths(self, widths: torch.Tensor) -> torch.Tensor:
         if self.frames:
@@ -60,11 +61,29 @@ class CRNN(nn.Module):
         widths = widths.to(images.device, non_blocking=True)
         columns = self.columns(self.encoder(images))
         lengths = self.output_lengths(widths).clamp(max=columns.shape[0])
-        log_probs = self.head(columns, lengths).float().log_softmax(-1)
+        sequence = mask_spans(columns, lengths, self.span_mask, self.span_length) if self.training else columns
+        log_probs = self.head(sequence, lengths).float().log_softmax(-1)
         shortcut_log_probs = None
         if self.shortcut is not None and (self.training if with_shortcut is None else with_shortcut):
             shortcut_log_probs = self.shortcut(columns).float().log_softmax(-1)
         return CRNNOutput(log_probs, lengths, shortcut_log_probs)
+
+
+def mask_spans(columns: torch.Tensor, lengths: torch.Tensor, share: float, span: int) -> torch.Tensor:
+    """`columns` `(T, N, C)` with spans of `span` frames set to zero, about `share` of each line's
+    `lengths` frames (spans may overlap), so that the sequence head learns to read a character
+    from its context (span masking, as in HTR-VT). `share` 0 returns `columns` as they are."""
+    count = torch.round(lengths.float() * share / span).long()  # spans per line
+    spans = int(count.max()) if share > 0 and len(lengths) else 0
+    if spans == 0:
+        return columns
+    device = columns.device
+    room = (lengths - span + 1).clamp(min=1).to(device)
+    starts = (torch.rand(len(lengths), spans, device=device) * room[:, None]).long()  # (N, spans)
+    used = torch.arange(spans, device=device)[None] < count.to(device)[:, None]
+    frames = torch.arange(columns.shape[0], device=device)[:, None, None]  # (T, 1, 1)
+    hit = (frames >= starts) & (frames < starts + span) & used  # (T, N, spans)
+    return columns.masked_fill(hit.any(-1)[..., None], 0.0)
 
 
 @register_model("crnn")
@@ -78,4 +97,4 @@ def build_crnn(cfg: ModelConfig, num_classes: int) -> CRNN:
     shortcut = None
     if cfg.shortcut:
         shortcut = ShortcutHead(encoder.out_channels, num_classes, cfg.shortcut_kernel, cfg.shortcut_dropout)
-    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames)
+    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames, cfg.span_mask, cfg.span_length)
