@@ -300,6 +300,11 @@ def image_sources(images: pa.StructArray, base_dir: Path | None) -> list[memoryv
     return views
 
 
+def column_sources(images: pa.ChunkedArray, base_dir: Path | None) -> list[memoryview | Path]:
+    """`image_sources` of every chunk of an `image` column, in row order."""
+    return [source for chunk in images.chunks for source in image_sources(chunk, base_dir)]
+
+
 def digest(parts: Iterable[str]) -> str:
     """A short digest of many strings (e.g. each file's name, size and modification time)."""
     hasher = hashlib.sha256()

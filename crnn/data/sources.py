@@ -25,8 +25,8 @@ from PIL import Image
 from crnn.config import SPLITS, DataConfig
 from crnn.data.images import IMAGE_SUFFIXES, decode_image, image_size
 from crnn.data.index import (
+    column_sources,
     digest,
-    image_sources,
     index_path,
     index_root,
     parquet_index,
@@ -91,18 +91,11 @@ class ArrowRecords(LineRecords):
 
     def size_array(self) -> np.ndarray:
         if self._sizes is None:
-            if self._size_table is None:
-                sources, wheres = [], []
-                for index in range(len(self)):
-                    try:
-                        sources.append(self._source(index))
-                    except DataError:
-                        sources.append(b"")
-                    wheres.append(self.ids[index])
+            rows = self.rows
+            if self._size_table is None:  # no index: every row's header read now
+                sources = column_sources(self.images, self.base_dir)
+                wheres = RowIds(self.name, np.arange(len(sources)))
                 self._size_table = pa.table(size_columns(sources, wheres), names=["width", "height", "error"])
-                rows = np.arange(len(self))
-            else:
-                rows = self.rows
             sizes = size_array(self._size_table)
             every_row = len(rows) == len(sizes)  # rows ascend without repeats: then they are all rows
             self._sizes = sizes if every_row else sizes[rows]
@@ -272,8 +265,7 @@ def dataset_records(dataset, name: str, index_dir: str = "") -> ArrowRecords:
                 "rows": len(table)}
 
     def sources() -> tuple[list, Sequence[str]]:
-        images = [source for chunk in table.column("image").chunks for source in image_sources(chunk, None)]
-        return images, RowIds(name, np.arange(len(table)))
+        return column_sources(table.column("image"), None), RowIds(name, np.arange(len(table)))
 
     sizes = size_index(index_path(index_root(index_dir), "hub", name), identity, sources, name)
     return ArrowRecords(table, name, sizes=sizes)
