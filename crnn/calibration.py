@@ -27,14 +27,15 @@ from PIL import Image, ImageDraw
 
 from crnn.data import Vocab
 from crnn.decoding import greedy_decode
-from crnn.engine import evaluate
 from crnn.errors import DataError
 from crnn.metrics import aligned_hits, char_errors
 
 MIN_LINES = 50  # labelled lines a fit needs at least
 TEMPERATURE_RANGE = (0.2, 5.0)
 # what the line model sees of a line, from its calibrated log-probs and its greedy path
-FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest")
+FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest", "log_p_reading")
+LEGACY_FEATURES = FEATURES[:6]  # what a calibration stored without its feature names was fitted on
+LOG_P_FLOOR = -50.0  # the reading's log-probability is clipped here (a line read very unsurely)
 L2 = 1e-3  # ridge on the line model's weights (not the bias): a stable fit on small splits
 
 
@@ -43,8 +44,9 @@ class Calibration:
     """A fitted calibration (see the module docstring); the identity when nothing was fitted."""
 
     temperature: float = 1.0
-    exact_weights: tuple[float, ...] = ()  # logistic regression of "read exactly" on FEATURES
-    error_weights: tuple[float, ...] = ()  # Poisson regression of character errors on FEATURES
+    exact_weights: tuple[float, ...] = ()  # logistic regression of "read exactly" on `features`
+    error_weights: tuple[float, ...] = ()  # Poisson regression of character errors on `features`
+    features: tuple[str, ...] = FEATURES  # the names of the FEATURES the weights apply to, in order
     dispersion: float = 1.0  # variance / mean of the errors around the Poisson model, on the fit split
     length_ratio: float = 1.0  # reference characters / characters read, on the fit split
     lines: int = 0  # labelled lines it was fitted on
@@ -56,7 +58,8 @@ class Calibration:
 
     def to_dict(self) -> dict:
         state = asdict(self)
-        state["exact_weights"], state["error_weights"] = list(self.exact_weights), list(self.error_weights)
+        for name in ("exact_weights", "error_weights", "features"):
+            state[name] = list(state[name])
         return state
 
     @classmethod
@@ -66,6 +69,10 @@ class Calibration:
         known = {name: state[name] for name in cls.__dataclass_fields__ if name in state}
         for name in ("exact_weights", "error_weights"):
             known[name] = tuple(float(value) for value in known.get(name, ()))
+        known["features"] = tuple(known.get("features", LEGACY_FEATURES))
+        unknown = [name for name in known["features"] if name not in FEATURES]
+        if unknown:
+            raise ValueError(f"calibration: unknown line feature(s) {unknown}; this version knows {list(FEATURES)}")
         return cls(**known)
 
     def scale(self, log_probs: torch.Tensor) -> torch.Tensor:
@@ -75,10 +82,11 @@ class Calibration:
         return F.log_softmax(log_probs.float() / self.temperature, dim=-1)
 
     def line_estimates(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(p_exact, expected character errors) of lines with `features` `(N, len(FEATURES))`."""
+        """(p_exact, expected character errors) of lines with `features` `(N, len(FEATURES))`
+        (`line_features`; the model uses the columns it was fitted on)."""
         if not self.fitted:
             raise ValueError("this calibration has no line model")
-        x = features.double()
+        x = features.double()[:, [FEATURES.index(name) for name in self.features]]
         p_exact = torch.sigmoid(x @ torch.tensor(self.exact_weights, dtype=torch.float64))
         errors = torch.exp((x @ torch.tensor(self.error_weights, dtype=torch.float64)).clamp(max=20.0))
         return p_exact, errors
@@ -87,17 +95,26 @@ class Calibration:
                      z: float = 1.96) -> tuple[float, tuple[float, float]]:
         """A collection's estimated CER from its lines' expected errors and the characters read in
         each, with an interval: (estimate, (low, high))."""
-        errors = float(sum(expected_errors))
-        reference = max(float(sum(read_chars)) * self.length_ratio, 1.0)
-        spread = z * math.sqrt(max(self.dispersion, 1.0) * errors)
-        return errors / reference, (max(errors - spread, 0.0) / reference, (errors + spread) / reference)
+        return cer_estimate(float(sum(expected_errors)), float(sum(read_chars)) * self.length_ratio,
+                            self.dispersion, z)
+
+
+def cer_estimate(errors: float, reference: float, dispersion: float,
+                 z: float = 1.96) -> tuple[float, tuple[float, float]]:
+    """(expected errors / expected reference characters, its interval): the errors' spread is
+    Poisson's, widened by the fitted `dispersion` (never narrowed)."""
+    reference = max(reference, 1.0)
+    spread = z * math.sqrt(max(dispersion, 1.0) * errors)
+    return errors / reference, (max(errors - spread, 0.0) / reference, (errors + spread) / reference)
 
 
 def line_features(log_probs: torch.Tensor) -> torch.Tensor:
     """FEATURES of one line from its calibrated log-probs `(T, C)` (blank = class 0): the sum of one
     minus each read character's posterior (doubt), the non-blank mass of frames read as blank
-    (characters it may have dropped), the mean entropy per frame, log(1 + characters read) and the
-    logit of the weakest read character's posterior."""
+    (characters it may have dropped), the mean entropy per frame, log(1 + characters read), the
+    logit of the weakest read character's posterior and the log-probability of the greedy reading
+    (CTC's sum over every alignment of it, clipped at LOG_P_FLOOR): the model's own probability
+    that the line reads exactly so."""
     probs = log_probs.double().exp()
     best, labels = probs.max(dim=-1)
     previous = torch.cat([labels.new_full((1,), -1), labels[:-1]])
@@ -109,7 +126,18 @@ def line_features(log_probs: torch.Tensor) -> torch.Tensor:
     weakest = float(confidences.min()) if len(confidences) else 1.0
     weakest = min(max(weakest, 1e-6), 1 - 1e-6)
     return torch.tensor([1.0, doubt, missed, entropy, math.log1p(len(confidences)),
-                         math.log(weakest / (1 - weakest))], dtype=torch.float64)
+                         math.log(weakest / (1 - weakest)), reading_log_prob(log_probs, labels[emitted])],
+                        dtype=torch.float64)
+
+
+def reading_log_prob(log_probs: torch.Tensor, reading: torch.Tensor) -> float:
+    """log P(reading | line) under the log-probs `(T, C)`: CTC's forward sum over the reading's
+    alignments (`reading`, class indices, is no longer than T), clipped at LOG_P_FLOOR."""
+    if not len(log_probs):
+        return 0.0
+    loss = F.ctc_loss(log_probs.double().unsqueeze(1), reading.unsqueeze(0), torch.tensor([len(log_probs)]),
+                      torch.tensor([len(reading)]), blank=0, reduction="sum")
+    return max(-float(loss), LOG_P_FLOOR)  # an infeasible reading (never the greedy one): the floor
 
 
 def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> float:
@@ -183,10 +211,11 @@ def standardised(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_chars: Sequence[int],
-                   read_chars: Sequence[int]) -> dict:
+                   read_chars: Sequence[int], names: Sequence[str] = FEATURES) -> dict:
     """The line model's fields of a `Calibration` from labelled lines: their FEATURES `(N, F)`, the
-    character errors of each reading, and the characters of each reference and each reading."""
-    x, mean, scale = standardised(features.double())
+    character errors of each reading, and the characters of each reference and each reading; the
+    model sees the features `names` (the bias first)."""
+    x, mean, scale = standardised(features.double()[:, [FEATURES.index(name) for name in names]])
     y_errors = torch.tensor(list(errors), dtype=torch.float64)
     exact = _fit_glm(x, (y_errors == 0).double(), "logistic")
     poisson = _fit_glm(x, y_errors, "poisson")
@@ -199,29 +228,13 @@ def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_char
     predicted = torch.exp((x @ poisson).clamp(max=20.0))
     dispersion = float(((y_errors - predicted) ** 2 / predicted.clamp(min=1e-6)).sum()) / max(
         len(y_errors) - x.shape[1], 1)
-    return {"exact_weights": unscaled(exact), "error_weights": unscaled(poisson), "dispersion": dispersion,
-            "length_ratio": sum(reference_chars) / max(sum(read_chars), 1)}
+    return {"exact_weights": unscaled(exact), "error_weights": unscaled(poisson), "features": tuple(names),
+            "dispersion": dispersion, "length_ratio": sum(reference_chars) / max(sum(read_chars), 1)}
 
 
 def check_enough(lines: int, where: str) -> None:
     if lines < MIN_LINES:
         raise DataError(f"{where}: {lines} labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
-
-
-def line_log_probs(model: torch.nn.Module, loader, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[str]]:
-    """One forward pass over `loader` (one process): each line's log-probs `(T_i, C)` on the CPU
-    and its reference, in the loader's order."""
-    lines: list[torch.Tensor] = []
-
-    def keep(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        log_probs = log_probs.float().cpu()
-        lines.extend(log_probs[: int(length), i].clone() for i, length in enumerate(lengths.tolist()))
-        return [""] * len(lengths)
-
-    result = evaluate(model, loader, device, {"keep": keep}, amp_dtype, keep_predictions=True,
-                      desc="forward pass (calibration)")
-    return lines, [reference for _, reference, _ in result.predictions["keep"]]
 
 
 def read_greedily(calibration: Calibration, log_probs: torch.Tensor, vocab: Vocab) -> tuple[str, torch.Tensor]:
@@ -232,18 +245,19 @@ def read_greedily(calibration: Calibration, log_probs: torch.Tensor, vocab: Voca
 
 
 def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab,
-                    where: str) -> Calibration:
-    """The temperature, then the line model, on labelled lines (each line's raw log-probs `(T_i, C)`
-    and its reference); DataError naming `where` with fewer than MIN_LINES lines."""
+                    where: str, features: Sequence[str] = FEATURES) -> Calibration:
+    """The temperature, then the line model (on the `features` named), on labelled lines (each
+    line's raw log-probs `(T_i, C)` and its reference); DataError naming `where` with fewer than
+    MIN_LINES lines."""
     check_enough(len(log_probs), where)
     targets = [[vocab.index[char] for char in reference if char in vocab.index] for reference in references]
     temperature = fit_temperature(log_probs, targets)
     tempered = Calibration(temperature=temperature)
     readings = [read_greedily(tempered, line, vocab) for line in log_probs]
     texts = [text for text, _ in readings]
-    fields = fit_line_model(torch.stack([features for _, features in readings]),
+    fields = fit_line_model(torch.stack([line for _, line in readings]),
                             [char_errors(reference, text) for reference, text in zip(references, texts, strict=True)],
-                            [len(reference) for reference in references], [len(text) for text in texts])
+                            [len(reference) for reference in references], [len(text) for text in texts], features)
     return Calibration(temperature=temperature, **fields, lines=len(log_probs), fitted_on=where)
 
 
@@ -334,14 +348,25 @@ class CalibrationProbe:
         self.features: list[torch.Tensor] = []
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        texts, log_probs = [], log_probs.float().cpu()  # one transfer for the batch
-        for i, length in enumerate(lengths.tolist()):
-            scaled = self.calibration.scale(log_probs[:length, i])
-            text, features = read_greedily(Calibration(), scaled, self.vocab)
-            texts.append(text)
-            self.confidences.append(char_confidences(scaled))
-            self.features.append(features)
-        return texts
+        log_probs = log_probs.float().cpu()  # one transfer for the batch
+        return [self.read(log_probs[:length, i]) for i, length in enumerate(lengths.tolist())]
+
+    def read(self, log_probs: torch.Tensor) -> str:
+        """One line's reading from its raw log-probs `(T, C)`, keeping what it says of the line."""
+        scaled = self.calibration.scale(log_probs)
+        text, features = read_greedily(Calibration(), scaled, self.vocab)
+        self.confidences.append(char_confidences(scaled))
+        self.features.append(features)
+        return text
+
+    def judgements(self, hypotheses: Sequence[str]) -> dict[str, list]:
+        """Per line read so far (`hypotheses`, its readings): p_exact, expected errors, expected
+        reference characters, the calibration's dispersion, the characters' confidences."""
+        calibration = self.calibration
+        p_exact, expected = calibration.line_estimates(torch.stack(self.features))
+        return {"p_exact": p_exact.tolist(), "expected_errors": expected.tolist(),
+                "expected_reference": [len(text) * calibration.length_ratio for text in hypotheses],
+                "dispersion": [calibration.dispersion] * len(hypotheses), "confidences": list(self.confidences)}
 
 
 def calibration_report(probe: CalibrationProbe, references: Sequence[str], hypotheses: Sequence[str],
@@ -350,23 +375,70 @@ def calibration_report(probe: CalibrationProbe, references: Sequence[str], hypot
     character confidences, the estimated against the true CER, the AUROC of finding the lines
     with errors (by 1 - p_exact), the share of the errors in the 20% of lines with the most
     expected errors, and the reliability bins of both."""
-    p_exact, expected = probe.calibration.line_estimates(torch.stack(probe.features))
+    return measured(probe.judgements(hypotheses), references, hypotheses, bins)
+
+
+def measured(judged: dict[str, list], references: Sequence[str], hypotheses: Sequence[str], bins: int = 10) -> dict:
+    """`calibration_report`'s measures of lines judged by `CalibrationProbe.judgements` (pooled
+    over several calibrations in `cross_fitted_report`)."""
+    p_exact, expected = judged["p_exact"], judged["expected_errors"]
     errors = [char_errors(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
     exact = [e == 0 for e in errors]
-    char_p = [c for confidences in probe.confidences for c in confidences]
+    char_p = [c for confidences in judged["confidences"] for c in confidences]
     char_hit = [hit for ref, hyp in zip(references, hypotheses, strict=True) for hit in aligned_hits(ref, hyp)]
-    estimate, (low, high) = probe.calibration.estimate_cer(expected.tolist(), [len(h) for h in hypotheses])
+    dispersion = sum(judged["dispersion"]) / max(len(judged["dispersion"]), 1)
+    estimate, (low, high) = cer_estimate(sum(expected), sum(judged["expected_reference"]), dispersion)
     true_cer = sum(errors) / max(sum(len(r) for r in references), 1)
     return {
         "lines": len(errors), "true_cer": true_cer, "estimated_cer": estimate, "interval": [low, high],
         "estimate_relative_error": (estimate - true_cer) / true_cer if true_cer else float("nan"),
-        "ece_p_exact": expected_calibration_error(p_exact.tolist(), exact, bins),
+        "ece_p_exact": expected_calibration_error(p_exact, exact, bins),
         "ece_characters": expected_calibration_error(char_p, char_hit, bins),
-        "auroc_lines_with_errors": auroc((1 - p_exact).tolist(), [not e for e in exact]),
-        "errors_in_least_confident_20pct": errors_in_least_confident(expected.tolist(), errors),
-        "reliability_p_exact": reliability(p_exact.tolist(), exact, bins),
+        "auroc_lines_with_errors": auroc([1 - p for p in p_exact], [not e for e in exact]),
+        "errors_in_least_confident_20pct": errors_in_least_confident(expected, errors),
+        "reliability_p_exact": reliability(p_exact, exact, bins),
         "reliability_characters": reliability(char_p, char_hit, bins),
     }
+
+
+def cross_fitted_report(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab, folds: int,
+                        where: str, features: Sequence[str] = FEATURES, bins: int = 10) -> dict:
+    """How well a calibration fitted on labelled lines like these holds on lines it was not fitted
+    on, measured on all of them: the lines (raw log-probs `(T_i, C)`, references) cut into `folds`
+    contiguous blocks (rows of a page stay together), each block read by the calibration fitted
+    on the others, the judgements pooled. `calibration_report`'s measures, plus "folds" and each
+    fold's fitted temperature. DataError naming `where` when a fit would have under MIN_LINES lines."""
+    count = len(log_probs)
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, not {folds}")
+    bounds = [round(k * count / folds) for k in range(folds + 1)]
+    fewest = count - max(high - low for low, high in zip(bounds, bounds[1:], strict=False))
+    if fewest < MIN_LINES or min(high - low for low, high in zip(bounds, bounds[1:], strict=False)) < 1:
+        raise DataError(f"{where}: {count} labelled line(s) in {folds} folds leave {fewest} line(s) to fit a "
+                        f"calibration on; it needs at least {MIN_LINES}")
+    judged: dict[str, list] = {}
+    hypotheses: list[str] = []
+    temperatures = []
+    for low, high in zip(bounds, bounds[1:], strict=False):
+        fitted = fit_calibration([*log_probs[:low], *log_probs[high:]], [*references[:low], *references[high:]],
+                                 vocab, where, features)
+        probe = CalibrationProbe(fitted, vocab)
+        texts = [probe.read(line) for line in log_probs[low:high]]
+        for key, values in probe.judgements(texts).items():
+            judged.setdefault(key, []).extend(values)
+        hypotheses += texts
+        temperatures.append(fitted.temperature)
+    return {**measured(judged, references, hypotheses, bins), "folds": folds, "temperatures": temperatures}
+
+
+def describe_report(report: dict) -> list[str]:
+    """`calibration_report`'s measures as lines of text."""
+    low, high = report["interval"]
+    return [f"  estimated CER {report['estimated_cer']:.2%} ({low:.2%} to {high:.2%}) against the true "
+            f"{report['true_cer']:.2%} ({report['estimate_relative_error']:+.1%} relative)",
+            f"  ECE of p_exact {report['ece_p_exact']:.4f}, of the character confidences {report['ece_characters']:.4f}",
+            f"  AUROC of finding the lines with errors {report['auroc_lines_with_errors']:.3f}; the 20% of lines with "
+            f"the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} of the errors"]
 
 
 def reliability_diagram(curves: dict[str, list[dict]], size: int = 360) -> Image.Image:

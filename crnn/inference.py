@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from crnn.calibration import Calibration, check_enough, fit_calibration, line_features, line_log_probs
+from crnn.calibration import Calibration, check_enough, fit_calibration, line_features
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
@@ -214,15 +214,31 @@ def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: 
                         Calibration.from_dict(stored.calibration))
 
 
-def calibrate(trained: TrainedModel, split: str) -> Calibration:
-    """Fit `trained`'s calibration on a labelled split of its config's data (`crnn.calibration`);
-    DataError if the split has fewer than MIN_LINES usable lines."""
+@dataclass
+class LabelledLines:
+    """A labelled split read once by the model: each line's log-probs `(T_i, C)` and reference."""
+
+    log_probs: list[torch.Tensor]
+    references: list[str]
+    where: str  # "<split> split of <records>", for messages and the record
+
+
+def labelled_lines(trained: TrainedModel, split: str) -> LabelledLines:
+    """One forward pass over a labelled split of `trained`'s config's data; DataError if it has
+    fewer than MIN_LINES usable lines."""
     data = trained.config.data
     records = load_records(data, split)
     check_enough(len(records), f"data.{split}")
     loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
-    log_probs, references = line_log_probs(trained.model, loader, trained.device)
-    return fit_calibration(log_probs, references, trained.vocab, f"{split} split of {records.name}")
+    emissions = collect_emissions(trained, loader)
+    return LabelledLines(emissions.lines(), emissions.references, f"{split} split of {records.name}")
+
+
+def calibrate(trained: TrainedModel, split: str) -> Calibration:
+    """Fit `trained`'s calibration on a labelled split of its config's data (`crnn.calibration`);
+    DataError if the split has fewer than MIN_LINES usable lines."""
+    lines = labelled_lines(trained, split)
+    return fit_calibration(lines.log_probs, lines.references, trained.vocab, lines.where)
 
 
 @dataclass
@@ -231,6 +247,11 @@ class Emissions:
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # log_probs (T, N, C), lengths (N,)
     references: list[str]
+
+    def lines(self) -> list[torch.Tensor]:
+        """Each line's log-probs `(T_i, C)`, in the order of the references."""
+        return [log_probs[:length, i].clone() for log_probs, lengths in self.batches
+                for i, length in enumerate(lengths.tolist())]
 
 
 def collect_emissions(trained: TrainedModel, loader) -> Emissions:

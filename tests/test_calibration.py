@@ -9,19 +9,24 @@ from PIL import Image
 
 from crnn.calibration import (
     FEATURES,
+    LEGACY_FEATURES,
+    LOG_P_FLOOR,
     MIN_LINES,
     TEMPERATURE_RANGE,
     Calibration,
     auroc,
     check_enough,
+    cross_fitted_report,
     errors_in_least_confident,
     expected_calibration_error,
     fit_line_model,
     fit_temperature,
     line_features,
+    reading_log_prob,
 )
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
+from crnn.data import Vocab
 from crnn.errors import DataError
 from crnn.inference import load_trained_model
 from crnn.metrics import aligned_hits
@@ -57,7 +62,7 @@ def test_the_line_model_recovers_known_weights():
     generator = torch.Generator().manual_seed(0)
     count = 4000
     features = torch.cat([torch.ones(count, 1), torch.rand(count, len(FEATURES) - 1, generator=generator)], dim=1)
-    true_errors = torch.tensor([-1.0, 2.0, 1.0, 0.0, 0.5, -0.5], dtype=torch.float64)
+    true_errors = torch.tensor([-1.0, 2.0, 1.0, 0.0, 0.5, -0.5, 0.3], dtype=torch.float64)
     errors = torch.poisson(torch.exp(features.double() @ true_errors), generator=generator).long().tolist()
     fitted = fit_line_model(features, errors, reference_chars=[20] * count, read_chars=[19] * count)
     assert torch.allclose(torch.tensor(fitted["error_weights"], dtype=torch.float64), true_errors, atol=0.25)
@@ -78,6 +83,57 @@ def test_features_of_a_line():
     doubt, missed = line_features(certain)[1:3].tolist()
     assert doubt == pytest.approx(0.02) and missed == pytest.approx(0.02 + 0.4)
     assert line_features(certain)[4] == pytest.approx(math.log(2))  # one character read
+    # the reading "1" (class 1): every 3-frame path that collapses to it, summed by hand
+    p = certain.exp().tolist()
+    paths = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 1, 1)]
+    by_hand = sum(math.prod(p[t][c] for t, c in enumerate(path)) for path in paths)
+    assert line_features(certain)[FEATURES.index("log_p_reading")] == pytest.approx(math.log(by_hand))
+
+
+def test_the_log_probability_of_a_reading():
+    log_probs = torch.log_softmax(torch.randn(12, 5, generator=torch.Generator().manual_seed(3)), dim=-1)
+    # every reading of these frames, summed over: the probabilities of all readings add up to one
+    total = 0.0
+    for length in range(0, 4):
+        for reading in __import__("itertools").product(range(1, 5), repeat=length):
+            total += math.exp(reading_log_prob(log_probs, torch.tensor(reading, dtype=torch.long)))
+    assert 0.0 < total < 1.0  # readings of up to 3 characters hold part of the mass
+    assert reading_log_prob(log_probs[:2], torch.tensor([1, 1, 1])) == LOG_P_FLOOR  # no room for 3 characters
+    sure = torch.log(torch.tensor([[0.001, 0.999], [0.999, 0.001]]))
+    assert reading_log_prob(sure, torch.tensor([1])) == pytest.approx(math.log(0.999 * 0.999 + 0.999 * 0.001
+                                                                                + 0.001 * 0.001), abs=1e-6)
+
+
+def test_a_calibration_stored_before_the_reading_feature_still_reads_its_features():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.cat([torch.ones(300, 1), torch.rand(300, len(FEATURES) - 1, generator=generator)], dim=1)
+    errors = torch.poisson(torch.exp(features[:, :6].double() @ torch.tensor([-1.0, 2, 1, 0, 0.5, -0.5],
+                           dtype=torch.float64)), generator=generator).long().tolist()
+    legacy = fit_line_model(features, errors, [20] * 300, [20] * 300, names=LEGACY_FEATURES)
+    state = Calibration(**legacy, lines=300).to_dict()
+    del state["features"]  # as a checkpoint written before the reading's log-probability was a feature
+    calibration = Calibration.from_dict(state)
+    assert calibration.features == LEGACY_FEATURES and len(calibration.error_weights) == 6
+    p_exact, expected = calibration.line_estimates(features)
+    weights = torch.tensor(calibration.error_weights, dtype=torch.float64)
+    assert torch.allclose(expected, torch.exp(features[:, :6].double() @ weights))
+    assert p_exact.shape == (300,)
+    with pytest.raises(ValueError, match="unknown line feature"):
+        Calibration.from_dict({**state, "features": ["bias", "sharpness"]})
+
+
+def test_cross_fitting_measures_every_line_out_of_fold():
+    log_probs, targets = ctc_lines(180, frames=10, sharpen=2.0, seed=4)  # short: some lines read exactly
+    vocab = Vocab(list("abcde"))
+    references = [vocab.decode(target) for target in targets]
+    report = cross_fitted_report(log_probs, references, vocab, 3, "validation")
+    assert report["lines"] == 180 and report["folds"] == 3 and len(report["temperatures"]) == 3
+    assert all(t == pytest.approx(2.0, rel=0.15) for t in report["temperatures"])  # each fit finds the sharpening
+    assert 0.0 <= report["ece_p_exact"] < 0.1 and 0.5 < report["auroc_lines_with_errors"] <= 1.0
+    assert abs(report["estimate_relative_error"]) < 0.25
+    with pytest.raises(DataError, match=f"validation: 60 labelled line\\(s\\) in 3 folds leave 40 line\\(s\\) .* "
+                                        f"at least {MIN_LINES}"):
+        cross_fitted_report(log_probs[:60], references[:60], vocab, 3, "validation")
 
 
 def test_measures_of_calibration():
@@ -113,6 +169,17 @@ def test_a_run_fits_its_calibration_which_survives_export_and_reload(calibrated_
                       "data.synthetic.validation=70")
     assert result.returncode == 0, result.stderr
     assert best.read_bytes() == before and load_checkpoint(copy)["calibration"]["lines"] == 70
+    # measured on lines it was not fitted on: two folds of 55 lines, each read by the other's fit
+    measured = tmp_path / "crossfit.json"
+    result = run_tool("tools/calibrate.py", "--ckpt", best, "--out", tmp_path / "copy2.pt", "--folds", "2",
+                      "--json", measured, "data.synthetic.validation=110")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(measured.read_text())
+    assert report["lines"] == 110 and report["folds"] == 2 and len(report["temperatures"]) == 2
+    assert 0.0 <= report["ece_p_exact"] <= 1.0 and "cross-fitted over 2 folds" in result.stdout
+    assert load_checkpoint(tmp_path / "copy2.pt")["calibration"]["lines"] == 110  # stored: the fit on all lines
+    refused = run_tool("tools/calibrate.py", "--ckpt", best, "--folds", "1")
+    assert refused.returncode == 2 and "--folds 1: give 0 (no cross-fitting) or at least 2 folds" in refused.stderr
     small = run_tool("tools/calibrate.py", "--ckpt", bundle, "--split", "test")
     assert small.returncode == 2 and small.stderr.strip() == (
         f"error: data.test: 16 labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")

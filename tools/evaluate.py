@@ -49,7 +49,13 @@ import json
 import sys
 from pathlib import Path
 
-from crnn.calibration import Calibration, CalibrationProbe, calibration_report, reliability_diagram
+from crnn.calibration import (
+    Calibration,
+    CalibrationProbe,
+    calibration_report,
+    describe_report,
+    reliability_diagram,
+)
 from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
 from crnn.data.records import problem_summary
@@ -129,14 +135,9 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
 
 def print_calibration(report: dict, calibration: Calibration) -> None:
     """What the model's calibration (fitted on `calibration.fitted_on`) says against the truth here."""
-    low, high = report["interval"]
     print(f"calibration (temperature {calibration.temperature:.3f}, fitted on {calibration.lines} lines of the "
           f"{calibration.fitted_on or 'unknown split'}), measured on {report['lines']} lines:")
-    print(f"  estimated CER {report['estimated_cer']:.2%} ({low:.2%} to {high:.2%}) against the true "
-          f"{report['true_cer']:.2%} ({report['estimate_relative_error']:+.1%} relative)")
-    print(f"  ECE of p_exact {report['ece_p_exact']:.4f}, of the character confidences {report['ece_characters']:.4f}")
-    print(f"  AUROC of finding the lines with errors {report['auroc_lines_with_errors']:.3f}; the 20% of lines with "
-          f"the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} of the errors")
+    print("\n".join(describe_report(report)))
 
 
 def summary(result: EvalResult) -> dict[str, dict]:
