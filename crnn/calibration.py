@@ -32,6 +32,7 @@ from crnn.metrics import aligned_hits, char_errors
 
 MIN_LINES = 50  # labelled lines a fit needs at least
 TEMPERATURE_RANGE = (0.2, 5.0)
+TEMPERATURE_PRECISION = 1e-3  # the search stops when log T is known to this (T to 0.1%)
 # what the line model sees of a line, from its calibrated log-probs and its greedy path
 FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest", "log_p_reading")
 LEGACY_FEATURES = FEATURES[:6]  # what a calibration stored without its feature names was fitted on
@@ -162,7 +163,7 @@ def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequenc
     ratio = (math.sqrt(5) - 1) / 2
     a, b = high - ratio * (high - low), low + ratio * (high - low)
     loss_a, loss_b = loss(a), loss(b)
-    for _ in range(40):
+    while high - low > TEMPERATURE_PRECISION:
         if loss_a < loss_b:
             high, b, loss_b = b, a, loss_a
             a = high - ratio * (high - low)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from crnn.calibration import Calibration, check_enough, fit_calibration, line_features
+from crnn.calibration import Calibration, check_enough, line_features
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
@@ -232,13 +232,6 @@ def labelled_lines(trained: TrainedModel, split: str) -> LabelledLines:
     loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
     emissions = collect_emissions(trained, loader)
     return LabelledLines(emissions.lines(), emissions.references, f"{split} split of {records.name}")
-
-
-def calibrate(trained: TrainedModel, split: str) -> Calibration:
-    """Fit `trained`'s calibration on a labelled split of its config's data (`crnn.calibration`);
-    DataError if the split has fewer than MIN_LINES usable lines."""
-    lines = labelled_lines(trained, split)
-    return fit_calibration(lines.log_probs, lines.references, trained.vocab, lines.where)
 
 
 @dataclass

@@ -35,7 +35,10 @@ from crnn import distributed
 from crnn.calibration import (
     Calibration,
     CalibrationProbe,
+    cross_fitted_report,
+    describe_report,
     expected_calibration_error,
+    fit_calibration,
     reliability,
     reliability_diagram,
 )
@@ -60,7 +63,7 @@ from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
 from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_epoch
 from crnn.errors import CheckpointError, ConfigError, DataError
 from crnn.finetune import initial_vocab, starting_weights
-from crnn.inference import calibrate, load_trained_model
+from crnn.inference import labelled_lines, load_trained_model
 from crnn.metrics import aligned_hits
 from crnn.models import build_model, check_model_name
 from crnn.optim import WeightEma, scaled_lr
@@ -318,6 +321,7 @@ def epoch_record(epoch: int, step: int, stats: EpochStats, result: EvalResult, l
 # and the epoch whose own speed fits it once more at its end (the decode cache is full by then)
 BUDGET_STEPS = (10, 50)
 BUDGET_REFIT_EPOCH = 2
+HELD_OUT_FOLDS = 5  # the end-of-run calibration is measured cross-fitted over this many folds
 
 
 @dataclass
@@ -532,19 +536,28 @@ def fit(cfg: Config, start: ModelFile | None = None) -> RunState:
 def calibrate_run(cfg: Config, logger: RunLogger) -> None:
     """At the end of a run, in the main process alone: fit the calibration of checkpoints/best.pt on
     the validation split (crnn.calibration) and store it in best.pt; a split too small for it is a
-    warning (tools/calibrate.py fits one on any labelled split later)."""
+    warning (tools/calibrate.py fits one on any labelled split later). How well it holds on lines
+    it was not fitted on is logged too, cross-fitted over HELD_OUT_FOLDS blocks of the split, when
+    each fit keeps enough lines (crnn.calibration.MIN_LINES)."""
     best = Path(cfg.train.output_dir) / "checkpoints" / "best.pt"
     if not best.is_file():
         return
     trained = load_trained_model(best, device=cfg.train.device)
     try:
-        calibration = calibrate(trained, "validation")
+        lines = labelled_lines(trained, "validation")
+        calibration = fit_calibration(lines.log_probs, lines.references, trained.vocab, lines.where)
     except DataError as err:
         logger.warning("no calibration fitted: %s (tools/calibrate.py fits one on another labelled split)", err)
         return
     store_calibration(best, calibration.to_dict())
     logger.info("calibration fitted on %d validation lines and stored in %s: temperature %.3f", calibration.lines,
                 best, calibration.temperature)
+    try:
+        report = cross_fitted_report(lines.log_probs, lines.references, trained.vocab, HELD_OUT_FOLDS, lines.where)
+    except DataError:
+        return  # too few lines to fit on all but one fold of them
+    logger.info("the calibration on lines it was not fitted on (%d folds of the validation split):\n%s",
+                HELD_OUT_FOLDS, "\n".join(describe_report(report)))
 
 
 @contextmanager

@@ -185,6 +185,14 @@ def test_a_run_fits_its_calibration_which_survives_export_and_reload(calibrated_
         f"error: data.test: 16 labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
 
 
+def test_a_run_logs_how_its_calibration_holds_on_lines_it_was_not_fitted_on(tmp_path, caplog):
+    caplog.set_level("INFO")
+    fit(load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", "data.synthetic.validation=64"]))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["calibration"]["lines"] == 64
+    assert "the calibration on lines it was not fitted on (5 folds of the validation split):" in caplog.text
+    assert "ECE of p_exact" in caplog.text.split("not fitted on (5 folds")[1]
+
+
 def test_a_run_with_a_small_validation_split_warns_and_stores_none(tmp_path, caplog):
     fit(load_config(TINY, [f"train.output_dir={tmp_path / 'run'}"]))
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["calibration"] == {}

@@ -205,11 +205,12 @@ def test_calibration_fitted_on_the_gpu_and_used_by_predict_and_evaluate(tmp_path
     """The end-of-run calibration (a forward pass on the GPU), predict's calibrated fields and
     evaluate's calibration report with the model on the GPU."""
     run_dir = tmp_path / "run"
-    result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "data.synthetic.validation=60",
+    result = run_tool("tools/train.py", "--cfg", TINY, "train.device=cuda", "data.synthetic.validation=64",
                       f"train.output_dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     best = run_dir / "checkpoints" / "best.pt"
-    assert torch.load(best, weights_only=True)["calibration"]["lines"] == 60
+    assert torch.load(best, weights_only=True)["calibration"]["lines"] == 64
+    assert "the calibration on lines it was not fitted on (5 folds" in result.stderr
     lines = synthetic_folder(tmp_path / "lines", 3)
     read = run_tool("tools/predict.py", "--ckpt", best, lines, "--device", "cuda", "--json", "--summary")
     assert read.returncode == 0, read.stderr
