@@ -5,12 +5,12 @@ all. Two parts, fitted in this order on a labelled split (a run's validation spl
 
 1. **A temperature** `T` on the log-probs: the posteriors become `softmax(log_probs / T)`, `T`
    chosen to minimise the CTC loss of the references (one number; `T > 1` softens).
-2. **A line model** on a few features of each line's calibrated posteriors (`FEATURES`): the
-   probability that the line is read exactly (`p_exact`, a logistic regression) and its expected
-   number of character errors (a Poisson regression, which counts the dropped characters the
-   per-character confidences miss); a collection's estimated CER is the sum of its lines'
-   expected errors over their expected reference length, with an interval from the fitted
-   dispersion of the errors.
+2. **A line model** on a few features of each line's calibrated posteriors (`LINE_MODEL`, each
+   clipped to the range it had on the lines fitted on): the probability that the line is read
+   exactly (`p_exact`, a logistic regression) and its expected number of character errors (a
+   Poisson regression, which counts the dropped characters the per-character confidences miss);
+   a collection's estimated CER is the sum of its lines' expected errors over their expected
+   reference length, with an interval from the fitted dispersion of the errors.
 
 Plain torch; the fitted `Calibration` is a handful of numbers, stored as a dict.
 """
@@ -33,11 +33,15 @@ from crnn.metrics import aligned_hits, char_errors
 MIN_LINES = 50  # labelled lines a fit needs at least
 TEMPERATURE_RANGE = (0.2, 5.0)
 TEMPERATURE_PRECISION = 1e-3  # the search stops when log T is known to this (T to 0.1%)
-# what the line model sees of a line, from its calibrated log-probs and its greedy path
-FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest", "log_p_reading")
+# what `line_features` measures of a line, from its calibrated log-probs and its greedy path
+FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest", "log_p_reading", "log_doubt", "log_missed")
+# what the line model is fitted on: the sums (doubt, missed) as logs, so that a line far beyond the
+# fitted ones is not extrapolated exponentially (docs/calibration.md)
+LINE_MODEL = ("bias", "log_doubt", "log_missed", "entropy", "log_chars", "weakest", "log_p_reading")
 LEGACY_FEATURES = FEATURES[:6]  # what a calibration stored without its feature names was fitted on
 LOG_P_FLOOR = -50.0  # the reading's log-probability is clipped here (a line read very unsurely)
 L2 = 1e-3  # ridge on the line model's weights (not the bias): a stable fit on small splits
+GLM_MAX_ETA = 20.0  # the Poisson model's log-rate is capped here (e^20 errors: never a real line)
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,11 @@ class Calibration:
     temperature: float = 1.0
     exact_weights: tuple[float, ...] = ()  # logistic regression of "read exactly" on `features`
     error_weights: tuple[float, ...] = ()  # Poisson regression of character errors on `features`
-    features: tuple[str, ...] = FEATURES  # the names of the FEATURES the weights apply to, in order
+    features: tuple[str, ...] = LINE_MODEL  # the names of the FEATURES the weights apply to, in order
+    # the range of each of those features on the lines it was fitted on: a line's features are
+    # clipped to it, so that the model never extrapolates (empty: no clipping, older calibrations)
+    feature_low: tuple[float, ...] = ()
+    feature_high: tuple[float, ...] = ()
     dispersion: float = 1.0  # variance / mean of the errors around the Poisson model, on the fit split
     length_ratio: float = 1.0  # reference characters / characters read, on the fit split
     lines: int = 0  # labelled lines it was fitted on
@@ -59,7 +67,7 @@ class Calibration:
 
     def to_dict(self) -> dict:
         state = asdict(self)
-        for name in ("exact_weights", "error_weights", "features"):
+        for name in ("exact_weights", "error_weights", "features", "feature_low", "feature_high"):
             state[name] = list(state[name])
         return state
 
@@ -68,7 +76,7 @@ class Calibration:
         if not state:
             return cls()
         known = {name: state[name] for name in cls.__dataclass_fields__ if name in state}
-        for name in ("exact_weights", "error_weights"):
+        for name in ("exact_weights", "error_weights", "feature_low", "feature_high"):
             known[name] = tuple(float(value) for value in known.get(name, ()))
         known["features"] = tuple(known.get("features", LEGACY_FEATURES))
         unknown = [name for name in known["features"] if name not in FEATURES]
@@ -88,8 +96,11 @@ class Calibration:
         if not self.fitted:
             raise ValueError("this calibration has no line model")
         x = features.double()[:, [FEATURES.index(name) for name in self.features]]
+        if self.feature_low:
+            x = torch.clamp(x, torch.tensor(self.feature_low, dtype=torch.float64),
+                            torch.tensor(self.feature_high, dtype=torch.float64))
         p_exact = torch.sigmoid(x @ torch.tensor(self.exact_weights, dtype=torch.float64))
-        errors = torch.exp((x @ torch.tensor(self.error_weights, dtype=torch.float64)).clamp(max=20.0))
+        errors = torch.exp((x @ torch.tensor(self.error_weights, dtype=torch.float64)).clamp(max=GLM_MAX_ETA))
         return p_exact, errors
 
     def estimate_cer(self, expected_errors: Sequence[float], read_chars: Sequence[int],
@@ -113,9 +124,9 @@ def line_features(log_probs: torch.Tensor) -> torch.Tensor:
     """FEATURES of one line from its calibrated log-probs `(T, C)` (blank = class 0): the sum of one
     minus each read character's posterior (doubt), the non-blank mass of frames read as blank
     (characters it may have dropped), the mean entropy per frame, log(1 + characters read), the
-    logit of the weakest read character's posterior and the log-probability of the greedy reading
-    (CTC's sum over every alignment of it, clipped at LOG_P_FLOOR): the model's own probability
-    that the line reads exactly so."""
+    logit of the weakest read character's posterior, the log-probability of the greedy reading
+    (CTC's sum over every alignment of it, clipped at LOG_P_FLOOR: the model's own probability
+    that the line reads exactly so), and log(1 + doubt), log(1 + missed)."""
     probs = log_probs.double().exp()
     best, labels = probs.max(dim=-1)
     previous = torch.cat([labels.new_full((1,), -1), labels[:-1]])
@@ -127,8 +138,8 @@ def line_features(log_probs: torch.Tensor) -> torch.Tensor:
     weakest = float(confidences.min()) if len(confidences) else 1.0
     weakest = min(max(weakest, 1e-6), 1 - 1e-6)
     return torch.tensor([1.0, doubt, missed, entropy, math.log1p(len(confidences)),
-                         math.log(weakest / (1 - weakest)), reading_log_prob(log_probs, labels[emitted])],
-                        dtype=torch.float64)
+                         math.log(weakest / (1 - weakest)), reading_log_prob(log_probs, labels[emitted]),
+                         math.log1p(doubt), math.log1p(missed)], dtype=torch.float64)
 
 
 def reading_log_prob(log_probs: torch.Tensor, reading: torch.Tensor) -> float:
@@ -177,7 +188,9 @@ def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequenc
 
 def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """Weights of a logistic (kind='logistic', y in {0, 1}) or Poisson (kind='poisson', y counts)
-    regression of `y` on `x` (first column the bias), by Newton's method with a small ridge."""
+    regression of `y` on `x` (first column the bias), by Newton's method with a small ridge, each
+    step halved until the penalised likelihood grows (a plain Newton step overshoots, and diverges,
+    when few lines are positive and a feature all but separates them)."""
     weights = torch.zeros(x.shape[1], dtype=torch.float64)
     if kind == "poisson":
         weights[0] = math.log(max(float(y.mean()), 1e-3))
@@ -186,10 +199,17 @@ def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
         weights[0] = math.log(rate / (1 - rate))
     ridge = torch.full((x.shape[1],), L2 * len(y), dtype=torch.float64)
     ridge[0] = 0.0
-    for _ in range(50):
-        eta = (x @ weights).clamp(-30, 20)
+
+    def objective(w: torch.Tensor) -> float:  # the penalised log-likelihood, up to a constant
+        eta = x @ w
+        fit = y @ eta - (torch.exp(eta.clamp(max=GLM_MAX_ETA)).sum() if kind == "poisson" else F.softplus(eta).sum())
+        return float(fit - 0.5 * (ridge * w * w).sum())
+
+    current = objective(weights)
+    for _ in range(100):
+        eta = x @ weights
         if kind == "poisson":
-            mean = torch.exp(eta)
+            mean = torch.exp(eta.clamp(max=GLM_MAX_ETA))
             variance = mean
         else:
             mean = torch.sigmoid(eta)
@@ -198,7 +218,12 @@ def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
         hessian = (x * variance.unsqueeze(1)).T @ x + torch.diag(ridge) + 1e-9 * torch.eye(x.shape[1],
                                                                                            dtype=torch.float64)
         step = torch.linalg.solve(hessian, gradient)
-        weights = weights + step
+        for _ in range(40):
+            candidate = objective(weights + step)
+            if candidate >= current - 1e-12:
+                break
+            step = step / 2
+        weights, current = weights + step, max(candidate, current)
         if float(step.abs().max()) < 1e-8:
             break
     return weights
@@ -212,11 +237,12 @@ def standardised(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_chars: Sequence[int],
-                   read_chars: Sequence[int], names: Sequence[str] = FEATURES) -> dict:
+                   read_chars: Sequence[int], names: Sequence[str] = LINE_MODEL) -> dict:
     """The line model's fields of a `Calibration` from labelled lines: their FEATURES `(N, F)`, the
     character errors of each reading, and the characters of each reference and each reading; the
     model sees the features `names` (the bias first)."""
-    x, mean, scale = standardised(features.double()[:, [FEATURES.index(name) for name in names]])
+    chosen = features.double()[:, [FEATURES.index(name) for name in names]]
+    x, mean, scale = standardised(chosen)
     y_errors = torch.tensor(list(errors), dtype=torch.float64)
     exact = _fit_glm(x, (y_errors == 0).double(), "logistic")
     poisson = _fit_glm(x, y_errors, "poisson")
@@ -226,10 +252,12 @@ def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_char
         raw[0] = weights[0] - float((weights[1:] * mean[1:] / scale[1:]).sum())
         return tuple(float(w) for w in raw)
 
-    predicted = torch.exp((x @ poisson).clamp(max=20.0))
+    predicted = torch.exp((x @ poisson).clamp(max=GLM_MAX_ETA))
     dispersion = float(((y_errors - predicted) ** 2 / predicted.clamp(min=1e-6)).sum()) / max(
         len(y_errors) - x.shape[1], 1)
     return {"exact_weights": unscaled(exact), "error_weights": unscaled(poisson), "features": tuple(names),
+            "feature_low": tuple(chosen.min(dim=0).values.tolist()),
+            "feature_high": tuple(chosen.max(dim=0).values.tolist()),
             "dispersion": dispersion, "length_ratio": sum(reference_chars) / max(sum(read_chars), 1)}
 
 
@@ -246,7 +274,7 @@ def read_greedily(calibration: Calibration, log_probs: torch.Tensor, vocab: Voca
 
 
 def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab,
-                    where: str, features: Sequence[str] = FEATURES) -> Calibration:
+                    where: str, features: Sequence[str] = LINE_MODEL) -> Calibration:
     """The temperature, then the line model (on the `features` named), on labelled lines (each
     line's raw log-probs `(T_i, C)` and its reference); DataError naming `where` with fewer than
     MIN_LINES lines."""
@@ -403,7 +431,7 @@ def measured(judged: dict[str, list], references: Sequence[str], hypotheses: Seq
 
 
 def cross_fitted_report(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab, folds: int,
-                        where: str, features: Sequence[str] = FEATURES, bins: int = 10) -> dict:
+                        where: str, features: Sequence[str] = LINE_MODEL, bins: int = 10) -> dict:
     """How well a calibration fitted on labelled lines like these holds on lines it was not fitted
     on, measured on all of them: the lines (raw log-probs `(T_i, C)`, references) cut into `folds`
     contiguous blocks (rows of a page stay together), each block read by the calibration fitted

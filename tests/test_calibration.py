@@ -10,6 +10,7 @@ from PIL import Image
 from crnn.calibration import (
     FEATURES,
     LEGACY_FEATURES,
+    LINE_MODEL,
     LOG_P_FLOOR,
     MIN_LINES,
     TEMPERATURE_RANGE,
@@ -62,9 +63,11 @@ def test_the_line_model_recovers_known_weights():
     generator = torch.Generator().manual_seed(0)
     count = 4000
     features = torch.cat([torch.ones(count, 1), torch.rand(count, len(FEATURES) - 1, generator=generator)], dim=1)
+    columns = [FEATURES.index(name) for name in LINE_MODEL]
     true_errors = torch.tensor([-1.0, 2.0, 1.0, 0.0, 0.5, -0.5, 0.3], dtype=torch.float64)
-    errors = torch.poisson(torch.exp(features.double() @ true_errors), generator=generator).long().tolist()
+    errors = torch.poisson(torch.exp(features[:, columns].double() @ true_errors), generator=generator).long().tolist()
     fitted = fit_line_model(features, errors, reference_chars=[20] * count, read_chars=[19] * count)
+    assert fitted["features"] == LINE_MODEL
     assert torch.allclose(torch.tensor(fitted["error_weights"], dtype=torch.float64), true_errors, atol=0.25)
     assert fitted["length_ratio"] == pytest.approx(20 / 19)
     assert fitted["dispersion"] == pytest.approx(1.0, abs=0.15)  # Poisson data: no overdispersion
@@ -76,6 +79,27 @@ def test_the_line_model_recovers_known_weights():
     true_cer = sum(errors) / (20 * count)
     assert low < true_cer < high and cer == pytest.approx(true_cer, rel=0.05)
     assert Calibration.from_dict(calibration.to_dict()) == calibration
+
+    # a line far outside the fitted range (features in [0, 1]) is read as one at its edge
+    beyond, edge = features[:1].clone(), features[:1].clone()
+    beyond[0, columns[1]], edge[0, columns[1]] = 40.0, max(calibration.feature_high[1], 0.0)
+    assert torch.allclose(torch.cat(calibration.line_estimates(beyond)), torch.cat(calibration.line_estimates(edge)))
+    assert calibration.feature_high[1] == pytest.approx(float(features[:, columns[1]].max()))
+
+
+def test_a_fit_with_few_exact_lines_nearly_separated_converges():
+    # 12 exact lines out of 250, told apart by one feature almost perfectly: a plain Newton step
+    # overshoots there; the fit must stay finite and keep the rate of exact lines on its data
+    generator = torch.Generator().manual_seed(2)
+    features = torch.cat([torch.ones(250, 1), torch.rand(250, len(FEATURES) - 1, generator=generator)], dim=1)
+    column = FEATURES.index(LINE_MODEL[1])
+    errors = [0 if i < 12 else 3 for i in range(250)]
+    features[:12, column] = 0.01 * torch.rand(12, generator=generator)
+    features[12:, column] += 0.02
+    calibration = Calibration(**fit_line_model(features, errors, [20] * 250, [20] * 250), lines=250)
+    assert all(math.isfinite(w) and abs(w) < 1e4 for w in calibration.exact_weights)
+    p_exact, _ = calibration.line_estimates(features)
+    assert float(p_exact.mean()) == pytest.approx(12 / 250, abs=0.01)
 
 
 def test_features_of_a_line():
@@ -111,9 +135,11 @@ def test_a_calibration_stored_before_the_reading_feature_still_reads_its_feature
                            dtype=torch.float64)), generator=generator).long().tolist()
     legacy = fit_line_model(features, errors, [20] * 300, [20] * 300, names=LEGACY_FEATURES)
     state = Calibration(**legacy, lines=300).to_dict()
-    del state["features"]  # as a checkpoint written before the reading's log-probability was a feature
+    for name in ("features", "feature_low", "feature_high"):  # as a checkpoint written before these were stored
+        del state[name]
     calibration = Calibration.from_dict(state)
     assert calibration.features == LEGACY_FEATURES and len(calibration.error_weights) == 6
+    assert calibration.feature_low == ()  # nothing to clip to: used as fitted
     p_exact, expected = calibration.line_estimates(features)
     weights = torch.tensor(calibration.error_weights, dtype=torch.float64)
     assert torch.allclose(expected, torch.exp(features[:, :6].double() @ weights))
@@ -154,7 +180,7 @@ def test_a_run_fits_its_calibration_which_survives_export_and_reload(calibrated_
     best = calibrated_checkpoint
     stored = load_checkpoint(best)["calibration"]
     assert stored["lines"] == 60 and TEMPERATURE_RANGE[0] < stored["temperature"] < TEMPERATURE_RANGE[1]
-    assert len(stored["error_weights"]) == len(stored["exact_weights"]) == len(FEATURES)
+    assert len(stored["error_weights"]) == len(stored["exact_weights"]) == len(LINE_MODEL)
     trained = load_trained_model(best, device="cpu")
     assert trained.calibration == Calibration.from_dict(stored) and trained.calibration.fitted
     bundle = tmp_path / "bundle"
