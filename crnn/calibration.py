@@ -403,7 +403,8 @@ def calibration_report(probe: CalibrationProbe, references: Sequence[str], hypot
     """How well `probe`'s calibration holds on these labelled lines: ECE of p_exact and of the
     character confidences, the estimated against the true CER, the AUROC of finding the lines
     with errors (by 1 - p_exact), the share of the errors in the 20% of lines with the most
-    expected errors, and the reliability bins of both."""
+    expected errors (and in the 20% with the most errors: what a perfect order would find), and
+    the reliability bins of both."""
     return measured(probe.judgements(hypotheses), references, hypotheses, bins)
 
 
@@ -425,6 +426,7 @@ def measured(judged: dict[str, list], references: Sequence[str], hypotheses: Seq
         "ece_characters": expected_calibration_error(char_p, char_hit, bins),
         "auroc_lines_with_errors": auroc([1 - p for p in p_exact], [not e for e in exact]),
         "errors_in_least_confident_20pct": errors_in_least_confident(expected, errors),
+        "errors_in_most_errors_20pct": errors_in_least_confident(errors, errors),  # a perfect order's share
         "reliability_p_exact": reliability(p_exact, exact, bins),
         "reliability_characters": reliability(char_p, char_hit, bins),
     }
@@ -467,7 +469,8 @@ def describe_report(report: dict) -> list[str]:
             f"{report['true_cer']:.2%} ({report['estimate_relative_error']:+.1%} relative)",
             f"  ECE of p_exact {report['ece_p_exact']:.4f}, of the character confidences {report['ece_characters']:.4f}",
             f"  AUROC of finding the lines with errors {report['auroc_lines_with_errors']:.3f}; the 20% of lines with "
-            f"the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} of the errors"]
+            f"the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} of the errors (the 20% "
+            f"with the most errors: {report['errors_in_most_errors_20pct']:.1%})"]
 
 
 def reliability_diagram(curves: dict[str, list[dict]], size: int = 360) -> Image.Image:

@@ -157,6 +157,7 @@ def test_cross_fitting_measures_every_line_out_of_fold():
     assert all(t == pytest.approx(2.0, rel=0.15) for t in report["temperatures"])  # each fit finds the sharpening
     assert 0.0 <= report["ece_p_exact"] < 0.1 and 0.5 < report["auroc_lines_with_errors"] <= 1.0
     assert abs(report["estimate_relative_error"]) < 0.25
+    assert report["errors_in_least_confident_20pct"] <= report["errors_in_most_errors_20pct"] <= 1.0
     with pytest.raises(DataError, match=f"validation: 60 labelled line\\(s\\) in 3 folds leave 40 line\\(s\\) .* "
                                         f"at least {MIN_LINES}"):
         cross_fitted_report(log_probs[:60], references[:60], vocab, 3, "validation")
