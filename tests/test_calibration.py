@@ -1,5 +1,6 @@
 """crnn/calibration.py: the fits recover what generated the data; the measures of calibration."""
 
+import itertools
 import json
 import math
 
@@ -119,7 +120,7 @@ def test_the_log_probability_of_a_reading():
     # every reading of these frames, summed over: the probabilities of all readings add up to one
     total = 0.0
     for length in range(0, 4):
-        for reading in __import__("itertools").product(range(1, 5), repeat=length):
+        for reading in itertools.product(range(1, 5), repeat=length):
             total += math.exp(reading_log_prob(log_probs, torch.tensor(reading, dtype=torch.long)))
     assert 0.0 < total < 1.0  # readings of up to 3 characters hold part of the mass
     assert reading_log_prob(log_probs[:2], torch.tensor([1, 1, 1])) == LOG_P_FLOOR  # no room for 3 characters
