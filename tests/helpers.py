@@ -3,11 +3,14 @@ draw or render themselves, running the tools in a fresh Python, reading a run's 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,9 +30,63 @@ STRONG = AugmentConfig(prob=0.8, shear=0.4, rotation=1.5, scale=0.2, distortion=
 
 def run_tool(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     """`python *args` from the repository root (e.g. "tools/train.py", "--cfg", TINY), output captured
-    as text; `env` is laid over this process's environment."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    as text; `env` is laid over this process's environment. A script in tools/ runs in a child of
+    tests/tool_server.py (a Python with torch and crnn already imported: each call saves their 2-4 s
+    of imports); anything else ("-m", "-c"), or every call when CRNN_TEST_FRESH_PYTHON=1, in a fresh
+    Python."""
+    command, env = [sys.executable, *map(str, args)], {**os.environ, **(env or {})}
+    if os.environ.get("CRNN_TEST_FRESH_PYTHON") != "1" and (REPO / command[1]).resolve().parent == REPO / "tools":
+        return ToolServer.shared().run(command, env, timeout)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class ToolServer:
+    """The one tests/tool_server.py of this test session, started at its first call."""
+
+    _shared: ToolServer | None = None
+
+    @classmethod
+    def shared(cls) -> ToolServer:
+        if cls._shared is None or cls._shared.process.poll() is not None:
+            cls._shared = cls()
+        return cls._shared
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="crnn-tools-"))
+        with open(self.folder / "server.log", "w") as log:
+            self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "tool_server.py")], cwd=REPO,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.calls = 0
+        atexit.register(self.close)
+
+    def run(self, command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        self.calls += 1
+        out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
+        request = {"argv": command[1:], "env": env, "cwd": str(REPO), "stdout": str(out), "stderr": str(err),
+                   "timeout": timeout}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"tests/tool_server.py ended: {(self.folder / 'server.log').read_text()[-3000:]}")
+        answer = json.loads(answer)
+        stdout, stderr = (self.text(path) for path in (out, err))
+        if answer.get("timed_out"):
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
+
+    @staticmethod
+    def text(path: Path) -> str:
+        """A captured stream as `subprocess.run(text=True)` gives it (universal newlines)."""
+        text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+        path.unlink()
+        return text
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def torchrun(script, *args, procs=2) -> subprocess.CompletedProcess:
