@@ -45,6 +45,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 LM_SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
 LM_BACKENDS = ("kenlm", "python")
 INIT_VOCABS = ("union", "new", "keep")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -186,6 +187,9 @@ class TrainConfig:
     # linear multiplies it by N, sqrt by sqrt(N)
     lr_scaling: str = _choice("none", LR_SCALINGS)
     weight_decay: float = _non_negative(5e-5)
+    # adamw, or muon: Muon on the hidden weight matrices (the encoder's convolutions after the stem,
+    # the BiLSTM's), AdamW on the rest, at the same LR and weight decay (crnn.optim.MuonAdamW)
+    optimizer: str = _choice("adamw", OPTIMIZERS)
     warmup_steps: int = _non_negative(500)
     schedule: str = _choice("cosine", SCHEDULES)
     min_lr_ratio: float = _fraction(0.02)

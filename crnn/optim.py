@@ -1,6 +1,6 @@
-"""AdamW and the learning-rate schedule: linear warmup, then cosine decay, as a pure function of
-the step and of the step where the decay ends (`Horizon`), so that resuming at step s gives
-exactly the LR of step s."""
+"""The optimizer (AdamW, or Muon on the hidden weight matrices) and the learning-rate schedule:
+linear warmup, then cosine decay, as a pure function of the step and of the step where the decay
+ends (`Horizon`), so that resuming at step s gives exactly the LR of step s."""
 
 from __future__ import annotations
 
@@ -31,17 +31,103 @@ def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
-                    world_size: int = 1) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases and norm weights (1-D parameters). With
+                    world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norm weights (1-D parameters); with
+    `train.optimizer=muon`, `MuonAdamW`, Muon taking `hidden_matrices`. With
     `train.freeze_encoder_steps`, the encoder's parameters get groups of their own (`"encoder":
     True`), which the schedule holds at a learning rate of 0 while the encoder is frozen."""
     encoder = {id(p) for p in model.encoder.parameters()} if cfg.freeze_encoder_steps else set()
+    muon = hidden_matrices(model) if cfg.optimizer == "muon" else {}
     groups = []
     for is_encoder in ([False, True] if encoder else [False]):  # the rest first: its LR is the one logged
         chosen = [p for p in model.parameters() if p.requires_grad and (id(p) in encoder) == is_encoder]
-        groups += [{"params": [p for p in chosen if p.ndim > 1], "weight_decay": cfg.weight_decay, "encoder": is_encoder},
+        for blocks in sorted(set(muon.values())):
+            groups.append({"params": [p for p in chosen if muon.get(id(p)) == blocks], "weight_decay": cfg.weight_decay,
+                           "encoder": is_encoder, "muon": True, "row_blocks": blocks})
+        groups += [{"params": [p for p in chosen if p.ndim > 1 and id(p) not in muon], "weight_decay": cfg.weight_decay,
+                    "encoder": is_encoder},
                    {"params": [p for p in chosen if p.ndim <= 1], "weight_decay": 0.0, "encoder": is_encoder}]
+    if muon:
+        return MuonAdamW(groups, lr=scaled_lr(cfg, world_size))
     return torch.optim.AdamW(groups, lr=scaled_lr(cfg, world_size), fused=device.type == "cuda")
+
+
+def hidden_matrices(model: nn.Module) -> dict[int, int]:
+    """What Muon takes in a model, as {id: row blocks}: every weight of 2 or more dimensions but the
+    first (the stem's convolution, which reads the pixels) and those whose rows are the classes (the
+    model's CLASS_ROWS: the CTC heads' outputs), as Muon is meant for hidden layers. An LSTM's
+    weight stacks its four gates' matrices: 4 row blocks, each orthogonalised on its own; 1 for the
+    rest."""
+    named = [(name, p) for name, p in model.named_parameters() if p.ndim > 1]
+    outputs = set(getattr(model, "CLASS_ROWS", ()))
+    gates = {id(p) for module in model.modules() if isinstance(module, nn.LSTM) for p in module.parameters()}
+    return {id(p): 4 if id(p) in gates else 1 for name, p in named[1:] if name not in outputs}
+
+
+def orthogonalised(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """`update` (a matrix, or a batch of them `(..., m, n)`) with its singular values pushed towards
+    1 by `steps` quintic Newton-Schulz iterations (Jordan et al. 2024: coefficients that converge
+    fast, to values in about [0.7, 1.2]), in float32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    wide = x.shape[-2] <= x.shape[-1]
+    if not wide:
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the param groups marked `"muon": True`, AdamW on the others, as one optimizer (one
+    state dict, one schedule, one GradScaler). Muon (Jordan et al. 2024): a Nesterov momentum of the
+    gradient, orthogonalised (`orthogonalised`; a convolution's weight as its out-channels x
+    (in-channels x kernel) matrix) and scaled by 0.2 sqrt(max(rows, columns)), which gives it an
+    AdamW update's RMS (Liu et al. 2025, "Muon is scalable"): the LR and weight decay tuned for
+    AdamW apply as they are. A group's `"row_blocks": k` orthogonalises k blocks of rows apart (an
+    LSTM's four gates). Weight decay is decoupled (multiplies the weights by 1 - lr * decay)."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "momentum": momentum,
+                                  "ns_steps": ns_steps, "muon": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    (self._muon if group["muon"] else self._adamw)(p, group)
+        return loss
+
+    def _muon(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        momentum, blocks = group["momentum"], group.get("row_blocks", 1)
+        state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(state["momentum_buffer"], momentum).reshape(blocks, len(p) // blocks, -1)  # Nesterov
+        scale = 0.2 * math.sqrt(max(update.shape[1:]))
+        p.add_(orthogonalised(update, group["ns_steps"]).view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
 
 
 @dataclass

@@ -223,6 +223,9 @@ def restore(checkpoint: TrainingCheckpoint, cfg: Config, model: nn.Module, setup
     if saved.model != cfg.model:
         changed = [k for k, v in vars(cfg.model).items() if getattr(saved.model, k) != v]
         raise CheckpointError(f"cannot resume: the checkpoint's model differs in model.{', model.'.join(changed)}")
+    if saved.train.optimizer != cfg.train.optimizer:
+        raise CheckpointError(f"cannot resume: the checkpoint was trained with train.optimizer={saved.train.optimizer}, "
+                              f"this run asks for train.optimizer={cfg.train.optimizer}")
     unwrap(model).load_state_dict(checkpoint.training_weights or checkpoint.model)
     if setup.ema is not None:  # from a checkpoint without an average, it starts from the loaded weights
         setup.ema.load_state_dict(checkpoint.model, checkpoint.ema_updates if checkpoint.training_weights else 0)

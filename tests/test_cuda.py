@@ -70,11 +70,12 @@ def test_span_masking_on_the_gpu_masks_inside_each_line():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_twenty_steps_on_varying_widths(amp, tmp_path):
+def test_twenty_steps_on_varying_widths(amp, optimizer, tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 40)
     cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4", f"train.amp={amp}",
-                             "train.device=cuda"])
+                             "train.device=cuda", f"train.optimizer={optimizer}"])
     records = load_records(cfg.data, "train")
     vocab = Vocab.from_texts(records.texts)
     model = build_model(cfg.model, len(vocab)).to(CUDA)

@@ -13,10 +13,10 @@ from tests.helpers import TINY, read_metrics, run_tool, torchrun
 COMMON = ["data.synthetic.train=40", "data.synthetic.validation=20", "data.batch_size=4", "train.epochs=1"]
 
 
-@pytest.fixture(scope="module", params=[[], ["train.ema=0.9"]], ids=["plain", "ema"])
+@pytest.fixture(scope="module", params=[[], ["train.ema=0.9", "train.optimizer=muon"]], ids=["plain", "ema-muon"])
 def ddp_run(tmp_path_factory, request):
-    """One 2-process run of the tiny config (with and without a weight EMA); every rank dumps its
-    weights, their average and its shard."""
+    """One 2-process run of the tiny config (AdamW; and with a weight EMA and Muon); every rank dumps
+    its weights, their average and its shard."""
     out = tmp_path_factory.mktemp("ddp")
     torchrun("tests/distributed_worker.py", out, TINY, *COMMON, *request.param, f"train.output_dir={out / 'run'}")
     return out

@@ -103,10 +103,11 @@ def test_new_and_keep_alphabets(start, new_hand, tmp_path):
     assert dataset[(3, None)].image is None  # nothing left of it to learn: the line is left out
 
 
-def test_the_frozen_encoder_does_not_move_then_does(start, new_hand, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_frozen_encoder_does_not_move_then_does(start, new_hand, tmp_path, optimizer):
     lines, _, _ = new_hand
     run = finetune_run(start, lines, tmp_path, "train.freeze_encoder_steps=3", "data.batch_size=2",
-                       "train.warmup_steps=0")
+                       "train.warmup_steps=0", f"train.optimizer={optimizer}")
     encoder = {name: tensor.clone() for name, tensor in run.model.encoder.state_dict().items()}
     head = run.model.head.classifier.weight.clone()
     run.train_loader.batch_sampler.set_epoch(1)
