@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.optim.adamw import adamw
 
 from crnn.config import TrainConfig
 
@@ -101,10 +102,13 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                for p in params:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    (self._muon if group["muon"] else self._adamw)(p, group)
+                    self._muon(p, group)
+            elif params:
+                self._adamw(params, group)
         return loss
 
     def _muon(self, p: torch.Tensor, group: dict) -> None:
@@ -117,17 +121,16 @@ class MuonAdamW(torch.optim.Optimizer):
         scale = 0.2 * math.sqrt(max(update.shape[1:]))
         p.add_(orthogonalised(update, group["ns_steps"]).view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
 
-    def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        state["step"] += 1
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's own AdamW step (`torch.optim.adamw.adamw`, batched over the group on a GPU)."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+              [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 @dataclass

@@ -51,9 +51,9 @@ def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path):
         assert val_loss == pytest.approx(pinned_val, rel=1e-5) and train_loss == pytest.approx(pinned_train, rel=1e-5)
 
 
-@pytest.mark.parametrize("ema", [[], ["train.ema=0.9"], ["train.optimizer=muon"]], ids=["plain", "ema", "muon"])
-def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, ema):
-    common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8", *ema]
+@pytest.mark.parametrize("variant", [[], ["train.ema=0.9"], ["train.optimizer=muon"]], ids=["plain", "ema", "muon"])
+def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, variant):
+    common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8", *variant]
     fit(load_config(TINY, [*common, f"train.output_dir={tmp_path / 'unbroken'}"]))
     fit(load_config(TINY, [*common, "train.epochs=1", f"train.output_dir={tmp_path / 'broken'}"]))
     fit(load_config(TINY, [*common, "train.resume=auto", f"train.output_dir={tmp_path / 'broken'}"]))
@@ -65,9 +65,9 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, ema):
     state_b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")
     for key in ("model", "training_weights"):  # with EMA: the average and the weights it follows
         weights_a, weights_b = state_a[key], state_b[key]
-        assert weights_a.keys() == weights_b.keys() and bool(weights_a) == (key == "model" or "train.ema=0.9" in ema)
+        assert weights_a.keys() == weights_b.keys() and bool(weights_a) == (key == "model" or "train.ema=0.9" in variant)
         assert all(torch.allclose(weights_a[k].float(), weights_b[k].float(), atol=1e-6) for k in weights_a)
-    assert state_a["ema_updates"] == state_b["ema_updates"] == (6 if "train.ema=0.9" in ema else 0)
+    assert state_a["ema_updates"] == state_b["ema_updates"] == (6 if "train.ema=0.9" in variant else 0)
 
 
 def test_ema_is_the_model_the_run_validates_and_saves(tmp_path):
