@@ -465,12 +465,23 @@ def cross_fitted_report(log_probs: Sequence[torch.Tensor], references: Sequence[
 def describe_report(report: dict) -> list[str]:
     """`calibration_report`'s measures as lines of text."""
     low, high = report["interval"]
+    relative = report["estimate_relative_error"]
+    relative = "no error to compare with" if math.isnan(relative) else f"{relative:+.1%} relative"
+    auroc_value = report["auroc_lines_with_errors"]
+    if math.isnan(auroc_value):  # one class only: every line read exactly, or none
+        exact = "every line was read exactly" if report["true_cer"] == 0 else "no line was read exactly"
+        finding = f"AUROC of finding the lines with errors undefined ({exact})"
+    else:
+        finding = f"AUROC of finding the lines with errors {auroc_value:.3f}"
+    if report["true_cer"] == 0:
+        review = "no error for a review order to find"
+    else:
+        review = (f"the 20% of lines with the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} "
+                  f"of the errors (the 20% with the most errors: {report['errors_in_most_errors_20pct']:.1%})")
     return [f"  estimated CER {report['estimated_cer']:.2%} ({low:.2%} to {high:.2%}) against the true "
-            f"{report['true_cer']:.2%} ({report['estimate_relative_error']:+.1%} relative)",
+            f"{report['true_cer']:.2%} ({relative})",
             f"  ECE of p_exact {report['ece_p_exact']:.4f}, of the character confidences {report['ece_characters']:.4f}",
-            f"  AUROC of finding the lines with errors {report['auroc_lines_with_errors']:.3f}; the 20% of lines with "
-            f"the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} of the errors (the 20% "
-            f"with the most errors: {report['errors_in_most_errors_20pct']:.1%})"]
+            f"  {finding}; {review}"]
 
 
 def reliability_diagram(curves: dict[str, list[dict]], size: int = 360) -> Image.Image:

@@ -19,11 +19,13 @@ from crnn.calibration import (
     auroc,
     check_enough,
     cross_fitted_report,
+    describe_report,
     errors_in_least_confident,
     expected_calibration_error,
     fit_line_model,
     fit_temperature,
     line_features,
+    measured,
     reading_log_prob,
 )
 from crnn.checkpoint import load_checkpoint
@@ -171,6 +173,28 @@ def test_measures_of_calibration():
     assert auroc([0.5, 0.5], [False, True]) == 0.5
     # the most doubtful fifth of 10 lines (2 lines) holds 6 of the 8 errors
     assert errors_in_least_confident(list(range(10)), [0] * 7 + [2, 2, 4]) == pytest.approx(6 / 8)
+
+
+def judged(p_exact, hypotheses):
+    """`CalibrationProbe.judgements`' fields for these readings, each with its p_exact."""
+    return {"p_exact": p_exact, "expected_errors": [4 * (1 - p) for p in p_exact], "expected_reference": [4.0] * len(p_exact),
+            "dispersion": [1.0] * len(p_exact), "confidences": [[p] * len(h) for p, h in zip(p_exact, hypotheses, strict=True)]}
+
+
+def test_the_report_of_lines_all_read_exactly_or_all_wrong_says_why_a_measure_is_undefined():
+    perfect = describe_report(measured(judged([0.9, 0.8, 0.7], ["abcd"] * 3), ["abcd"] * 3, ["abcd"] * 3))
+    assert "nan" not in "\n".join(perfect)
+    assert "(no error to compare with)" in perfect[0]
+    assert perfect[2] == ("  AUROC of finding the lines with errors undefined (every line was read exactly); "
+                          "no error for a review order to find")
+    wrong = describe_report(measured(judged([0.2, 0.1, 0.3], ["abce", "xbcd", "ab"]), ["abcd"] * 3,
+                                          ["abce", "xbcd", "ab"]))
+    assert "nan" not in "\n".join(wrong)
+    assert wrong[2].startswith("  AUROC of finding the lines with errors undefined (no line was read exactly); "
+                               "the 20% of lines with the most expected errors hold 25.0% of the errors "
+                               "(the 20% with the most errors: 50.0%)")
+    mixed = describe_report(measured(judged([0.9, 0.1], ["abcd", "ab"]), ["abcd"] * 2, ["abcd", "ab"]))
+    assert mixed[2].startswith("  AUROC of finding the lines with errors 1.000; ")
 
 
 def test_too_few_lines_name_the_minimum():
