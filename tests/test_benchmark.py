@@ -106,22 +106,23 @@ def test_budget_run_paused_by_the_deadline_continues_where_it_stopped(tmp_path, 
     data = ["data.source=folder", f"data.train={lines}", f"data.validation={lines}"]
     runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "tiny"
     monkeypatch.setattr(benchmark, "_in_fresh_process", in_this_process)  # so that the patches below reach it
-    monkeypatch.setattr(benchmark, "calibrate_steps_per_second", lambda cfg: 0.8)  # 0.25 min -> 12 steps
+    # 2 minutes -> 12 steps: the minutes do not bind on a loaded machine, the planned steps do
+    monkeypatch.setattr(benchmark, "calibrate_steps_per_second", lambda cfg: 0.1)
     monkeypatch.setattr(benchmark, "minutes_left", lambda deadline: 1e-6)  # the deadline falls in step 1
-    paused = budget_row(str(TINY), data, 0.25, runs, deadline=time.time() + 3600)
+    paused = budget_row(str(TINY), data, 2.0, runs, deadline=time.time() + 3600)
     assert (paused["status"], paused["steps"], paused["planned_steps"]) == ("paused", 1, 12)
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 1
     assert json.loads((run_dir / "budget.json").read_text())["steps"] == 12
     monkeypatch.undo()
     monkeypatch.setattr(benchmark, "_in_fresh_process", in_this_process)
     monkeypatch.setattr(benchmark, "calibrate_steps_per_second", lambda cfg: pytest.fail("calibrated again"))
-    done = budget_row(str(TINY), data, 0.25, runs)  # no deadline: runs to the planned steps
+    done = budget_row(str(TINY), data, 2.0, runs)  # no deadline: runs to the planned steps
     assert (done["status"], done["steps"], done["planned_steps"], done["epochs"]) == ("done", 12, 12, 6)
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert min(m["val_cer"] for m in read_metrics(run_dir)) == done["best_val_cer"]
     monkeypatch.setattr(benchmark, "fit", lambda cfg: pytest.fail("trained again"))
-    assert budget_row(str(TINY), data, 0.25, runs) == done  # a finished config is read back
-    with pytest.raises(CrnnError, match=r"holds a budget run of 0.25 minutes .* not 0.5 minutes"):
+    assert budget_row(str(TINY), data, 2.0, runs) == done  # a finished config is read back
+    with pytest.raises(CrnnError, match=r"holds a budget run of 2 minutes .* not 0.5 minutes"):
         budget_row(str(TINY), data, 0.5, runs)
     late = budget_row(str(TINY), data, 0.5, tmp_path / "other", deadline=time.time() - 1)
     assert late == {"config": "tiny", "minutes": 0.5, "status": "not started"}
