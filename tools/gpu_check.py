@@ -12,6 +12,8 @@ Steps, each in a fresh process, in this order (`--skip tests,loop,referee` leave
 - tests:   python -m pytest tests/test_cuda.py (every CUDA path) -> cuda_tests.log, cuda_tests.xml
 - loop:    tools/benchmark.py --loop on --data at height 128, one whole untimed epoch first, for
            each config -> loop.json, loop.log (loop and model lines/s, data wait, padding, shapes)
+- muon:    the same loop for the first config with train.optimizer=muon -> loop_muon.json,
+           loop_muon.log: what Muon's orthogonalisation costs a GPU step, against loop.json's AdamW
 - referee: tools/benchmark.py --budget-minutes on --data at height 128, each config trained for
            --referee-minutes in its own process -> referee.json, referee.log (val CER/WER, epochs)
 Also environment.txt (GPU, driver, versions) and summary.json (each step's command, exit code and
@@ -39,7 +41,7 @@ from crnn.errors import CrnnError, tool_main
 from crnn.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "loop", "referee")
+STEPS = ("tests", "loop", "muon", "referee")
 CONFIGS = "experiments/base.yaml,experiments/candidates/frames16.yaml"
 HEIGHT_128 = ["data.height=128", "data.num_workers=12"]
 
@@ -48,10 +50,12 @@ def step_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     """The command of each step that runs, by name (see the module docstring)."""
     out, python = args.out, sys.executable
     configs = [part for cfg in args.configs.split(",") if cfg.strip() for part in ("--cfg", cfg.strip())]
+    loop = ["--device", "cuda", "--loop", "--steps", "100", "--warmup", "10", "--warm-epoch", "--data", args.data]
     commands = {
         "tests": [python, "-m", "pytest", "-q", "tests/test_cuda.py", f"--junitxml={out / 'cuda_tests.xml'}"],
-        "loop": [python, "tools/benchmark.py", *configs, "--device", "cuda", "--loop", "--steps", "100",
-                 "--warmup", "10", "--warm-epoch", "--data", args.data, "--json", str(out / "loop.json"), *HEIGHT_128],
+        "loop": [python, "tools/benchmark.py", *configs, *loop, "--json", str(out / "loop.json"), *HEIGHT_128],
+        "muon": [python, "tools/benchmark.py", *configs[:2], *loop, "--json", str(out / "loop_muon.json"), *HEIGHT_128,
+                 "train.optimizer=muon"],
         "referee": [python, "tools/benchmark.py", *configs, "--budget-minutes", f"{args.referee_minutes:g}",
                     "--data", args.data, "--output", str(out / "referee_runs"), "--json", str(out / "referee.json"),
                     *HEIGHT_128],
@@ -88,7 +92,7 @@ def run_steps(commands: dict[str, list[str]], out: Path, env: dict[str, str]) ->
     """Run each step with its output in <out>/<step>.log; what each did, for summary.json."""
     summary = {}
     for name, command in commands.items():
-        log = out / ("cuda_tests.log" if name == "tests" else f"{name}.log")
+        log = out / {"tests": "cuda_tests.log", "muon": "loop_muon.log"}.get(name, f"{name}.log")
         print(f"{name}: {' '.join(command)}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         with open(log, "w", encoding="utf-8") as stream:
