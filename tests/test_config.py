@@ -85,12 +85,12 @@ def test_config_is_deeply_frozen_hashable_and_round_trips_through_yaml(tmp_path)
     cfg = load_config(REPO / "experiments" / "base.yaml")
     assert hash(cfg) == hash(load_config(REPO / "experiments" / "base.yaml"))
     assert hash(cfg) != hash(load_config(REPO / "experiments" / "base.yaml", ["model.channels=[8,16,32]"]))
-    assert cfg.model.strides == ((2, 2), (2, 2), (2, 2)) and isinstance(cfg.model.channels, tuple)
+    assert cfg.model.strides == ((1, 2), (2, 2), (2, 2)) and isinstance(cfg.model.channels, tuple)
     assert {cfg: "a dict key"}[load_config(REPO / "experiments" / "base.yaml")] == "a dict key"
     saved = tmp_path / "config.yaml"
     saved.write_text(config_yaml(cfg), encoding="utf-8")
     assert load_config(saved) == cfg
-    assert cfg.to_dict()["model"]["strides"] == [[2, 2], [2, 2], [2, 2]]  # plain lists in files
+    assert cfg.to_dict()["model"]["strides"] == [[1, 2], [2, 2], [2, 2]]  # plain lists in files
 
 
 @pytest.mark.parametrize("override,message", [

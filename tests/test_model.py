@@ -73,7 +73,7 @@ def test_every_shipped_recipe_loads_builds_and_reads_a_line(path):
     assert output.log_probs.shape[1:] == (1, 20) and output.lengths.tolist() == [output.log_probs.shape[0]]
 
 
-@pytest.mark.parametrize("name, pixels_per_frame", [("base", 16), ("candidates/frames16", 16),
+@pytest.mark.parametrize("name, pixels_per_frame", [("base", 16), ("candidates/strided", 16),
                                                     ("candidates/frames8", 8), ("candidates/frames8_lite", 8)])
 def test_the_gpu_recipes_have_the_frame_width_they_state(name, pixels_per_frame):
     cfg = load_config(REPO / "experiments" / f"{name}.yaml")

@@ -36,7 +36,7 @@ def test_gpu_check_runs_every_gpu_step_or_says_why_not(tmp_path):
     steps = dict(line.split("\t", 1) for line in listed.stdout.strip().splitlines())
     assert list(steps) == ["tests", "loop", "muon", "referee"]
     assert "tests/test_cuda.py" in steps["tests"]
-    assert "--loop" in steps["loop"] and "--cfg experiments/candidates/frames16.yaml" in steps["loop"]
+    assert "--loop" in steps["loop"] and "--cfg experiments/candidates/strided.yaml" in steps["loop"]
     assert steps["muon"].endswith("/out/loop_muon.json data.height=128 data.num_workers=12 train.optimizer=muon")
     assert "--cfg experiments/base.yaml --device cuda --loop" in steps["muon"]
     assert "--budget-minutes 1 " in steps["referee"] and "--data train.parquet,val.parquet" in steps["referee"]

@@ -1,10 +1,10 @@
 r"""Every GPU check in one command, every figure in one folder: the CUDA tests, the real training
-loop's speed, and the accuracy-per-minute referee between the base recipe and its lead candidate.
+loop's speed, and the accuracy-per-minute referee between the base recipe and the previous one.
 
     python tools/gpu_check.py --out gpu_check \
         --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet
     python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --referee-minutes 2 \
-        --configs experiments/base.yaml,experiments/candidates/frames16.yaml
+        --configs experiments/base.yaml,experiments/candidates/frames8.yaml
     python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --dry-run   # the commands only
     PYTHONPATH=. python tools/gpu_check.py ...      # where the package is not installed (pip install -e .)
 
@@ -42,7 +42,7 @@ from crnn.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("tests", "loop", "muon", "referee")
-CONFIGS = "experiments/base.yaml,experiments/candidates/frames16.yaml"
+CONFIGS = "experiments/base.yaml,experiments/candidates/strided.yaml"
 HEIGHT_128 = ["data.height=128", "data.num_workers=12"]
 
 
