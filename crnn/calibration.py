@@ -465,15 +465,15 @@ def cross_fitted_report(log_probs: Sequence[torch.Tensor], references: Sequence[
 def describe_report(report: dict) -> list[str]:
     """`calibration_report`'s measures as lines of text."""
     low, high = report["interval"]
-    relative = report["estimate_relative_error"]
-    relative = "no error to compare with" if math.isnan(relative) else f"{relative:+.1%} relative"
+    no_errors = report["true_cer"] == 0  # then the relative error and the review share are undefined
+    relative = "no error to compare with" if no_errors else f"{report['estimate_relative_error']:+.1%} relative"
     auroc_value = report["auroc_lines_with_errors"]
     if math.isnan(auroc_value):  # one class only: every line read exactly, or none
-        exact = "every line was read exactly" if report["true_cer"] == 0 else "no line was read exactly"
+        exact = "every line was read exactly" if no_errors else "no line was read exactly"
         finding = f"AUROC of finding the lines with errors undefined ({exact})"
     else:
         finding = f"AUROC of finding the lines with errors {auroc_value:.3f}"
-    if report["true_cer"] == 0:
+    if no_errors:
         review = "no error for a review order to find"
     else:
         review = (f"the 20% of lines with the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} "

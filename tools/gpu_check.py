@@ -8,11 +8,11 @@ loop's speed, and the accuracy-per-minute referee between the base recipe and th
     python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --dry-run   # the commands only
     PYTHONPATH=. python tools/gpu_check.py ...      # where the package is not installed (pip install -e .)
 
-Steps, each in a fresh process, in this order (`--skip tests,loop,referee` leaves some out):
+Steps, each in a fresh process, in this order (`--skip tests,loop,loop_muon,referee` leaves some out):
 - tests:   python -m pytest tests/test_cuda.py (every CUDA path) -> cuda_tests.log, cuda_tests.xml
 - loop:    tools/benchmark.py --loop on --data at height 128, one whole untimed epoch first, for
            each config -> loop.json, loop.log (loop and model lines/s, data wait, padding, shapes)
-- muon:    the same loop for the first config with train.optimizer=muon -> loop_muon.json,
+- loop_muon: the same loop for the first config with train.optimizer=muon -> loop_muon.json,
            loop_muon.log: what Muon's orthogonalisation costs a GPU step, against loop.json's AdamW
 - referee: tools/benchmark.py --budget-minutes on --data at height 128, each config trained for
            --referee-minutes in its own process -> referee.json, referee.log (val CER/WER, epochs)
@@ -41,7 +41,7 @@ from crnn.errors import CrnnError, tool_main
 from crnn.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "loop", "muon", "referee")
+STEPS = ("tests", "loop", "loop_muon", "referee")
 CONFIGS = "experiments/base.yaml,experiments/candidates/strided.yaml"
 HEIGHT_128 = ["data.height=128", "data.num_workers=12"]
 
@@ -54,7 +54,7 @@ def step_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     commands = {
         "tests": [python, "-m", "pytest", "-q", "tests/test_cuda.py", f"--junitxml={out / 'cuda_tests.xml'}"],
         "loop": [python, "tools/benchmark.py", *configs, *loop, "--json", str(out / "loop.json"), *HEIGHT_128],
-        "muon": [python, "tools/benchmark.py", *configs[:2], *loop, "--json", str(out / "loop_muon.json"), *HEIGHT_128,
+        "loop_muon": [python, "tools/benchmark.py", *configs[:2], *loop, "--json", str(out / "loop_muon.json"), *HEIGHT_128,
                  "train.optimizer=muon"],
         "referee": [python, "tools/benchmark.py", *configs, "--budget-minutes", f"{args.referee_minutes:g}",
                     "--data", args.data, "--output", str(out / "referee_runs"), "--json", str(out / "referee.json"),
@@ -92,7 +92,7 @@ def run_steps(commands: dict[str, list[str]], out: Path, env: dict[str, str]) ->
     """Run each step with its output in <out>/<step>.log; what each did, for summary.json."""
     summary = {}
     for name, command in commands.items():
-        log = out / {"tests": "cuda_tests.log", "muon": "loop_muon.log"}.get(name, f"{name}.log")
+        log = out / ("cuda_tests.log" if name == "tests" else f"{name}.log")
         print(f"{name}: {' '.join(command)}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         with open(log, "w", encoding="utf-8") as stream:
