@@ -172,6 +172,14 @@ class ModelConfig:
     # at the input of the BiLSTM (span masking; 0: off)
     span_mask: float = _range(0.0, 0.0, 0.9)
     span_length: int = _positive(4)
+    # training only: a Transformer decoder of this many layers reads the sequence head's features (the
+    # BiLSTM's output) and is taught the text with cross-entropy (teacher forcing), its loss weighted
+    # attention_weight, so that the shared features serve two readers (joint CTC-attention
+    # training; 0: off). Evaluation, prediction and export never run it.
+    attention_layers: int = _non_negative(0)
+    attention_dim: int = _positive(128)
+    attention_heads: int = _positive(4)
+    attention_weight: float = _non_negative(0.5)
 
 
 @dataclass(frozen=True)
@@ -488,6 +496,9 @@ def _check_model_shape(model: ModelConfig, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {list(value)}")
     if model.shortcut_kernel % 2 == 0:
         raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
+    if model.attention_layers and model.attention_dim % model.attention_heads:
+        raise ConfigError(f"{where}: 'model.attention_dim' ({model.attention_dim}) must be a multiple of "
+                          f"'model.attention_heads' ({model.attention_heads})")
 
 
 def _check_refused(cfg: Config, where: str) -> None:

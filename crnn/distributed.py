@@ -68,10 +68,12 @@ class _BatchFirst(torch.nn.Module):
 
 
 def _transpose_output(output):
-    """Swap the T and N axes of the log-probs (and shortcut log-probs) of a CRNNOutput."""
-    shortcut = output.shortcut_log_probs
-    return output._replace(log_probs=output.log_probs.transpose(0, 1),
-                           shortcut_log_probs=None if shortcut is None else shortcut.transpose(0, 1))
+    """Swap the first two axes (T and N) of a CRNNOutput's per-frame (and per-character) outputs."""
+    def swapped(tensor):
+        return None if tensor is None else tensor.transpose(0, 1)
+
+    return output._replace(log_probs=swapped(output.log_probs), shortcut_log_probs=swapped(output.shortcut_log_probs),
+                           attention_logits=swapped(output.attention_logits))
 
 
 class DataParallelCRNN(torch.nn.Module):
@@ -79,7 +81,8 @@ class DataParallelCRNN(torch.nn.Module):
 
     DataParallel splits inputs and gathers outputs along dim 0, but the log-probs are `(T, N, C)`:
     each replica returns them batch-first and they are turned back here. All replicas see the
-    same padded width, so their T agrees.
+    same padded width (and the same padded text length, for the attention decoder), so their T
+    (and L) agree.
     """
 
     def __init__(self, model: torch.nn.Module, device_ids: list[int] | None = None):
@@ -87,8 +90,9 @@ class DataParallelCRNN(torch.nn.Module):
         self.module = model
         self.parallel = torch.nn.DataParallel(_BatchFirst(model), device_ids)
 
-    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None):
-        return _transpose_output(self.parallel(images, widths, with_shortcut))
+    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None,
+                targets: torch.Tensor | None = None):
+        return _transpose_output(self.parallel(images, widths, with_shortcut, targets))
 
 
 class StopRequest:

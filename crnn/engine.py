@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,12 +30,22 @@ from crnn.device import autocast, resolve_amp
 from crnn.distributed import all_reduce_sum, unwrap
 from crnn.errors import CrnnError
 from crnn.metrics import ErrorCounts
+from crnn.models.heads import AttentionDecoder
 from crnn.optim import Horizon, WeightEma, build_optimizer, build_scheduler
 from crnn.runlog import progress
 
 
 class TrainingError(CrnnError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class StepLosses(NamedTuple):
+    """A step's detached loss sums over its lines: the main CTC head's, the shortcut head's and the
+    attention decoder's (0 for a head the model does not have)."""
+
+    main: torch.Tensor
+    shortcut: torch.Tensor
+    attention: torch.Tensor
 
 
 def ctc_line_losses(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
@@ -66,6 +77,7 @@ def drop_infeasible(model: nn.Module, batch: Batch) -> tuple[Batch, int]:
 class EpochStats:
     loss_sum: float = 0.0  # sum over lines of the main CTC loss
     shortcut_loss_sum: float = 0.0
+    attention_loss_sum: float = 0.0
     lines: int = 0
     batches: int = 0  # batches taken from the loader, skipped ones included (the resume position)
     steps: int = 0
@@ -75,9 +87,10 @@ class EpochStats:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)  # first few data problems, for the log
 
-    def add(self, loss_sum: float, shortcut_loss_sum: float, lines: int) -> None:
-        self.loss_sum += loss_sum
-        self.shortcut_loss_sum += shortcut_loss_sum
+    def add(self, losses: StepLosses, lines: int) -> None:
+        self.loss_sum += float(losses.main)
+        self.shortcut_loss_sum += float(losses.shortcut)
+        self.attention_loss_sum += float(losses.attention)
         self.lines += lines
 
     def count_skipped(self, errors: list[str], too_long: int) -> None:
@@ -99,16 +112,20 @@ class EpochStats:
         return self.shortcut_loss_sum / max(self.lines, 1)
 
     @property
+    def attention_loss(self) -> float:
+        return self.attention_loss_sum / max(self.lines, 1)
+
+    @property
     def lines_per_s(self) -> float:
         return self.lines / max(self.seconds, 1e-9)
 
     def reduce(self, device: torch.device) -> None:
         """Sum the counters over ranks (a no-op in one process); `seconds` stays this rank's own."""
         sums = all_reduce_sum(torch.tensor(
-            [self.loss_sum, self.shortcut_loss_sum, self.lines, self.unreadable, self.too_long],
-            dtype=torch.float64, device=device)).tolist()
-        self.loss_sum, self.shortcut_loss_sum = sums[0], sums[1]
-        self.lines, self.unreadable, self.too_long = (int(v) for v in sums[2:])
+            [self.loss_sum, self.shortcut_loss_sum, self.attention_loss_sum, self.lines, self.unreadable,
+             self.too_long], dtype=torch.float64, device=device)).tolist()
+        self.loss_sum, self.shortcut_loss_sum, self.attention_loss_sum = sums[:3]
+        self.lines, self.unreadable, self.too_long = (int(v) for v in sums[3:])
 
 
 @dataclass
@@ -123,6 +140,7 @@ class TrainSetup:
     amp_dtype: torch.dtype | None
     grad_clip: float  # 0: no clipping
     shortcut_weight: float  # 0 without a shortcut head
+    attention_weight: float  # 0 without an attention decoder
     max_bad_steps: int
     oom_retry: bool  # on out-of-memory, retry the batch in two halves (single process)
     augmenter: BatchAugmenter | None  # training batches' augmentation, on the device
@@ -152,30 +170,44 @@ class TrainSetup:
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
                    shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
+                   attention_weight=cfg.model.attention_weight if cfg.model.attention_layers else 0.0,
                    max_bad_steps=cfg.train.max_bad_steps, oom_retry=cfg.train.oom_retry,
                    augmenter=build_augmenter(cfg.data), freeze_encoder_steps=cfg.train.freeze_encoder_steps,
                    world_size=world_size,
                    placeholder=Batch.blank(cfg.data.height, cfg.data.height) if world_size > 1 else None)
 
 
+def attention_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The attention decoder's cross-entropy `logits` `(L + 1, N, classes)` against `targets`
+    `(N, L)` (`Batch.padded_targets`), summed over every line's characters and end token, in float32."""
+    return F.cross_entropy(logits.float().permute(1, 2, 0), AttentionDecoder.labels(targets),
+                           ignore_index=AttentionDecoder.IGNORE, reduction="sum")
+
+
 def forward_backward(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0,
-                     normalizer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward + CTC under autocast, then backward of the (scaled) loss, accumulating gradients.
+                     normalizer: int = 0) -> StepLosses:
+    """Forward + losses under autocast, then backward of the (scaled) loss, accumulating gradients.
 
     The loss is the per-line mean over `normalizer` lines (default: this batch), so the halves of
-    a split batch add up to the gradient of the whole. Returns the detached (main, shortcut) sums.
+    a split batch add up to the gradient of the whole. Returns the detached sums of each loss.
     """
     batch = batch.to(setup.device)  # a no-op for a batch prepare_batch has moved
+    # a model with an attention decoder is always given the text (even at weight 0), so that every
+    # parameter takes part in every step, as DDP requires
+    targets = batch.padded_targets() if getattr(unwrap(model), "attention", None) is not None else None
     with autocast(setup.device, setup.amp_dtype):
-        output = model(batch.images, batch.widths)
+        output = model(batch.images, batch.widths, targets=targets)
         main = ctc_line_losses(output.log_probs, output.lengths, batch.targets, batch.target_lengths).sum()
-        shortcut = torch.zeros((), device=setup.device)
+        shortcut = attention = torch.zeros((), device=setup.device)
         if output.shortcut_log_probs is not None:
             shortcut = ctc_line_losses(output.shortcut_log_probs, output.lengths, batch.targets,
                                        batch.target_lengths).sum()
-        loss = weight * (main + setup.shortcut_weight * shortcut) / (normalizer or len(batch))
+        if output.attention_logits is not None:
+            attention = attention_loss(output.attention_logits, targets)
+        loss = weight * (main + setup.shortcut_weight * shortcut + setup.attention_weight * attention)
+        loss = loss / (normalizer or len(batch))
     setup.scaler.scale(loss).backward()
-    return main.detach(), shortcut.detach()
+    return StepLosses(main.detach(), shortcut.detach(), attention.detach())
 
 
 def out_of_memory_error(batch: Batch, epoch: int, step: int) -> TrainingError:
@@ -187,7 +219,7 @@ def out_of_memory_error(batch: Batch, epoch: int, step: int) -> TrainingError:
 
 
 def backward_in_halves(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float,
-                       epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       epoch: int, step: int) -> StepLosses:
     """After an out-of-memory error: the same gradient, computed half a batch at a time."""
     setup.optimizer.zero_grad(set_to_none=True)
     if setup.device.type == "cuda":
@@ -199,7 +231,7 @@ def backward_in_halves(model: nn.Module, batch: Batch, setup: TrainSetup, weight
             sums.append(forward_backward(model, half, setup, weight, normalizer=len(batch)))
     except torch.OutOfMemoryError:
         raise out_of_memory_error(batch, epoch, step) from None
-    return sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]
+    return StepLosses(*(first + second for first, second in zip(*sums, strict=True)))
 
 
 def clip_and_step(model: nn.Module, setup: TrainSetup) -> bool:
@@ -219,18 +251,18 @@ def clip_and_step(model: nn.Module, setup: TrainSetup) -> bool:
 
 
 def train_step(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0, epoch: int = 0,
-               step: int = 0) -> tuple[bool, torch.Tensor, torch.Tensor]:
+               step: int = 0) -> tuple[bool, StepLosses]:
     """One optimizer step on `batch` (`epoch` and `step` only name it in errors). Returns
-    (finite, main loss sum, shortcut loss sum)."""
+    (finite, the step's loss sums)."""
     setup.optimizer.zero_grad(set_to_none=True)
     try:
-        main, shortcut = forward_backward(model, batch, setup, weight)
+        losses = forward_backward(model, batch, setup, weight)
     except torch.OutOfMemoryError:
         # under DDP the other ranks are already waiting in the gradient all-reduce: no retry
         if not setup.oom_retry or setup.distributed or len(batch) < 2:
             raise out_of_memory_error(batch, epoch, step) from None
-        main, shortcut = backward_in_halves(model, batch, setup, weight, epoch, step)
-    return clip_and_step(model, setup), main, shortcut
+        losses = backward_in_halves(model, batch, setup, weight, epoch, step)
+    return clip_and_step(model, setup), losses
 
 
 def check_bad_steps(bad_in_a_row: int, setup: TrainSetup, epoch: int, step: int) -> None:
@@ -278,7 +310,7 @@ def train_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: i
                 batch, weight = setup.placeholder, 0.0
             if setup.freeze_encoder_steps:
                 hold_batchnorm(unwrap(model).encoder, step < setup.freeze_encoder_steps)
-            finite, main_sum, shortcut_sum = train_step(model, batch, setup, weight, epoch, step)
+            finite, losses = train_step(model, batch, setup, weight, epoch, step)
             if finite and setup.ema is not None:
                 setup.ema.update(unwrap(model))
             step += 1
@@ -287,7 +319,7 @@ def train_epoch(model: nn.Module, loader, setup: TrainSetup, epoch: int, step: i
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             check_bad_steps(bad_in_a_row, setup, epoch, step)
             if finite and weight:
-                stats.add(float(main_sum), float(shortcut_sum), len(batch))
+                stats.add(losses, len(batch))
             stats.seconds = time.perf_counter() - start
             if stats.steps % 10 == 0:
                 bar.set_postfix(loss=f"{stats.loss:.3f}", lines_per_s=f"{stats.lines_per_s:.1f}")

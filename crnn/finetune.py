@@ -15,7 +15,9 @@
   (zero weights, a bias far below the old ones') so they do not disturb the old ones; `new` makes
   the alphabet exactly the training data's, keeping the rows of the characters both share; `keep`
   keeps the starting alphabet, and characters outside it follow the rule of `crnn.data.samples`.
-  Both CTC heads (BiLSTM and shortcut) are resized alike (`CRNN.CLASS_ROWS`).
+  Both CTC heads (BiLSTM and shortcut) and the attention decoder's classes are resized alike
+  (`CRNN.CLASS_ROWS`). The training-only attention decoder (`model.attention_layers`) may be added
+  or dropped: a new one starts from random weights.
 - `train.freeze_encoder_steps=N`: the encoder learns nothing for the first N optimizer steps (its
   learning rate is 0, `crnn.optim`) and its BatchNorm statistics are held (`crnn.engine`).
 """
@@ -23,6 +25,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from crnn.checkpoint import ModelFile
 from crnn.data import Vocab
@@ -42,14 +45,17 @@ def initial_vocab(start: ModelFile, texts: list[str], mode: str) -> tuple[Vocab,
     return vocab, added, dropped
 
 
-def starting_weights(start: ModelFile, vocab: Vocab, class_rows: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The starting weights with their per-class rows (`class_rows`) laid out for `vocab`: a
-    character's learned row where the starting model has one, else zeros and a bias below every
-    learned one (the new class starts improbable); the blank keeps row 0."""
+def starting_weights(start: ModelFile, vocab: Vocab, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The starting weights for `model` (built for `vocab`), with their per-class rows (the model's
+    `CLASS_ROWS`) laid out for `vocab`: a character's learned row where the starting model has one,
+    else zeros and a bias below every learned one (the new class starts improbable); the blank keeps
+    row 0. Parts used in training only (the model's `TRAINING_ONLY` prefixes: the attention decoder)
+    may differ between the two: `model`'s own fresh weights stand where the starting model has none
+    of that shape, and the starting model's are dropped where `model` has none."""
     old_rows = Vocab(start.chars).index
     rows = [0] + [old_rows.get(char, -1) for char in vocab.chars]  # old row of each new class
     weights = dict(start.weights)
-    for name in class_rows:
+    for name in model.CLASS_ROWS:
         if name not in weights:
             continue
         old = weights[name]
@@ -60,4 +66,10 @@ def starting_weights(start: ModelFile, vocab: Vocab, class_rows: tuple[str, ...]
             if old_row >= 0:
                 new[row] = old[old_row]
         weights[name] = new
+    fresh = model.state_dict()
+    for name in [name for name in weights if name.startswith(model.TRAINING_ONLY) and name not in fresh]:
+        del weights[name]
+    for name, value in fresh.items():
+        if name.startswith(model.TRAINING_ONLY) and (name not in weights or weights[name].shape != value.shape):
+            weights[name] = value
     return weights

@@ -56,13 +56,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
 def hidden_matrices(model: nn.Module) -> dict[int, int]:
     """What Muon takes in a model, as {id: row blocks}: every weight of 2 or more dimensions but the
     first (the stem's convolution, which reads the pixels) and those whose rows are the classes (the
-    model's CLASS_ROWS: the CTC heads' outputs), as Muon is meant for hidden layers. An LSTM's
-    weight stacks its four gates' matrices: 4 row blocks, each orthogonalised on its own; 1 for the
-    rest."""
+    model's CLASS_ROWS: the heads' outputs and the attention decoder's character embedding), as Muon
+    is meant for hidden layers. An LSTM's weight stacks its four gates' matrices: 4 row blocks, each
+    orthogonalised on its own; an attention layer's input projection stacks query, key and value: 3;
+    1 for the rest."""
     named = [(name, p) for name, p in model.named_parameters() if p.ndim > 1]
     outputs = set(getattr(model, "CLASS_ROWS", ()))
-    gates = {id(p) for module in model.modules() if isinstance(module, nn.LSTM) for p in module.parameters()}
-    return {id(p): 4 if id(p) in gates else 1 for name, p in named[1:] if name not in outputs}
+    blocks = {id(p): 4 for module in model.modules() if isinstance(module, nn.LSTM) for p in module.parameters()}
+    blocks.update({id(module.in_proj_weight): 3 for module in model.modules()
+                   if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None})
+    return {id(p): blocks.get(id(p), 1) for name, p in named[1:] if name not in outputs}
 
 
 def orthogonalised(update: torch.Tensor, steps: int = 5) -> torch.Tensor:

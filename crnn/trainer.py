@@ -206,7 +206,7 @@ def build_training(cfg: Config, dist: DistInfo, vocab: Vocab, steps_per_epoch: i
     torch.manual_seed(cfg.train.seed)
     bare = build_model(cfg.model, len(vocab))
     if start:
-        bare.load_state_dict(starting_weights(start, vocab, bare.CLASS_ROWS))
+        bare.load_state_dict(starting_weights(start, vocab, bare))
     bare = bare.to(dist.device)
     model = wrap_model(cfg, bare, dist)
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -314,6 +314,7 @@ def epoch_record(epoch: int, step: int, stats: EpochStats, result: EvalResult, l
     """One line of metrics.jsonl."""
     counts = result.counts["greedy"]
     return {"epoch": epoch, "step": step, "train_loss": stats.loss, "train_shortcut_loss": stats.shortcut_loss,
+            "train_attention_loss": stats.attention_loss,
             "val_loss": result.loss, "val_cer": counts.cer, "val_wer": counts.wer, "lr": lr,
             "lines_per_s": stats.lines_per_s, "epoch_seconds": stats.seconds,
             "skipped_unreadable": stats.unreadable, "skipped_too_long": stats.too_long,
@@ -441,6 +442,7 @@ class Run:
         self.fit_schedule_to_budget(step, stats.seconds)
         if step % train.log_every == 0:
             self.logger.scalars(step, {"train/loss": stats.loss, "train/shortcut_loss": stats.shortcut_loss,
+                                       "train/attention_loss": stats.attention_loss,
                                        "train/lr": self.setup.scheduler.get_last_lr()[0],
                                        "train/lines_per_s": stats.lines_per_s})
         signal_number, over_budget = distributed.max_over_ranks(

@@ -105,10 +105,12 @@ def test_config_is_deeply_frozen_hashable_and_round_trips_through_yaml(tmp_path)
     ("data.augment.shear=-1", "'data.augment.shear' must be >= 0"),
     ("model.shortcut_weight=-0.1", "'model.shortcut_weight' must be >= 0"),
     ("data.synthetic.min_words=9", "'data.synthetic.min_words' \\(9\\) must not exceed 'data.synthetic.max_words'"),
+    ("model.attention_layers=1 model.attention_dim=100 model.attention_heads=8",
+     "'model.attention_dim' \\(100\\) must be a multiple of 'model.attention_heads' \\(8\\)"),
 ])
 def test_every_bad_value_is_refused_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(REPO / "experiments" / "synthetic.yaml", [override])
+        load_config(REPO / "experiments" / "synthetic.yaml", override.split())
 
 
 def test_train_tool_refuses_a_bad_decode_value_before_reading_data(tmp_path):

@@ -124,6 +124,11 @@ def test_collate_pads_right_and_keeps_each_width(folder_split):
     assert batch.target_lengths.tolist() == [len(texts[i]) for i in (0, 1, 4)]
     assert vocab.decode(batch.targets[:3].tolist()) == texts[0]
     assert batch.texts == [texts[0], texts[1], texts[4]]
+    padded = batch.padded_targets()  # one row per line, right-padded with the blank
+    assert padded.shape == (3, max(len(texts[i]) for i in (0, 1, 4)))
+    assert [vocab.decode(i for i in row.tolist() if i) for row in padded] == batch.texts
+    assert [int((row != 0).sum()) for row in padded] == batch.target_lengths.tolist()
+    assert batch.blank(16, 16).padded_targets().shape == (1, 0)
 
 
 def test_collate_drops_unreadable_samples_and_says_why(folder_split):

@@ -13,10 +13,11 @@ from tests.helpers import TINY, read_metrics, run_tool, torchrun
 COMMON = ["data.synthetic.train=40", "data.synthetic.validation=20", "data.batch_size=4", "train.epochs=1"]
 
 
-@pytest.fixture(scope="module", params=[[], ["train.ema=0.9", "train.optimizer=muon"]], ids=["plain", "ema-muon"])
+@pytest.fixture(scope="module", params=[[], ["train.ema=0.9", "train.optimizer=muon", "model.attention_layers=1"]],
+                ids=["plain", "ema-muon-attention"])
 def ddp_run(tmp_path_factory, request):
-    """One 2-process run of the tiny config (AdamW; and with a weight EMA and Muon); every rank dumps
-    its weights, their average and its shard."""
+    """One 2-process run of the tiny config (AdamW; and with a weight EMA, Muon and the attention
+    decoder); every rank dumps its weights, their average and its shard."""
     out = tmp_path_factory.mktemp("ddp")
     torchrun("tests/distributed_worker.py", out, TINY, *COMMON, *request.param, f"train.output_dir={out / 'run'}")
     return out
@@ -106,3 +107,15 @@ def test_data_parallel_wrapper_matches_the_bare_model():
     bare, parallel = model(images, widths), wrapped(images, widths)
     assert torch.equal(bare.log_probs, parallel.log_probs)
     assert torch.equal(bare.lengths, parallel.lengths)
+
+
+def test_data_parallel_wrapper_gives_the_attention_decoders_logits_in_their_layout():
+    model = build_model(load_config(TINY, ["model.attention_layers=1", "model.attention_dim=16"]).model, 9).train()
+    wrapped = DataParallelCRNN(model)
+    images, widths, targets = torch.rand(3, 1, 32, 80), torch.tensor([80, 50, 20]), torch.tensor([[1, 2], [3, 0], [4, 5]])
+    outputs = []
+    for module in (model, wrapped):
+        torch.manual_seed(0)  # the same dropout
+        outputs.append(module(images, widths, targets=targets))
+    assert outputs[1].attention_logits.shape == (3, 3, 9)  # (L + 1, N, classes)
+    assert torch.equal(outputs[0].attention_logits, outputs[1].attention_logits)

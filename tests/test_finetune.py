@@ -15,7 +15,8 @@ from crnn.data import Preprocess, Vocab, collate, make_sample
 from crnn.decoding import GreedyDecoder
 from crnn.distributed import DistInfo
 from crnn.errors import CheckpointError, ConfigError
-from crnn.models import build_model
+from crnn.finetune import starting_weights
+from crnn.models import CRNN, build_model
 from crnn.trainer import build_run, fit
 from tests.helpers import REPO, TINY, draw_line, run_epoch, run_tool, torchrun
 
@@ -101,6 +102,27 @@ def test_new_and_keep_alphabets(start, new_hand, tmp_path):
     sample = dataset[(0, None)]  # "the Qat": the unseen letter is left out of the target
     assert sample.text == texts[0] and len(sample.target) == len(texts[0]) - texts[0].count(unseen[0])
     assert dataset[(3, None)].image is None  # nothing left of it to learn: the line is left out
+
+
+def test_a_run_may_add_or_drop_the_training_only_attention_decoder(start, new_hand, tmp_path):
+    lines, _, unseen = new_hand
+    state = load_checkpoint(start)
+    run = finetune_run(start, lines, tmp_path, "model.attention_layers=1", "model.attention_dim=16")
+    weights = run.model.state_dict()
+    assert weights["attention.embed.weight"].shape == (len(run.vocab), 16)  # a row per class of the new alphabet
+    assert all(torch.equal(weights[name], tensor) for name, tensor in state["model"].items()
+               if not name.startswith(CRNN.CLASS_ROWS))  # everything else as trained
+    run.train_loader.batch_sampler.set_epoch(1)
+    stats, _ = run_epoch(run.model, run.train_loader, run.setup, 1)
+    assert stats.attention_loss > 0
+    # a model trained with the decoder starts a run without one: the decoder's weights stay behind
+    with_decoder = ModelFile(start, {**state["config"], "model": {**state["config"]["model"], "attention_layers": 1}},
+                             run.vocab.chars, weights, start, False)
+    plain = build_model(load_config(TINY).model, len(run.vocab))
+    laid_out = starting_weights(with_decoder, run.vocab, plain)
+    assert laid_out.keys() == plain.state_dict().keys()
+    plain.load_state_dict(laid_out)
+    assert torch.equal(plain.state_dict()["head.classifier.weight"], weights["head.classifier.weight"])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

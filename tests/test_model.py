@@ -4,7 +4,7 @@ import torch
 from crnn.config import load_config
 from crnn.errors import ConfigError
 from crnn.models import MODELS, build_model
-from crnn.models.heads import BiLSTMHead
+from crnn.models.heads import AttentionDecoder, BiLSTMHead
 from tests.helpers import REPO
 
 
@@ -115,3 +115,31 @@ def test_span_masking_runs_in_training_only():
                 layer.eval()
     assert torch.equal(plain(images, widths).log_probs, plain(images, widths).log_probs)
     assert not torch.allclose(plain(images, widths).log_probs, masked(images, widths).log_probs)
+
+
+def test_the_attention_decoder_runs_in_training_when_given_the_text():
+    model = build_model(small("model.attention_layers=1", "model.attention_dim=16", "model.attention_heads=2"), 7)
+    images, widths = torch.rand(2, 1, 32, 120), torch.tensor([120, 80])
+    targets = torch.tensor([[3, 4, 5], [6, 2, 0]])  # "right-padded with the blank"
+    output = model.train()(images, widths, targets=targets)
+    assert output.attention_logits.shape == (4, 2, 7)  # the text and the end token, per line
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(images, widths, targets=targets).attention_logits).all()
+    assert model(images, widths).attention_logits is None  # no text, nothing to teach
+    assert model.eval()(images, widths, targets=targets).attention_logits is None  # never in inference
+    plain = build_model(small(), 7).train()
+    assert plain(images, widths, targets=targets).attention_logits is None
+
+
+def test_the_attention_decoder_is_taught_the_text_then_the_end_and_ignores_what_follows():
+    targets = torch.tensor([[3, 4, 5], [6, 2, 0], [0, 0, 0]])
+    assert AttentionDecoder.labels(targets).tolist() == [[3, 4, 5, 0], [6, 2, 0, -100], [0, -100, -100, -100]]
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(in_channels=6, num_classes=7, dim=16, layers=2, heads=4).eval()  # no dropout
+    features = torch.rand(20, 1, 6)
+    alone = decoder(features[:9], torch.tensor([9]), torch.tensor([[6, 2]]))
+    # in a batch: its frames padded with noise, its text padded by a longer line's
+    noisy = torch.cat([features[:9], 100 * torch.rand(11, 1, 6)])
+    batched = decoder(torch.cat([noisy, features], dim=1), torch.tensor([9, 20]), torch.tensor([[6, 2, 0, 0], [1, 2, 3, 4]]))
+    assert batched.shape == (5, 2, 7)
+    assert torch.allclose(alone[:, 0], batched[:3, 0], atol=1e-5)  # its text and its end token

@@ -6,7 +6,7 @@ import torch
 from crnn.config import load_config
 from crnn.errors import CheckpointError
 from crnn.models import build_model
-from crnn.optim import MuonAdamW, build_optimizer, orthogonalised
+from crnn.optim import MuonAdamW, build_optimizer, hidden_matrices, orthogonalised
 from crnn.trainer import fit
 from tests.helpers import TINY, overfit_tiny, synthetic_folder
 
@@ -51,6 +51,16 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert type(build_optimizer(load_config(COPISTE).train, model, torch.device("cpu"))) is torch.optim.AdamW
 
 
+def test_muon_takes_the_attention_decoders_matrices_but_not_its_character_rows():
+    model = build_model(load_config(COPISTE, ["model.attention_layers=1"]).model, 50)
+    names = {id(p): name for name, p in model.named_parameters()}
+    blocks = {names[i]: count for i, count in hidden_matrices(model).items() if names[i].startswith("attention.")}
+    layer = "attention.layers.layers.0."
+    assert blocks == {"attention.memory.weight": 1, layer + "self_attn.in_proj_weight": 3,  # query, key, value
+                      layer + "self_attn.out_proj.weight": 1, layer + "multihead_attn.in_proj_weight": 3,
+                      layer + "multihead_attn.out_proj.weight": 1, layer + "linear1.weight": 1, layer + "linear2.weight": 1}
+
+
 def steps(optimizer, parameters, count=3):
     generator = torch.Generator().manual_seed(1)
     for _ in range(count):
@@ -80,6 +90,14 @@ def test_a_muon_run_learns_a_few_lines(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 4)
     *_, (first, last) = overfit_tiny(lines, 60, 1.0, "train.optimizer=muon")
     assert last.loss < first.loss / 10
+
+
+def test_the_attention_decoder_learns_the_text_alongside_ctc(tmp_path):
+    lines = synthetic_folder(tmp_path / "lines", 4)
+    *_, (first, last) = overfit_tiny(lines, 12, 0.0, "model.attention_layers=1", "model.attention_dim=32",
+                                     "model.attention_weight=1.0")
+    assert first.attention_loss > 10  # about ln(classes) per character at the start
+    assert last.attention_loss < first.attention_loss / 3 and last.loss < first.loss / 2
 
 
 def test_a_run_resumes_only_with_the_optimizer_it_was_trained_with(tmp_path):

@@ -51,7 +51,8 @@ def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path):
         assert val_loss == pytest.approx(pinned_val, rel=1e-5) and train_loss == pytest.approx(pinned_train, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", [[], ["train.ema=0.9"], ["train.optimizer=muon"]], ids=["plain", "ema", "muon"])
+@pytest.mark.parametrize("variant", [[], ["train.ema=0.9"], ["train.optimizer=muon", "model.attention_layers=1"]],
+                         ids=["plain", "ema", "muon-attention"])
 def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, variant):
     common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8", *variant]
     fit(load_config(TINY, [*common, f"train.output_dir={tmp_path / 'unbroken'}"]))
@@ -60,6 +61,8 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, variant):
     unbroken, resumed = read_metrics(tmp_path / "unbroken"), read_metrics(tmp_path / "broken")
     assert [m["epoch"] for m in resumed] == [1, 2]
     assert resumed[1]["train_loss"] == pytest.approx(unbroken[1]["train_loss"], rel=1e-6)
+    assert resumed[1]["train_attention_loss"] == pytest.approx(unbroken[1]["train_attention_loss"], rel=1e-6)
+    assert (unbroken[1]["train_attention_loss"] > 0) == ("model.attention_layers=1" in variant)
     assert resumed[1]["val_cer"] == unbroken[1]["val_cer"]
     state_a = load_checkpoint(tmp_path / "unbroken" / "checkpoints" / "last.pt")
     state_b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")

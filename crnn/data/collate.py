@@ -56,6 +56,18 @@ class Batch:
             images = images.float().div_(255)
         return dataclasses.replace(self, images=images, targets=self.targets.to(device, non_blocking=True))
 
+    def padded_targets(self) -> torch.Tensor:
+        """The targets as `(N, L)` rows right-padded with 0 (the blank, never a character), on the
+        targets' device; the index is built on the CPU from the lengths (no device sync)."""
+        lengths = self.target_lengths.cpu()
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        columns = torch.arange(len(rows)) - starts
+        width = int(lengths.max()) if len(lengths) else 0
+        device = self.targets.device
+        padded = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+        return padded.index_put_((rows.to(device), columns.to(device)), self.targets.long())
+
     @classmethod
     def blank(cls, height: int, width: int) -> Batch:
         """One line of blank paper with an empty transcription (a valid CTC target)."""

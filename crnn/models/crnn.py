@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from crnn.config import ModelConfig
 from crnn.models.encoder import ResNetEncoder
-from crnn.models.heads import BiLSTMHead, ShortcutHead
+from crnn.models.heads import AttentionDecoder, BiLSTMHead, ShortcutHead
 from crnn.models.registry import register_model
 
 
@@ -18,6 +18,7 @@ class CRNNOutput(NamedTuple):
     log_probs: torch.Tensor  # (T, N, classes), float32
     lengths: torch.Tensor  # (N,) valid frames per line, on the images' device
     shortcut_log_probs: torch.Tensor | None  # (T, N, classes) or None
+    attention_logits: torch.Tensor | None = None  # (L + 1, N, classes): the attention decoder's, in training
 
 
 class CRNN(nn.Module):
@@ -28,12 +29,17 @@ class CRNN(nn.Module):
     """
 
     # the parameters with one row (dim 0) per class: what a new alphabet resizes (crnn/finetune.py)
-    CLASS_ROWS = ("head.classifier.weight", "head.classifier.bias", "shortcut.conv.weight", "shortcut.conv.bias")
+    CLASS_ROWS = ("head.classifier.weight", "head.classifier.bias", "shortcut.conv.weight", "shortcut.conv.bias",
+                  "attention.embed.weight", "attention.classifier.weight", "attention.classifier.bias")
+    # the parameters' name prefixes of parts used in training only, which a run may add or drop when
+    # it starts from another model's weights (crnn.finetune)
+    TRAINING_ONLY = ("attention.",)
 
     def __init__(self, encoder: ResNetEncoder, head: BiLSTMHead, shortcut: ShortcutHead | None,
-                 column_pool: str = "max", frames: int = 0, span_mask: float = 0.0, span_length: int = 4):
+                 column_pool: str = "max", frames: int = 0, span_mask: float = 0.0, span_length: int = 4,
+                 attention: AttentionDecoder | None = None):
         super().__init__()
-        self.encoder, self.head, self.shortcut = encoder, head, shortcut
+        self.encoder, self.head, self.shortcut, self.attention = encoder, head, shortcut, attention
         self.column_pool, self.frames = column_pool, frames
         self.span_mask, self.span_length = span_mask, span_length
 
@@ -52,9 +58,11 @@ class CRNN(nn.Module):
             columns = features.mean(dim=2)
         return columns.permute(2, 0, 1)
 
-    def forward(self, images: torch.Tensor, widths: torch.Tensor,
-                with_shortcut: bool | None = None) -> CRNNOutput:
-        """The shortcut head runs in training mode, or when `with_shortcut=True`.
+    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None,
+                targets: torch.Tensor | None = None) -> CRNNOutput:
+        """The shortcut head runs in training mode, or when `with_shortcut=True`; the attention
+        decoder in training mode when given the `targets` it is taught, `(N, L)` classes
+        right-padded with 0 (`Batch.padded_targets`).
 
         `widths` may be on any device: they are moved to the images' here, the one place, so the
         lengths and everything derived from them (the BiLSTM's reversal index) live there too."""
@@ -62,11 +70,14 @@ class CRNN(nn.Module):
         columns = self.columns(self.encoder(images))
         lengths = self.output_lengths(widths).clamp(max=columns.shape[0])
         sequence = mask_spans(columns, lengths, self.span_mask, self.span_length) if self.training else columns
-        log_probs = self.head(sequence, lengths).float().log_softmax(-1)
-        shortcut_log_probs = None
+        features = self.head.encode(sequence, lengths)
+        log_probs = self.head.classify(features).float().log_softmax(-1)
+        shortcut_log_probs = attention_logits = None
         if self.shortcut is not None and (self.training if with_shortcut is None else with_shortcut):
             shortcut_log_probs = self.shortcut(columns).float().log_softmax(-1)
-        return CRNNOutput(log_probs, lengths, shortcut_log_probs)
+        if self.attention is not None and self.training and targets is not None:
+            attention_logits = self.attention(features, lengths, targets)
+        return CRNNOutput(log_probs, lengths, shortcut_log_probs, attention_logits)
 
 
 def mask_spans(columns: torch.Tensor, lengths: torch.Tensor, share: float, span: int) -> torch.Tensor:
@@ -97,4 +108,8 @@ def build_crnn(cfg: ModelConfig, num_classes: int) -> CRNN:
     shortcut = None
     if cfg.shortcut:
         shortcut = ShortcutHead(encoder.out_channels, num_classes, cfg.shortcut_kernel, cfg.shortcut_dropout)
-    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames, cfg.span_mask, cfg.span_length)
+    attention = None
+    if cfg.attention_layers:
+        attention = AttentionDecoder(head.out_channels, num_classes, cfg.attention_dim, cfg.attention_layers,
+                                     cfg.attention_heads)
+    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames, cfg.span_mask, cfg.span_length, attention)
