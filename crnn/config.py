@@ -93,6 +93,7 @@ class AugmentConfig:
 
     enabled: bool = True
     prob: float = _fraction(0.5)
+    start_epoch: int = _range(1, 1)  # the first epoch (counted from 1) whose lines are augmented
     shear: float = _non_negative(0.3)  # max |tan(shear angle)|, horizontal
     rotation: float = _non_negative(1.0)  # max degrees
     scale: float = _fraction(0.15)  # max relative change of size (height is restored afterwards)

@@ -56,9 +56,10 @@ def ctc_line_losses(log_probs: torch.Tensor, lengths: torch.Tensor, targets: tor
 
 
 def prepare_batch(batch: Batch, setup: TrainSetup) -> Batch:
-    """A loader's batch on the training device, augmented (each line by its own seed) if configured."""
+    """A loader's batch on the training device, augmented (each line by its own seed) if configured
+    and the sampler gave seeds (none before `data.augment.start_epoch`)."""
     batch = batch.to(setup.device)
-    if setup.augmenter is not None and len(batch):
+    if setup.augmenter is not None and any(seed is not None for seed in batch.seeds):
         images, widths = setup.augmenter(batch.images, batch.widths, batch.seeds)
         batch = dataclasses.replace(batch, images=images, widths=widths)
     return batch

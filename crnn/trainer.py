@@ -424,9 +424,11 @@ class Run:
         """At the end of epoch BUDGET_REFIT_EPOCH, plan the schedule's end once more from that
         epoch's own speed: the steps 10-50 of the first plan run while the decode cache fills, and
         are slower than the rest (by 3-9% on copiste-h64). The cosine barely moves this early (its
-        LR changes by less than 1e-4 of the peak for a plan a few percent longer)."""
-        train = self.cfg.train
-        if not (train.max_minutes and self.state.planned_steps and epoch == BUDGET_REFIT_EPOCH and stats.batches
+        LR changes by less than 1e-4 of the peak for a plan a few percent longer). Augmentation
+        that starts later (`data.augment.start_epoch`) is waited for: its epochs are the slower."""
+        train, augment = self.cfg.train, self.cfg.data.augment
+        refit_epoch = max(BUDGET_REFIT_EPOCH, augment.start_epoch if augment.enabled else 1)
+        if not (train.max_minutes and self.state.planned_steps and epoch == refit_epoch and stats.batches
                 and self.state.step < self.state.planned_steps):
             return
         self.plan_budget(self.state.step, stats.batches / max(stats.seconds, 1e-9), self.state.train_seconds,

@@ -176,3 +176,23 @@ def test_an_epochs_keys_are_the_same_for_any_sampler_and_any_number_of_ranks():
     shards = [keys(rank, 3) for rank in range(3)]
     union = [key for shard in shards for batch in shard for key in batch]
     assert len(union) == len(widths) and set(union) == expected
+
+
+def test_lines_are_not_augmented_before_the_start_epoch():
+    widths = np.random.default_rng(2).integers(100, 3000, 400)
+    will_have = functools.partial(augmented_widths, STRONG, 64)
+
+    def keys(epoch, start):
+        sampler = WidthBatchSampler(widths, 16, shuffle=True, seed=4, augmented_width=will_have,
+                                    augment_from_epoch=start)
+        sampler.set_epoch(epoch)
+        return list(sampler), sampler.epoch_widths()
+
+    for epoch in (1, 2):
+        late, late_widths = keys(epoch, start=3)
+        plain = WidthBatchSampler(widths, 16, shuffle=True, seed=4)
+        plain.set_epoch(epoch)
+        assert late == list(plain) and all(seed is None for batch in late for _, seed in batch)
+        assert np.array_equal(late_widths, widths)
+    assert keys(3, start=3)[0] == keys(3, start=1)[0]
+    assert all(seed is not None for batch in keys(3, start=3)[0] for _, seed in batch)

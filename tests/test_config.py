@@ -103,6 +103,7 @@ def test_config_is_deeply_frozen_hashable_and_round_trips_through_yaml(tmp_path)
     ("train.device=gpu", "'train.device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("train.min_lr_ratio=2", r"'train.min_lr_ratio' must be in \[0, 1\]"),
     ("data.augment.shear=-1", "'data.augment.shear' must be >= 0"),
+    ("data.augment.start_epoch=0", "'data.augment.start_epoch' must be >= 1, got 0"),
     ("model.shortcut_weight=-0.1", "'model.shortcut_weight' must be >= 0"),
     ("data.synthetic.min_words=9", "'data.synthetic.min_words' \\(9\\) must not exceed 'data.synthetic.max_words'"),
     ("model.attention_layers=1 model.attention_dim=100 model.attention_heads=8",

@@ -73,6 +73,31 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, variant):
     assert state_a["ema_updates"] == state_b["ema_updates"] == (6 if "train.ema=0.9" in variant else 0)
 
 
+def test_augmentation_starts_at_data_augment_start_epoch(tmp_path):
+    common = ["train.epochs=3", "data.synthetic.train=24", "data.synthetic.validation=8", "data.augment.prob=1.0"]
+    fit(load_config(TINY, [*common, "data.augment.start_epoch=3", f"train.output_dir={tmp_path / 'late'}"]))
+    fit(load_config(TINY, [*common, "data.augment.enabled=false", f"train.output_dir={tmp_path / 'none'}"]))
+    late, plain = read_metrics(tmp_path / "late"), read_metrics(tmp_path / "none")
+    assert [m["epoch"] for m in late] == [1, 2, 3]
+    for epoch in (0, 1):  # epochs 1 and 2: exactly the run without augmentation
+        assert late[epoch]["train_loss"] == plain[epoch]["train_loss"]
+        assert late[epoch]["val_loss"] == plain[epoch]["val_loss"]
+    assert late[2]["train_loss"] != pytest.approx(plain[2]["train_loss"], rel=1e-3)
+
+
+def test_the_budget_is_planned_again_once_augmentation_has_started(tmp_path):
+    cfg = load_config(TINY, ["train.epochs=1000", "train.max_minutes=1", "data.augment.start_epoch=4",
+                             f"train.output_dir={tmp_path / 'run'}"])
+    run = trainer.build_run(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
+    run.state.planned_steps, run.state.step, run.state.train_seconds = 100, 24, 10.0
+    for epoch in (2, 3):  # unaugmented epochs: their speed is not the run's
+        run.refit_budget(epoch, EpochStats(batches=6, seconds=1.5))
+        assert run.state.planned_steps == 100
+    run.refit_budget(4, EpochStats(batches=6, seconds=2.0))  # 3 steps/s, 50 s left
+    assert run.state.planned_steps == run.setup.horizon.steps == 24 + 3 * 50
+    trainer.shut_down(run.train_loader)
+
+
 def test_ema_is_the_model_the_run_validates_and_saves(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 8)
     run_dir = tmp_path / "run"

@@ -57,7 +57,7 @@ def build_loader(data_cfg: DataConfig, dataset: LineDataset, train: bool, seed: 
     sampler = WidthBatchSampler(
         dataset.widths, data_cfg.batch_size, shuffle=train, seed=seed, window=data_cfg.shuffle_window,
         augmented_width=functools.partial(augmented_widths, data_cfg.augment, data_cfg.height) if augment else None,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, augment_from_epoch=data_cfg.augment.start_epoch,
     )
     workers = data_cfg.num_workers
     loader = torch.utils.data.DataLoader(

@@ -68,12 +68,13 @@ class WidthBatchSampler:
     def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
                  window: int = 50,
                  augmented_width: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, augment_from_epoch: int = 1):
         if len(widths) == 0:
             raise ValueError("cannot sample batches from an empty split")
         self.widths = np.asarray(widths)
         self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, window
         self.augmented_width, self.rank, self.world_size = augmented_width, rank, world_size
+        self.augment_from_epoch = augment_from_epoch
         self.epoch, self.start_batch = 0, 0
         self._seeds: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
@@ -82,9 +83,10 @@ class WidthBatchSampler:
         self.epoch, self.start_batch = epoch, start_batch
 
     def _epoch_seeds(self, epoch: int) -> np.ndarray | None:
-        """Each line's augmentation seed in `epoch`, or None without augmentation (kept for the
-        epoch: the batches and their keys both need them)."""
-        if self.augmented_width is None:
+        """Each line's augmentation seed in `epoch`, or None without augmentation (none configured,
+        or `epoch` before `augment_from_epoch`); kept for the epoch: the batches and their keys
+        both need them."""
+        if self.augmented_width is None or epoch < self.augment_from_epoch:
             return None
         if self._seeds[0] != epoch:
             self._seeds = (epoch, augmentation_seeds(self.seed, epoch, len(self.widths)))
