@@ -48,7 +48,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     blocks = {names[id(p)]: group["row_blocks"] for group in optimizer.param_groups if group["muon"] for p in group["params"]}
     assert {name for name, count in blocks.items() if count == 4} == {name for name in muon if ".lstm." in name}
     assert {count for name, count in blocks.items() if ".lstm." not in name} == {1}  # an LSTM's gates apart
-    assert type(build_optimizer(load_config(COPISTE).train, model, torch.device("cpu"))) is torch.optim.AdamW
+    assert type(build_optimizer(load_config(COPISTE, ["train.optimizer=adamw"]).train, model, torch.device("cpu"))) is torch.optim.AdamW
 
 
 def test_muon_takes_the_attention_decoders_matrices_but_not_its_character_rows():
