@@ -31,10 +31,17 @@ KILL_RUN = ["train.epochs=3", "train.checkpoint_every_steps=2", "train.resume=au
 
 
 def start_training(run_dir, *overrides, env=None):
+    """tools/train.py in a fresh Python, left running: for the tests that signal it from outside."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "tools/train.py", "--cfg", str(TINY), f"train.output_dir={run_dir}", *overrides]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def train(run_dir, *overrides, env=None):
+    """tools/train.py run to its end (or its own death), through `run_tool`."""
+    return run_tool("tools/train.py", "--cfg", TINY, f"train.output_dir={run_dir}", *overrides,
+                    env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def checkpoint_step(run_dir):
@@ -57,12 +64,11 @@ def final_weights(run_dir):
 
 
 def test_sigkill_at_several_points_then_resume_equals_an_unbroken_run(tmp_path):
-    unbroken = start_training(tmp_path / "unbroken", *KILL_RUN)
-    assert unbroken.wait(timeout=300) == 0, unbroken.stderr.read()[-2000:]
+    unbroken = train(tmp_path / "unbroken", *KILL_RUN)
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
     run_dir = tmp_path / "broken"
     # 1: killed inside the third checkpoint write (new file written, not yet renamed)
-    process = start_training(run_dir, *KILL_RUN, env={"CRNN_TEST_KILL_IN_SAVE": "3"})
-    assert process.wait(timeout=300) == -signal.SIGKILL
+    assert train(run_dir, *KILL_RUN, env={"CRNN_TEST_KILL_IN_SAVE": "3"}).returncode == -signal.SIGKILL
     assert checkpoint_step(run_dir) == 4  # the checkpoint of step 4 survived, intact
     # 2: killed from outside, at whatever it is doing, once step 8 is saved
     process = start_training(run_dir, *KILL_RUN)
@@ -70,11 +76,10 @@ def test_sigkill_at_several_points_then_resume_equals_an_unbroken_run(tmp_path):
     process.kill()
     process.wait()
     # 3: killed inside the first write after resuming: the end-of-epoch checkpoint
-    process = start_training(run_dir, *KILL_RUN, env={"CRNN_TEST_KILL_IN_SAVE": "1"})
-    assert process.wait(timeout=300) == -signal.SIGKILL
+    assert train(run_dir, *KILL_RUN, env={"CRNN_TEST_KILL_IN_SAVE": "1"}).returncode == -signal.SIGKILL
     # 4: runs to the end
-    process = start_training(run_dir, *KILL_RUN)
-    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    finished = train(run_dir, *KILL_RUN)
+    assert finished.returncode == 0, finished.stderr[-2000:]
     expected, resumed = final_weights(tmp_path / "unbroken"), final_weights(run_dir)
     for name, tensor in expected.items():
         assert torch.equal(tensor, resumed[name]), name
@@ -95,18 +100,17 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     assert "stopped by signal 15" in stderr and "train.resume=auto" in stderr
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert stopped["step"] >= 3
-    process = start_training(run_dir, f"train.epochs={stopped['epoch'] + 1}", "train.resume=auto")
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-2000:]
-    assert f"step {stopped['step']}" in stderr  # says what it resumed
+    resumed = train(run_dir, f"train.epochs={stopped['epoch'] + 1}", "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"step {stopped['step']}" in resumed.stderr  # says what it resumed
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == stopped["epoch"] + 1
 
 
 def test_stop_after_minutes_stops_like_a_signal_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    process = start_training(run_dir, "train.epochs=200", "train.stop_after_minutes=0.0001")  # 6 ms
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGALRM == 142, stderr[-2000:]
+    result = train(run_dir, "train.epochs=200", "train.stop_after_minutes=0.0001")  # 6 ms
+    stderr = result.stderr
+    assert result.returncode == 128 + signal.SIGALRM == 142, stderr[-2000:]
     assert "stopped by train.stop_after_minutes=0.0001 at step 1;" in stderr
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (stopped["step"], stopped["epoch"]) == (1, 0)
