@@ -30,18 +30,21 @@ from tests.helpers import REPO, TINY, read_metrics, run_epoch, run_tool, synthet
 KILL_RUN = ["train.epochs=3", "train.checkpoint_every_steps=2", "train.resume=auto"]
 
 
+def train_args(run_dir, *overrides):
+    """The arguments of a tiny tools/train.py run into `run_dir`."""
+    return ["tools/train.py", "--cfg", str(TINY), f"train.output_dir={run_dir}", *overrides]
+
+
 def start_training(run_dir, *overrides, env=None):
     """tools/train.py in a fresh Python, left running: for the tests that signal it from outside."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [sys.executable, "tools/train.py", "--cfg", str(TINY), f"train.output_dir={run_dir}", *overrides]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, *train_args(run_dir, *overrides)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def train(run_dir, *overrides, env=None):
+def train(run_dir, *overrides, env=None, timeout=300):
     """tools/train.py run to its end (or its own death), through `run_tool`."""
-    return run_tool("tools/train.py", "--cfg", TINY, f"train.output_dir={run_dir}", *overrides,
-                    env={"OMP_NUM_THREADS": "1", **(env or {})})
+    return run_tool(*train_args(run_dir, *overrides), env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
 
 
 def checkpoint_step(run_dir):
@@ -108,7 +111,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
 
 def test_stop_after_minutes_stops_like_a_signal_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    result = train(run_dir, "train.epochs=200", "train.stop_after_minutes=0.0001")  # 6 ms
+    result = train(run_dir, "train.epochs=200", "train.stop_after_minutes=0.0001", timeout=120)  # 6 ms
     stderr = result.stderr
     assert result.returncode == 128 + signal.SIGALRM == 142, stderr[-2000:]
     assert "stopped by train.stop_after_minutes=0.0001 at step 1;" in stderr
