@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
+from functools import cache
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from crnn.config import DEVICES, TrainConfig
 from crnn.errors import ConfigError
@@ -57,13 +61,15 @@ def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch
     """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
 
     auto: bf16 on a CUDA GPU that supports it, else fp16 there; on a CPU, bf16 where it has bf16
-    kernels (AVX-512 BF16 or AMX: about twice float32's training speed, at the same CER per minute
-    or better, docs/ablations.md), float32 where PyTorch would emulate bf16 (many times slower).
+    kernels and trains measurably faster with them (`cpu_bf16_pays`: about twice float32's speed on
+    an AMD EPYC with AVX-512 BF16, at the same CER per minute or better, docs/ablations.md), else
+    float32: where PyTorch would emulate bf16 (many times slower), and where the kernels exist but
+    lose to float32 (an Intel Xeon with AVX-512 BF16 and no AMX: 0.7-0.9x).
     fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
     """
     if amp == "auto":
         if device.type != "cuda":
-            return torch.bfloat16 if cpu_runs_bf16_natively() is True else None
+            return torch.bfloat16 if cpu_runs_bf16_natively() is True and cpu_bf16_pays() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
@@ -80,6 +86,55 @@ def cpu_runs_bf16_natively() -> bool | None:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return None
+
+
+BF16_MIN_SPEEDUP = 1.2  # below it float32 keeps its precision for little or no time lost
+
+
+@cache
+def cpu_bf16_pays() -> bool:
+    """Whether a training step under bf16 autocast beats float32 by `BF16_MIN_SPEEDUP` on this CPU,
+    measured once per process (about a second) on a probe shaped like the CRNN: strided
+    convolutions, batch norm, a BiLSTM, forward and backward. Having bf16 kernels is not enough:
+    oneDNN's AVX-512 BF16 convolutions train slower than float32 on some Xeons without AMX. Under
+    torch.distributed every rank probes and bf16 is chosen only if all agree, so that the ranks
+    train alike."""
+    speedup = bf16_speedup()
+    pays = speedup >= BF16_MIN_SPEEDUP
+    if dist.is_available() and dist.is_initialized():
+        vote = torch.tensor([int(pays)])
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+        pays = bool(vote.item())
+    log.info("amp auto: a bf16 training step runs at %.2fx float32's speed on this CPU (a probe), so auto means %s",
+             speedup, "bf16 here" if pays else f"float32 here (bf16 needs {BF16_MIN_SPEEDUP}x)")
+    return pays
+
+
+def bf16_speedup(repeats: int = 2) -> float:
+    """Float32's time over bf16's for the probe's training step (best of `repeats` after a warm-up,
+    the two precisions interleaved twice so that a burst of load elsewhere hits both alike)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        convs = nn.Sequential(nn.Conv2d(1, 32, 7, (4, 2), 3), nn.BatchNorm2d(32), nn.ReLU(),
+                              nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                              nn.Conv2d(64, 128, 3, (2, 1), 1), nn.BatchNorm2d(128), nn.ReLU())
+        lstm = nn.LSTM(128 * 4, 128, bidirectional=True)
+    images = torch.randn(8, 1, 64, 512, generator=generator)
+
+    def step(dtype: torch.dtype | None) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad(), autocast(torch.device("cpu"), dtype):
+            columns = convs(images).flatten(1, 2).permute(2, 0, 1)  # (T, N, C)
+            output, _ = lstm(columns)
+            output.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    best = {None: float("inf"), torch.bfloat16: float("inf")}
+    for dtype in (None, torch.bfloat16) * 2:
+        step(dtype)
+        best[dtype] = min(best[dtype], *(step(dtype) for _ in range(repeats)))
+    return best[None] / best[torch.bfloat16]
 
 
 _bf16_warning_given = False

@@ -136,11 +136,13 @@ def test_budget_mode_reports_a_config_error_from_its_training_process(tmp_path):
     assert "tiny.yaml" in result.stderr and "train.bogus" in result.stderr
 
 
-@pytest.mark.parametrize("native", [True, False, None], ids=["bf16 kernels", "emulated", "unknown"])
-def test_amp_auto_on_a_cpu_is_bf16_only_where_it_has_bf16_kernels(monkeypatch, native):
+@pytest.mark.parametrize(("native", "pays"), [(True, True), (True, False), (False, True), (None, True)],
+                         ids=["bf16 kernels, faster", "bf16 kernels, slower", "emulated", "unknown"])
+def test_amp_auto_on_a_cpu_is_bf16_only_where_its_bf16_kernels_train_faster(monkeypatch, native, pays):
     monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: native)
+    monkeypatch.setattr(device, "cpu_bf16_pays", lambda: pays)
     cpu = torch.device("cpu")
-    expected = torch.bfloat16 if native else None
+    expected = torch.bfloat16 if native and pays else None
     assert resolve_amp("auto", cpu) is expected
     setup = TrainSetup.from_config(load_config(TINY, ["train.amp=auto"]), model=torch.nn.Linear(2, 2), device=cpu,
                                    total_steps=1)
