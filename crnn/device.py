@@ -113,14 +113,13 @@ def cpu_bf16_pays() -> bool:
 def bf16_speedup(repeats: int = 2) -> float:
     """Float32's time over bf16's for the probe's training step (best of `repeats` after a warm-up,
     the two precisions interleaved twice so that a burst of load elsewhere hits both alike)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)
         convs = nn.Sequential(nn.Conv2d(1, 32, 7, (4, 2), 3), nn.BatchNorm2d(32), nn.ReLU(),
                               nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
                               nn.Conv2d(64, 128, 3, (2, 1), 1), nn.BatchNorm2d(128), nn.ReLU())
         lstm = nn.LSTM(128 * 4, 128, bidirectional=True)
-    images = torch.randn(8, 1, 64, 512, generator=generator)
+        images = torch.randn(8, 1, 64, 512)
 
     def step(dtype: torch.dtype | None) -> float:
         start = time.perf_counter()
