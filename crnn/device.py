@@ -48,8 +48,10 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
 
 def check_device_options(train: TrainConfig, device: torch.device) -> None:
     """Reject what the config asks of a device it does not have (the values themselves were
-    checked when the config was loaded)."""
-    resolve_amp(train.amp, device)
+    checked when the config was loaded). `auto` fits every device: it is resolved (on a CPU, a timed
+    probe) where the training is set up, after the data has loaded."""
+    if train.amp != "auto":
+        resolve_amp(train.amp, device)
     if train.sync_bn and device.type != "cuda":
         raise ConfigError("'train.sync_bn=true' needs CUDA (SyncBatchNorm does not run on CPU); "
                           "set train.sync_bn=false")
