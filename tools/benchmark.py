@@ -49,7 +49,7 @@ import torch
 
 from crnn.benchmark import budget_row, decoding_rows, loop_row, make_lines, speed_row, startup_table
 from crnn.config import AMP_MODES
-from crnn.device import AMP_NAMES, resolve_amp, resolve_device
+from crnn.device import AMP_NAMES, BF16_MIN_SPEEDUP, resolve_amp, resolve_device
 from crnn.errors import CrnnError, tool_main
 from crnn.outputs import check_output_dir, check_output_file
 from crnn.runlog import setup_console_logging
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="the precision timed next to fp32, as train.amp means it (auto: bf16 on GPUs "
-                             "that have it, fp16 on other GPUs; on a CPU, bf16 where its kernels train at least 1.2x faster than fp32, else fp32 alone)")
+                             "that have it, fp16 on other GPUs; on a CPU, bf16 where its kernels train at least "
+                             f"{BF16_MIN_SPEEDUP}x faster than fp32, else fp32 alone)")
     parser.add_argument("--lines", type=int, default=0, help="lines per timed pass (default 32 CPU, 256 GPU)")
     parser.add_argument("--batch-size", type=int, default=0, help="default 8 on CPU, 32 on GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (the median is reported)")
