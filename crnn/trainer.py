@@ -322,7 +322,8 @@ def epoch_record(epoch: int, step: int, stats: EpochStats, result: EvalResult, l
 
 
 # train.max_minutes: the steps timed to fit the schedule to the budget (after the first, slower ones),
-# and the epoch whose own speed fits it once more at its end (the decode cache is full by then)
+# and the first epoch whose own speed fits it again at its end (the decode cache is full by then;
+# every later epoch fits it again too)
 BUDGET_STEPS = (10, 50)
 BUDGET_REFIT_EPOCH = 2
 HELD_OUT_FOLDS = 5  # the end-of-run calibration is measured cross-fitted over this many folds
@@ -421,14 +422,16 @@ class Run:
                          train.max_minutes, per_second, timed, planned)
 
     def refit_budget(self, epoch: int, stats: EpochStats) -> None:
-        """At the end of epoch BUDGET_REFIT_EPOCH, plan the schedule's end once more from that
-        epoch's own speed: the steps 10-50 of the first plan run while the decode cache fills, and
-        are slower than the rest (by 3-9% on copiste-h64). The cosine barely moves this early (its
-        LR changes by less than 1e-4 of the peak for a plan a few percent longer). Augmentation
+        """From the end of epoch BUDGET_REFIT_EPOCH on, plan the schedule's end again after every
+        epoch from that epoch's own speed: the steps 10-50 of the first plan run while the decode
+        cache fills, and are slower than the rest (by 3-9% on copiste-h64), and a machine's speed
+        drifts over hours (17-23 lines/s within one two-hour run), so one plan left the cosine at
+        93-96% of its length when the minutes ran out. A plan a few percent longer or shorter moves
+        the LR by a few percent of the peak at most (the cosine is flat at both ends). Augmentation
         that starts later (`data.augment.start_epoch`) is waited for: its epochs are the slower."""
         train, augment = self.cfg.train, self.cfg.data.augment
         refit_epoch = max(BUDGET_REFIT_EPOCH, augment.start_epoch if augment.enabled else 1)
-        if not (train.max_minutes and self.state.planned_steps and epoch == refit_epoch and stats.batches
+        if not (train.max_minutes and self.state.planned_steps and epoch >= refit_epoch and stats.batches
                 and self.state.step < self.state.planned_steps):
             return
         self.plan_budget(self.state.step, stats.batches / max(stats.seconds, 1e-9), self.state.train_seconds,

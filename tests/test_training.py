@@ -205,12 +205,17 @@ def test_max_minutes_fits_the_lr_schedule_to_the_steps_that_fit(tmp_path, monkey
     floor = cfg.train.lr * cfg.train.min_lr_ratio
     assert run.setup.scheduler.lr_lambdas[0](120) * cfg.train.lr == pytest.approx(floor)
     assert run.out_of_budget(120, 3.0) and not run.out_of_budget(119, 3.0)
-    # at the end of epoch 2, fitted again from that epoch's speed: 6 steps in 1.5 s, 55 s left
+    # at the end of epoch 1 the plan holds; from epoch 2 on each epoch's speed fits it again
+    run.state.step, run.state.train_seconds = 6, 3.5
+    run.refit_budget(1, EpochStats(batches=6, seconds=1.5))
+    assert run.state.planned_steps == 120
     run.state.step, run.state.train_seconds = 12, 5.0
-    run.refit_budget(3, EpochStats(batches=6, seconds=1.5))
-    assert run.state.planned_steps == 120  # only the second epoch re-fits
-    run.refit_budget(2, EpochStats(batches=6, seconds=1.5))
+    run.refit_budget(2, EpochStats(batches=6, seconds=1.5))  # 4 steps/s, 55 s left
     assert run.state.planned_steps == run.setup.horizon.steps == 12 + 4 * 55
+    run.state.step, run.state.train_seconds = 18, 8.0
+    run.refit_budget(3, EpochStats(batches=6, seconds=3.0))  # the machine slowed: 2 steps/s, 52 s left
+    assert run.state.planned_steps == run.setup.horizon.steps == 18 + 2 * 52
+    assert run.setup.scheduler.lr_lambdas[0](18 + 2 * 52) * cfg.train.lr == pytest.approx(floor)
     trainer.shut_down(run.train_loader)
 
     # a whole run: it stops at its planned step (or its minutes), the plan travels in the checkpoint
