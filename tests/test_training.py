@@ -222,8 +222,11 @@ def test_max_minutes_fits_the_lr_schedule_to_the_steps_that_fit(tmp_path, monkey
     run_dir = tmp_path / "run"
     state = fit(load_config(TINY, ["train.epochs=1000", "train.max_minutes=0.1", "train.warmup_steps=2",
                                    f"train.output_dir={run_dir}"]))
-    assert 6 < state.planned_steps and state.step <= state.planned_steps
+    if state.step >= 6:  # it got past the timed steps 2-6: planned there, far short of the epochs' 6,000
+        assert 6 <= state.planned_steps < 1000 * 6 and state.step <= state.planned_steps
+    else:  # a machine so busy that the 6 s ran out first: the minutes alone stopped it
+        assert state.planned_steps == 0 and state.train_seconds >= 6
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["planned_steps"] == state.planned_steps
     resumed = trainer.build_run(load_config(TINY, ["train.epochs=1000", "train.max_minutes=0.1", "train.resume=auto",
                                                    f"train.output_dir={run_dir}"]), DistInfo(0, 0, 1, torch.device("cpu")))
-    assert resumed.setup.horizon.steps == state.planned_steps
+    assert resumed.setup.horizon.steps == (state.planned_steps or 1000 * 6)
