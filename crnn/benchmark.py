@@ -43,7 +43,7 @@ from crnn.data import (
 from crnn.data.collate import collate
 from crnn.data.samplers import WidthBatchSampler
 from crnn.decoding import DECODER_NAMES, GreedyDecoder, build_decoders
-from crnn.device import AMP_NAMES, autocast, resolve_device
+from crnn.device import AMP_NAMES, autocast, resolve_device, resolve_memory_format
 from crnn.distributed import DistInfo
 from crnn.engine import TrainSetup, drop_infeasible, prepare_batch, submit_decoding, train_step
 from crnn.errors import CrnnError
@@ -141,9 +141,7 @@ def speed_row(cfg_path: str, lines: Lines, device: torch.device, batch_size: int
     vocab = Vocab.from_texts(lines.texts)
     batches = batches_for(cfg, lines, vocab, batch_size)
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(vocab)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.model, len(vocab)).to(device, memory_format=resolve_memory_format(cfg.train.memory_format, device))
     count = len(lines.texts)
     row = {"config": Path(cfg_path).stem, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
            "gflops_per_line": forward_gflops(model, batches[len(batches) // 2], device),

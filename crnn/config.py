@@ -46,6 +46,7 @@ LM_SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
 LM_BACKENDS = ("kenlm", "python")
 INIT_VOCABS = ("union", "new", "keep")
 OPTIMIZERS = ("adamw", "muon")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -207,6 +208,9 @@ class TrainConfig:
     ema: float = _range(0.0, 0.0, 0.9999)
     grad_clip: float = _non_negative(5.0)  # max gradient norm (0: off)
     amp: str = _choice("auto", AMP_MODES)
+    # the convolutions' layout in training (crnn.device.resolve_memory_format): auto is channels_last
+    # on a CPU (oneDNN's own: a 9-11% faster training step) and contiguous on CUDA (not measured there)
+    memory_format: str = _choice("auto", MEMORY_FORMATS)
     output_dir: str = ""  # "" -> runs/<config file stem>
     resume: str = ""  # "" (new run), "auto" (continue from last.pt if present) or a path
     # a new run whose weights start from this checkpoint or export bundle (fine-tuning), and what

@@ -58,7 +58,7 @@ from crnn.config import Config, check_starting_point, config_from_dict, config_y
 from crnn.data import LineRecords, Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.check import check_records
 from crnn.data.records import problem_summary
-from crnn.device import AMP_NAMES, check_device_options
+from crnn.device import AMP_NAMES, check_device_options, resolve_memory_format
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
 from crnn.engine import EpochStats, EvalResult, TrainSetup, evaluate, train_epoch
 from crnn.errors import CheckpointError, ConfigError, DataError
@@ -207,7 +207,7 @@ def build_training(cfg: Config, dist: DistInfo, vocab: Vocab, steps_per_epoch: i
     bare = build_model(cfg.model, len(vocab))
     if start:
         bare.load_state_dict(starting_weights(start, vocab, bare))
-    bare = bare.to(dist.device)
+    bare = bare.to(dist.device, memory_format=resolve_memory_format(cfg.train.memory_format, dist.device))
     model = wrap_model(cfg, bare, dist)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:

@@ -95,6 +95,29 @@ def test_twenty_steps_on_varying_widths(amp, optimizer, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_channels_last_on_the_gpu_trains_like_contiguous():
+    """train.memory_format=channels_last on CUDA (auto keeps contiguous there): the same losses and
+    gradients, on lines of varying widths, through the strided 1x1 shortcut convolutions too."""
+    from crnn.distributed import DistInfo
+    from crnn.trainer import build_training
+
+    gpu = DistInfo(0, 0, 1, CUDA)
+    vocab = Vocab.from_texts(["abcdef"])
+    images, widths = torch.rand(3, 1, 32, 388, device=CUDA), torch.tensor([388, 201, 97])
+    targets, target_lengths = torch.tensor([1, 2, 3, 4, 5, 6], device=CUDA), torch.tensor([3, 2, 1])
+    gradients = {}
+    for layout in ("contiguous", "channels_last"):
+        cfg = load_config(TINY, ["train.device=cuda", "train.amp=off", f"train.memory_format={layout}"])
+        model, _ = build_training(cfg, gpu, vocab, 1)
+        output = model(images, widths)
+        ctc_line_losses(output.log_probs, output.lengths, targets, target_lengths).sum().backward()
+        gradients[layout] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    conv = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1))
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for name, grad in gradients["contiguous"].items():
+        assert torch.allclose(gradients["channels_last"][name], grad, rtol=1e-3, atol=1e-4), name
+
+
 def test_batch_augmentation_on_the_gpu_equals_the_cpu():
     lines, seeds = ink_lines(5), [21, 22, 23, None, 25]
     images, widths = pad_batch(lines)

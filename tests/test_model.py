@@ -143,3 +143,25 @@ def test_the_attention_decoder_is_taught_the_text_then_the_end_and_ignores_what_
     batched = decoder(torch.cat([noisy, features], dim=1), torch.tensor([9, 20]), torch.tensor([[6, 2, 0, 0], [1, 2, 3, 4]]))
     assert batched.shape == (5, 2, 7)
     assert torch.allclose(alone[:, 0], batched[:3, 0], atol=1e-5)  # its text and its end token
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [(16, 194), (15, 97)])
+def test_a_strided_pointwise_conv_computes_what_a_strided_1x1_conv_does(size, layout):
+    """The residual shortcut's 1x1 convolution subsamples before it convolves (oneDNN's own strided
+    1x1 kernel crashed in its channels_last backward pass at 8 input channels, the tiny recipe's)."""
+    from crnn.models.encoder import PointwiseConv
+
+    torch.manual_seed(0)
+    ours, plain = PointwiseConv(8, 16, (2, 2)), torch.nn.Conv2d(8, 16, 1, (2, 2), bias=False)
+    plain.weight.data.copy_(ours.weight.data)
+    ours, plain = ours.to(memory_format=layout), plain.double()
+    images = torch.rand(4, 8, *size).contiguous(memory_format=layout)
+    out, expected = ours(images), plain(images.double())
+    assert out.shape == expected.shape == (4, 16, (size[0] + 1) // 2, (size[1] + 1) // 2)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    weights = torch.rand(out.shape)
+    (out * weights).sum().backward()
+    (expected * weights.double()).sum().backward()
+    assert torch.allclose(ours.weight.grad.double(), plain.weight.grad, rtol=1e-4, atol=1e-5)
+    assert list(ours.state_dict()) == ["weight"]  # the parameters of nn.Conv2d(8, 16, 1, bias=False)

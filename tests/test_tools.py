@@ -34,13 +34,15 @@ def test_gpu_check_runs_every_gpu_step_or_says_why_not(tmp_path):
                       "--dry-run", timeout=120)
     assert listed.returncode == 0, listed.stderr
     steps = dict(line.split("\t", 1) for line in listed.stdout.strip().splitlines())
-    assert list(steps) == ["tests", "loop", "loop_muon", "referee"]
+    assert list(steps) == ["tests", "loop", "loop_muon", "loop_channels_last", "referee"]
     assert "tests/test_cuda.py" in steps["tests"]
     assert "--loop" in steps["loop"] and "--cfg experiments/candidates/strided.yaml" in steps["loop"]
     assert steps["loop_muon"].endswith("/out/loop_muon.json data.height=128 data.num_workers=12 train.optimizer=muon")
     assert "--cfg experiments/base.yaml --device cuda --loop" in steps["loop_muon"]
+    assert steps["loop_channels_last"].endswith("/out/loop_channels_last.json data.height=128 data.num_workers=12 "
+                                                "train.memory_format=channels_last")
     assert "--budget-minutes 1 " in steps["referee"] and "--data train.parquet,val.parquet" in steps["referee"]
-    skipped = run_tool("tools/gpu_check.py", "--out", tmp_path / "out", "--data", "t,v", "--skip", "tests,loop_muon,referee",
+    skipped = run_tool("tools/gpu_check.py", "--out", tmp_path / "out", "--data", "t,v", "--skip", "tests,loop_muon,loop_channels_last,referee",
                        "--dry-run", timeout=120)
     assert [line.split("\t")[0] for line in skipped.stdout.splitlines()] == ["loop"]
     if not torch.cuda.is_available():

@@ -8,6 +8,7 @@ import torch
 from crnn import trainer
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
+from crnn.data import Vocab
 from crnn.decoding import GreedyDecoder
 from crnn.distributed import DistInfo
 from crnn.engine import EpochStats, evaluate
@@ -40,11 +41,14 @@ PINNED_CURVE = [(1, 55.70683, 56.38807), (2, 54.27337, 55.66802), (3, 51.91762, 
                 (5, 37.21717, 20.1706), (6, 27.36555, 19.81711), (7, 21.94892, 19.83216), (8, 20.29155, 19.58617)]
 
 
-def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path):
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path, layout):
+    """In either layout of the convolutions (`auto` is channels_last on a CPU): the same run."""
     lines = synthetic_folder(tmp_path / "lines", 4)  # one batch: its lines do not depend on the grouping
     fit(load_config(TINY, ["data.source=folder", f"data.train={lines}", f"data.validation={lines}",
                            "data.batch_size=4", "train.epochs=8", "train.lr=1e-2", "train.schedule=constant",
-                           "train.warmup_steps=2", "data.width_multiple=1", f"train.output_dir={tmp_path / 'run'}"]))
+                           "train.warmup_steps=2", "data.width_multiple=1", f"train.memory_format={layout}",
+                           f"train.output_dir={tmp_path / 'run'}"]))
     curve = [(m["epoch"], m["val_loss"], m["train_loss"]) for m in read_metrics(tmp_path / "run")]
     assert [epoch for epoch, _, _ in curve] == [epoch for epoch, _, _ in PINNED_CURVE]
     for (_, val_loss, train_loss), (_, pinned_val, pinned_train) in zip(curve, PINNED_CURVE, strict=True):
@@ -230,3 +234,13 @@ def test_max_minutes_fits_the_lr_schedule_to_the_steps_that_fit(tmp_path, monkey
     resumed = trainer.build_run(load_config(TINY, ["train.epochs=1000", "train.max_minutes=0.1", "train.resume=auto",
                                                    f"train.output_dir={run_dir}"]), DistInfo(0, 0, 1, torch.device("cpu")))
     assert resumed.setup.horizon.steps == (state.planned_steps or 1000 * 6)
+
+
+@pytest.mark.parametrize("layout,expected", [("auto", torch.channels_last), ("channels_last", torch.channels_last),
+                                             ("contiguous", torch.contiguous_format)])
+def test_the_convolutions_take_the_layout_the_config_asks_for(layout, expected):
+    cfg = load_config(TINY, [f"train.memory_format={layout}"])
+    model, _ = trainer.build_training(cfg, DistInfo(0, 0, 1, torch.device("cpu")), Vocab.from_texts(["abc"]), 1)
+    convolutions = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)]
+    assert convolutions and all(p.is_contiguous(memory_format=expected) for p in convolutions)
+    assert all(not p.is_contiguous() for p in convolutions) == (expected == torch.channels_last)

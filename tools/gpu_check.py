@@ -8,12 +8,16 @@ loop's speed, and the accuracy-per-minute referee between the base recipe and th
     python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --dry-run   # the commands only
     PYTHONPATH=. python tools/gpu_check.py ...      # where the package is not installed (pip install -e .)
 
-Steps, each in a fresh process, in this order (`--skip tests,loop,loop_muon,referee` leaves some out):
+Steps, each in a fresh process, in this order (`--skip tests,loop,loop_muon,loop_channels_last,referee`
+leaves some out):
 - tests:   python -m pytest tests/test_cuda.py (every CUDA path) -> cuda_tests.log, cuda_tests.xml
 - loop:    tools/benchmark.py --loop on --data at height 128, one whole untimed epoch first, for
            each config -> loop.json, loop.log (loop and model lines/s, data wait, padding, shapes)
 - loop_muon: the same loop for the first config with train.optimizer=muon -> loop_muon.json,
            loop_muon.log: what Muon's orthogonalisation costs a GPU step, against loop.json's AdamW
+- loop_channels_last: the same loop for the first config with train.memory_format=channels_last ->
+           loop_channels_last.json, .log: whether the GPU, like the CPU, trains faster in that layout
+           (train.memory_format=auto is contiguous on CUDA until this says otherwise)
 - referee: tools/benchmark.py --budget-minutes on --data at height 128, each config trained for
            --referee-minutes in its own process -> referee.json, referee.log (val CER/WER, epochs)
 Also environment.txt (GPU, driver, versions) and summary.json (each step's command, exit code and
@@ -41,7 +45,7 @@ from crnn.errors import CrnnError, tool_main
 from crnn.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "loop", "loop_muon", "referee")
+STEPS = ("tests", "loop", "loop_muon", "loop_channels_last", "referee")
 CONFIGS = "experiments/base.yaml,experiments/candidates/strided.yaml"
 HEIGHT_128 = ["data.height=128", "data.num_workers=12"]
 
@@ -56,6 +60,8 @@ def step_commands(args: argparse.Namespace) -> dict[str, list[str]]:
         "loop": [python, "tools/benchmark.py", *configs, *loop, "--json", str(out / "loop.json"), *HEIGHT_128],
         "loop_muon": [python, "tools/benchmark.py", *configs[:2], *loop, "--json", str(out / "loop_muon.json"), *HEIGHT_128,
                  "train.optimizer=muon"],
+        "loop_channels_last": [python, "tools/benchmark.py", *configs[:2], *loop, "--json",
+                               str(out / "loop_channels_last.json"), *HEIGHT_128, "train.memory_format=channels_last"],
         "referee": [python, "tools/benchmark.py", *configs, "--budget-minutes", f"{args.referee_minutes:g}",
                     "--data", args.data, "--output", str(out / "referee_runs"), "--json", str(out / "referee.json"),
                     *HEIGHT_128],

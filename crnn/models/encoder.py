@@ -7,6 +7,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (no padding) whose stride is taken by subsampling its input first: the same
+    function and parameters as `nn.Conv2d(in, out, 1, stride)`, but never oneDNN's strided 1x1
+    kernel, whose backward pass in the channels_last layout (`train.memory_format`) writes past its
+    workspace when the input has fewer channels than its vector block (oneDNN issue 6035: a
+    segfault, or wrong weight gradients, e.g. at 8 input channels on AVX-512)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int]):
+        super().__init__(in_channels, out_channels, 1, bias=False)
+        self.subsample = tuple(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.subsample != (1, 1):
+            x = x[:, :, ::self.subsample[0], ::self.subsample[1]]
+        return super().forward(x)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection (He et al. 2016); `stride` is (height, width)."""
 
@@ -19,7 +36,7 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != (1, 1) or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+                PointwiseConv(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
