@@ -2,8 +2,9 @@
 
 Speed: every config is timed in one process on the same lines (synthetic handwriting rendered at
 a height of 128 with realistic widths), each config's own preprocessing applied, batches grouped by
-width. Reported: parameters, forward GFLOPs per line, training lines/s (forward + backward +
-optimizer step) in float32 and in the AMP mode, inference lines/s (greedy, and beam search), and
+width, the model in the layout training gives it (`train.memory_format`). Reported: parameters,
+forward GFLOPs per line, training lines/s (forward + backward + optimizer step) in float32 and in
+the AMP mode, inference lines/s (greedy, and beam search), and
 the memory a training step needs. Each figure is the median of several timed passes after warm-up.
 
 Decoding: each decoder's throughput on a trained checkpoint's log-probs, per number of worker
