@@ -206,6 +206,9 @@ class TrainConfig:
     # decay of an exponential moving average of the weights, which the run validates and saves as its
     # model (e.g. 0.999; 0: off)
     ema: float = _range(0.0, 0.0, 0.9999)
+    # sharpness-aware steps (SAM, Foret et al. 2021; HTR-VT): each step's gradient is taken again at
+    # the weights moved this far along the normalised gradient (e.g. 0.05; 0: off). Twice the compute
+    sam_rho: float = _non_negative(0.0)
     grad_clip: float = _non_negative(5.0)  # max gradient norm (0: off)
     amp: str = _choice("auto", AMP_MODES)
     # the convolutions' layout in training (crnn.device.resolve_memory_format): auto is channels_last

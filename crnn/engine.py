@@ -15,6 +15,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -148,6 +149,7 @@ class TrainSetup:
     freeze_encoder_steps: int  # the encoder's BatchNorm statistics are held so long (its LR: crnn.optim)
     horizon: Horizon  # where the LR schedule ends: the scheduler reads it, a time budget sets it
     ema: WeightEma | None = None  # the weights' moving average (train.ema), updated after every step
+    sam_rho: float = 0.0  # sharpness-aware steps (train.sam_rho): how far the second gradient is taken
     world_size: int = 1  # processes stepping together (DDP)
     # under DDP, where every rank must join every gradient all-reduce, a rank whose batch is left
     # empty (all its lines unreadable or too long) steps this blank line with a loss weight of 0
@@ -168,6 +170,7 @@ class TrainSetup:
         horizon = Horizon(total_steps)
         ema = WeightEma(model, cfg.train.ema) if cfg.train.ema else None
         return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, horizon), horizon=horizon, ema=ema,
+                   sam_rho=cfg.train.sam_rho,
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    device=device, amp_dtype=amp_dtype, grad_clip=cfg.train.grad_clip,
                    shortcut_weight=cfg.model.shortcut_weight if cfg.model.shortcut else 0.0,
@@ -251,18 +254,64 @@ def clip_and_step(model: nn.Module, setup: TrainSetup) -> bool:
     return finite
 
 
-def train_step(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0, epoch: int = 0,
-               step: int = 0) -> tuple[bool, StepLosses]:
-    """One optimizer step on `batch` (`epoch` and `step` only name it in errors). Returns
-    (finite, the step's loss sums)."""
+def gradient(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float, epoch: int,
+             step: int) -> StepLosses:
+    """`forward_backward` on `batch` from zeroed gradients, or, after an out-of-memory error, the
+    same gradient half a batch at a time (`train.oom_retry`)."""
     setup.optimizer.zero_grad(set_to_none=True)
     try:
-        losses = forward_backward(model, batch, setup, weight)
+        return forward_backward(model, batch, setup, weight)
     except torch.OutOfMemoryError:
         # under DDP the other ranks are already waiting in the gradient all-reduce: no retry
         if not setup.oom_retry or setup.distributed or len(batch) < 2:
             raise out_of_memory_error(batch, epoch, step) from None
-        losses = backward_in_halves(model, batch, setup, weight, epoch, step)
+        return backward_in_halves(model, batch, setup, weight, epoch, step)
+
+
+@contextmanager
+def batchnorm_statistics_kept(module: nn.Module):
+    """BatchNorm layers normalise by the batch's statistics inside the block, as in training, but
+    their running statistics come out as they went in."""
+    buffers = [buffer for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+               for buffer in layer.buffers()]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
+def sharpness_aware_gradient(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float, epoch: int,
+                             step: int) -> None:
+    """SAM (Foret et al. 2021), after the batch's gradient g is in the parameters' .grad: replace it
+    with the gradient at w + rho g / |g|, the worst point of a small ball around the weights w, then
+    put the weights back as they were (bit for bit). The second pass leaves BatchNorm's running
+    statistics alone. The direction does not depend on fp16's loss scale, and under DDP g is
+    already averaged, so every rank moves alike. A non-finite g is left for `clip_and_step` to
+    skip."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        if not torch.isfinite(norm):
+            return
+        original = [p.detach().clone() for p in params]
+        torch._foreach_add_(params, [p.grad * (setup.sam_rho / (norm + 1e-12)) for p in params])
+    with batchnorm_statistics_kept(model):
+        gradient(model, batch, setup, weight, epoch, step)
+    with torch.no_grad():
+        torch._foreach_copy_(params, original)
+
+
+def train_step(model: nn.Module, batch: Batch, setup: TrainSetup, weight: float = 1.0, epoch: int = 0,
+               step: int = 0) -> tuple[bool, StepLosses]:
+    """One optimizer step on `batch` (`epoch` and `step` only name it in errors), with the
+    sharpness-aware gradient under `train.sam_rho`. Returns (finite, the step's loss sums: at the
+    weights as they are)."""
+    losses = gradient(model, batch, setup, weight, epoch, step)
+    if setup.sam_rho:
+        sharpness_aware_gradient(model, batch, setup, weight, epoch, step)
     return clip_and_step(model, setup), losses
 
 

@@ -101,6 +101,7 @@ def test_config_is_deeply_frozen_hashable_and_round_trips_through_yaml(tmp_path)
     ("decode.lm_order=0", "'decode.lm_order' must be >= 1"),
     ("decode.lm_smoothing=laplace", "'decode.lm_smoothing' must be one of kneser_ney, witten_bell, add_k"),
     ("train.device=gpu", "'train.device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("train.sam_rho=-0.1", "'train.sam_rho' must be >= 0"),
     ("train.memory_format=nhwc", "'train.memory_format' must be one of auto, channels_last, contiguous"),
     ("train.min_lr_ratio=2", r"'train.min_lr_ratio' must be in \[0, 1\]"),
     ("data.augment.shear=-1", "'data.augment.shear' must be >= 0"),

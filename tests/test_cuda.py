@@ -70,13 +70,16 @@ def test_span_masking_on_the_gpu_masks_inside_each_line():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("sam_rho", [0.0, 0.05])
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_twenty_steps_on_varying_widths(amp, optimizer, tmp_path):
-    """With the attention decoder: it is taught the text on the GPU, under both AMP modes."""
+def test_twenty_steps_on_varying_widths(amp, optimizer, sam_rho, tmp_path):
+    """With the attention decoder: it is taught the text on the GPU, under both AMP modes; and with
+    sharpness-aware steps (fp16's loss scale included)."""
     lines = synthetic_folder(tmp_path / "lines", 40)
     cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4", f"train.amp={amp}",
-                             "train.device=cuda", f"train.optimizer={optimizer}", "model.attention_layers=1"])
+                             "train.device=cuda", f"train.optimizer={optimizer}", "model.attention_layers=1",
+                             f"train.sam_rho={sam_rho}"])
     records = load_records(cfg.data, "train")
     vocab = Vocab.from_texts(records.texts)
     model = build_model(cfg.model, len(vocab)).to(CUDA)

@@ -13,11 +13,12 @@ from tests.helpers import TINY, read_metrics, run_tool, torchrun
 COMMON = ["data.synthetic.train=40", "data.synthetic.validation=20", "data.batch_size=4", "train.epochs=1"]
 
 
-@pytest.fixture(scope="module", params=[[], ["train.ema=0.9", "train.optimizer=muon", "model.attention_layers=1"]],
-                ids=["plain", "ema-muon-attention"])
+@pytest.fixture(scope="module", params=[[], ["train.ema=0.9", "train.optimizer=muon", "model.attention_layers=1",
+                                             "train.sam_rho=0.05"]],
+                ids=["plain", "ema-muon-attention-sam"])
 def ddp_run(tmp_path_factory, request):
-    """One 2-process run of the tiny config (AdamW; and with a weight EMA, Muon and the attention
-    decoder); every rank dumps its weights, their average and its shard."""
+    """One 2-process run of the tiny config (AdamW; and with a weight EMA, Muon, the attention
+    decoder and sharpness-aware steps); every rank dumps its weights, their average and its shard."""
     out = tmp_path_factory.mktemp("ddp")
     torchrun("tests/distributed_worker.py", out, TINY, *COMMON, *request.param, f"train.output_dir={out / 'run'}")
     return out

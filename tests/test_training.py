@@ -8,7 +8,7 @@ import torch
 from crnn import trainer
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
-from crnn.data import Vocab
+from crnn.data import Vocab, build_dataset, build_loader, load_records
 from crnn.decoding import GreedyDecoder
 from crnn.distributed import DistInfo
 from crnn.engine import EpochStats, evaluate
@@ -55,8 +55,8 @@ def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path, layout):
         assert val_loss == pytest.approx(pinned_val, rel=1e-5) and train_loss == pytest.approx(pinned_train, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", [[], ["train.ema=0.9"], ["train.optimizer=muon", "model.attention_layers=1"]],
-                         ids=["plain", "ema", "muon-attention"])
+@pytest.mark.parametrize("variant", [[], ["train.ema=0.9"], ["train.optimizer=muon", "model.attention_layers=1"],
+                                     ["train.sam_rho=0.05"]], ids=["plain", "ema", "muon-attention", "sam"])
 def test_resume_continues_exactly_like_an_unbroken_run(tmp_path, variant):
     common = ["train.epochs=2", "data.synthetic.train=24", "data.synthetic.validation=8", *variant]
     fit(load_config(TINY, [*common, f"train.output_dir={tmp_path / 'unbroken'}"]))
@@ -244,3 +244,41 @@ def test_the_convolutions_take_the_layout_the_config_asks_for(layout, expected):
     convolutions = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)]
     assert convolutions and all(p.is_contiguous(memory_format=expected) for p in convolutions)
     assert all(not p.is_contiguous() for p in convolutions) == (expected == torch.channels_last)
+
+
+def test_a_sharpness_aware_step_takes_the_gradient_at_the_worst_nearby_weights(tmp_path):
+    """train.sam_rho: the gradient the optimizer gets is the one at w + rho g/|g| (g: the batch's
+    gradient at w), the weights come back bit for bit, BatchNorm's running statistics move once."""
+    import copy
+
+    from crnn.engine import TrainSetup, forward_backward, sharpness_aware_gradient
+    from crnn.models import build_model
+
+    lines = synthetic_folder(tmp_path / "lines", 4)
+    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4",
+                             "data.augment.enabled=false", "train.sam_rho=0.5"])
+    records = load_records(cfg.data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    batch = next(iter(build_loader(cfg.data, build_dataset(cfg.data, records, vocab, True), True)))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab)).train()
+    setup = TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=1)
+    reference = copy.deepcopy(model)
+
+    forward_backward(model, batch, setup)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    statistics = {name: b.clone() for name, b in model.named_buffers()}
+    g = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    sharpness_aware_gradient(model, batch, setup, 1.0, 1, 0)
+
+    norm = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in g.values()]))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.add_(g[name] * 0.5 / norm)
+    forward_backward(reference, batch, setup)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert all(torch.equal(b, statistics[name]) for name, b in model.named_buffers())
+    for name, p in model.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad  # up to the rounding of a sum's order
+        assert torch.allclose(p.grad, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())), name
+        assert not torch.allclose(p.grad, g[name], rtol=1e-2), name  # another point than w's
