@@ -196,6 +196,7 @@ class LoopTiming:
     line_pixels: int = 0  # columns the lines themselves fill
     shapes: set = dataclasses.field(default_factory=set)
     cached_lines: int = 0  # lines the decode cache held when timing began
+    precision: str = ""  # what the config's train.amp resolved to: fp32, bf16 or fp16
 
 
 def synchronize(device: torch.device) -> None:
@@ -232,7 +233,7 @@ def time_loop(cfg: Config, steps: int, warmup: int, warm_epoch: bool = False, mo
     steps (and after a whole epoch, with `warm_epoch`, so that the decode cache is full). Then, if
     `model_only`, the same steps again on the same prepared batches, without the loader."""
     model, setup, loader = training_parts(cfg)
-    timing, kept, done = LoopTiming(), [], 0
+    timing, kept, done = LoopTiming(precision=AMP_NAMES[setup.amp_dtype]), [], 0
     model.train()
 
     def step(batch: Batch) -> Batch:
@@ -285,7 +286,7 @@ def loop_row(cfg_path: str, overrides: list[str], steps: int, warmup: int, warm_
     """`tools/benchmark.py --loop`: the real loop's figures for one config."""
     cfg = load_config(cfg_path, overrides)
     timing = time_loop(cfg, steps, warmup, warm_epoch)
-    return {"config": Path(cfg_path).stem, "steps": timing.steps, "lines": timing.lines,
+    return {"config": Path(cfg_path).stem, "precision": timing.precision, "steps": timing.steps, "lines": timing.lines,
             "batch_size": cfg.data.batch_size, "workers": cfg.data.num_workers,
             "augment": cfg.data.augment.enabled, "width_multiple": cfg.data.width_multiple,
             "loop_lines_per_s": timing.lines / max(timing.seconds, 1e-9),

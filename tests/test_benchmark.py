@@ -189,14 +189,16 @@ def test_train_setup_takes_every_setting_from_the_config():
 def test_loop_mode_times_the_real_loop_against_the_model_alone(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 24)
     out = tmp_path / "loop.json"
+    # --amp is every config's train.amp here (tiny.yaml's own is off)
     result = run_tool("tools/benchmark.py", "--cfg", TINY, "--loop", "--steps", "4", "--warmup", "2", "--warm-epoch",
-                      "--data", f"{lines},{lines}", "--device", "cpu", "--json", out, "data.num_workers=1",
-                      "data.batch_size=4")
+                      "--data", f"{lines},{lines}", "--device", "cpu", "--amp", "bf16", "--json", out,
+                      "data.num_workers=1", "data.batch_size=4")
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(out.read_text())
     assert row["steps"] == 4 and row["lines"] == 16 and row["workers"] == 1 and row["augment"]
+    assert row["precision"] == "bf16"
     assert row["loop_lines_per_s"] > 0 and row["model_lines_per_s"] > 0
     assert 0.0 <= row["data_wait_fraction"] < 1.0 and 0.0 <= row["padding_fraction"] < 1.0
     assert 1 <= row["distinct_shapes"] <= 4
     assert row["cached_lines_at_start"] == 24  # a whole epoch first: every line decoded once
-    assert "| tiny | 4 |" in result.stdout
+    assert "| tiny | bf16 | 4 |" in result.stdout

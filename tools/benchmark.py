@@ -61,7 +61,8 @@ SPEED_COLUMNS = [("config", "config", "{}"), ("params_m", "params (M)", "{:.2f}"
                  ("infer_fp32_beam_lines_per_s", "beam fp32", "{:.1f}"),
                  ("infer_{amp}_greedy_lines_per_s", "greedy {amp}", "{:.1f}"),
                  ("train_memory_mb", "train MB", "{:.0f}")]
-LOOP_COLUMNS = [("config", "config", "{}"), ("steps", "steps", "{}"), ("loop_lines_per_s", "loop lines/s", "{:.1f}"),
+LOOP_COLUMNS = [("config", "config", "{}"), ("precision", "precision", "{}"), ("steps", "steps", "{}"),
+                ("loop_lines_per_s", "loop lines/s", "{:.1f}"),
                 ("model_lines_per_s", "model lines/s", "{:.1f}"), ("data_wait_fraction", "data wait", "{:.1%}"),
                 ("padding_fraction", "padding", "{:.1%}"), ("distinct_shapes", "shapes", "{}")]
 DECODING_COLUMNS = [("decoder", "decoder", "{}"), ("workers", "workers", "{}"), ("lines", "lines", "{}"),
@@ -86,6 +87,11 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]], amp: str 
         print("| " + " | ".join(fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns) + " |")
 
 
+def amp_override(args: argparse.Namespace) -> list[str]:
+    """`--amp` as the override it means for the configs that --loop and --budget-minutes train."""
+    return [] if args.amp is None else [f"train.amp={args.amp}"]
+
+
 def data_overrides(data: str) -> list[str]:
     train, _, validation = data.partition(",")
     if not validation:
@@ -102,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="--decoding: decoder worker processes to compare")
     parser.add_argument("--split", default="validation", help="--decoding: the split (default validation)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
-                        help="the precision timed next to fp32, as train.amp means it (auto: bf16 on GPUs "
+    parser.add_argument("--amp", choices=AMP_MODES,
+                        help="the precision timed next to fp32, as train.amp means it (default auto: bf16 on GPUs "
                              "that have it, fp16 on other GPUs; on a CPU, bf16 where its kernels train at least "
-                             f"{BF16_MIN_SPEEDUP}x faster than fp32, else fp32 alone)")
+                             f"{BF16_MIN_SPEEDUP}x faster than fp32, else fp32 alone); with --loop and "
+                             "--budget-minutes, every config's train.amp (default: the config's own)")
     parser.add_argument("--lines", type=int, default=0, help="lines per timed pass (default 32 CPU, 256 GPU)")
     parser.add_argument("--batch-size", type=int, default=0, help="default 8 on CPU, 32 on GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (the median is reported)")
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.loop:
         if not args.data:
             raise CrnnError("--loop needs --data TRAIN,VALIDATION")
-        overrides = [*data_overrides(args.data), f"train.device={args.device}", *args.overrides]
+        overrides = [*data_overrides(args.data), f"train.device={args.device}", *amp_override(args), *args.overrides]
         warmup = 10 if args.warmup is None else args.warmup
         rows = [loop_row(cfg, overrides, args.steps, warmup, args.warm_epoch) for cfg in args.cfg]
         print_table(rows, LOOP_COLUMNS)
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.budget_minutes:
         if not args.data:
             raise CrnnError("--budget-minutes needs --data TRAIN,VALIDATION")
-        overrides = [*data_overrides(args.data), *args.overrides]
+        overrides = [*data_overrides(args.data), *amp_override(args), *args.overrides]
         deadline = time.time() + 60 * args.stop_after_minutes if args.stop_after_minutes > 0 else None
         rows = [budget_row(cfg, overrides, args.budget_minutes, Path(args.output), deadline) for cfg in args.cfg]
         print_table(rows, BUDGET_COLUMNS)
@@ -170,6 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         return rows
     device = resolve_device(args.device, key="--device")
     cuda = device.type == "cuda"
+    args.amp = args.amp or "auto"
     precision = AMP_NAMES[resolve_amp(args.amp, device, key="--amp")]
     lines = make_lines(args.lines or (256 if cuda else 32))
     batch_size = args.batch_size or (32 if cuda else 8)
