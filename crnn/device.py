@@ -129,8 +129,9 @@ def bf16_speedup(repeats: int = 2) -> float:
     """Float32's time over bf16's for the probe's training step (best of `repeats` after a warm-up,
     the two precisions interleaved twice so that a burst of load elsewhere hits both alike). The
     probe is a batch of 16 lines 1,024 px wide in channels_last, the layout a CPU trains in (about
-    two seconds in all): on a 2-core Xeon with AMX it gave 1.52-1.62x where copiste.yaml's real loop
-    ran 1.62x, while a batch of 8 lines 512 px wide gave 1.16-1.34x, either side of the threshold."""
+    two seconds in all): on a 2-core Xeon with AMX it gave 1.51-1.62x where copiste.yaml's real loop
+    ran 1.62x, while the earlier probe (8 lines 512 px wide, contiguous) gave 1.17-1.43x, either side
+    of the threshold (docs/performance.md)."""
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)
         convs = nn.Sequential(nn.Conv2d(1, 32, 7, (4, 2), 3), nn.BatchNorm2d(32), nn.ReLU(),

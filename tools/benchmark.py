@@ -177,17 +177,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         return rows
     device = resolve_device(args.device, key="--device")
     cuda = device.type == "cuda"
-    args.amp = args.amp or "auto"
-    precision = AMP_NAMES[resolve_amp(args.amp, device, key="--amp")]
+    amp = args.amp or "auto"
+    precision = AMP_NAMES[resolve_amp(amp, device, key="--amp")]
     lines = make_lines(args.lines or (256 if cuda else 32))
     batch_size = args.batch_size or (32 if cuda else 8)
     torch.backends.cudnn.benchmark = True
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores'}), "
           f"{torch.get_num_threads()} threads, {len(lines.texts)} lines, batch {batch_size}, "
           f"median of {args.repeats} after {1 if args.warmup is None else args.warmup} warm-up; precision timed: fp32"
-          f"{'' if precision == 'fp32' else ' and ' + precision} (--amp {args.amp})", file=sys.stderr)
+          f"{'' if precision == 'fp32' else ' and ' + precision} (--amp {amp})", file=sys.stderr)
     warmup = 1 if args.warmup is None else args.warmup
-    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, warmup, args.amp) for cfg in args.cfg]
+    rows = [speed_row(cfg, lines, device, batch_size, args.repeats, warmup, amp) for cfg in args.cfg]
     print_table(rows, SPEED_COLUMNS, precision)
     return rows
 
