@@ -49,3 +49,15 @@ def test_gpu_check_runs_every_gpu_step_or_says_why_not(tmp_path):
         refused = run_tool("tools/gpu_check.py", "--out", tmp_path / "out", "--data", "t,v", timeout=120)
         assert refused.returncode == 2 and refused.stderr.startswith("error: no CUDA device here")
         assert not (tmp_path / "out").exists()
+
+
+def test_a_native_crash_in_a_tool_prints_where_python_was():
+    # A tool that dies below Python (here an abort, as glibc does on a damaged heap) must leave
+    # the Python stack of the moment on stderr, not just the C library's one line.
+    code = ("import os\nfrom crnn.errors import tool_main\n"
+            "def crash_here(argv):\n    os.abort()\n"
+            "tool_main(crash_here)()\n")
+    out = run_tool("-c", code, timeout=120)
+    assert out.returncode == -6, out.stderr
+    assert "Fatal Python error: Aborted" in out.stderr
+    assert "in crash_here" in out.stderr, out.stderr
