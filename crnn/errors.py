@@ -39,7 +39,7 @@ def enable_crash_traceback() -> None:
         return
     try:
         faulthandler.enable(all_threads=True)
-    except (AttributeError, ValueError, OSError):  # stderr replaced by an object without a file descriptor
+    except (AttributeError, ValueError, OSError, RuntimeError):  # stderr None, or without a file descriptor
         pass
 
 

@@ -182,11 +182,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     lines = make_lines(args.lines or (256 if cuda else 32))
     batch_size = args.batch_size or (32 if cuda else 8)
     torch.backends.cudnn.benchmark = True
+    warmup = 1 if args.warmup is None else args.warmup
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores'}), "
           f"{torch.get_num_threads()} threads, {len(lines.texts)} lines, batch {batch_size}, "
-          f"median of {args.repeats} after {1 if args.warmup is None else args.warmup} warm-up; precision timed: fp32"
+          f"median of {args.repeats} after {warmup} warm-up; precision timed: fp32"
           f"{'' if precision == 'fp32' else ' and ' + precision} (--amp {amp})", file=sys.stderr)
-    warmup = 1 if args.warmup is None else args.warmup
     rows = [speed_row(cfg, lines, device, batch_size, args.repeats, warmup, amp) for cfg in args.cfg]
     print_table(rows, SPEED_COLUMNS, precision)
     return rows
