@@ -41,9 +41,19 @@ PINNED_CURVE = [(1, 55.70683, 56.38807), (2, 54.27337, 55.66802), (3, 51.91762, 
                 (5, 37.21717, 20.1706), (6, 27.36555, 19.81711), (7, 21.94892, 19.83216), (8, 20.29155, 19.58617)]
 
 
+# The contiguous layout reproduces the curve to 1e-6 on every CPU measured. channels_last sums the
+# BatchNorm weight gradients in another order, which oneDNN picks per instruction set: within 1e-5
+# on the Intel Xeons, but on an AMD EPYC Zen 4 (AVX-512 BF16) the gap grew from 5e-6 after epoch 4
+# to 4.9e-4 after epoch 8 (the val loss; the train loss 1.8e-5). Its tolerance, 2e-3, leaves four
+# times that gap, while a 2% change of the LR moves the channels_last curve by up to 2.3e-2 (epoch 6);
+# the contiguous run keeps the curve pinned tight.
+LAYOUT_TOLERANCE = {"contiguous": 1e-5, "channels_last": 2e-3}
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path, layout):
     """In either layout of the convolutions (`auto` is channels_last on a CPU): the same run."""
+    rel = LAYOUT_TOLERANCE[layout]
     lines = synthetic_folder(tmp_path / "lines", 4)  # one batch: its lines do not depend on the grouping
     fit(load_config(TINY, ["data.source=folder", f"data.train={lines}", f"data.validation={lines}",
                            "data.batch_size=4", "train.epochs=8", "train.lr=1e-2", "train.schedule=constant",
@@ -52,7 +62,7 @@ def test_a_seeded_run_reproduces_its_pinned_curve(tmp_path, layout):
     curve = [(m["epoch"], m["val_loss"], m["train_loss"]) for m in read_metrics(tmp_path / "run")]
     assert [epoch for epoch, _, _ in curve] == [epoch for epoch, _, _ in PINNED_CURVE]
     for (_, val_loss, train_loss), (_, pinned_val, pinned_train) in zip(curve, PINNED_CURVE, strict=True):
-        assert val_loss == pytest.approx(pinned_val, rel=1e-5) and train_loss == pytest.approx(pinned_train, rel=1e-5)
+        assert val_loss == pytest.approx(pinned_val, rel=rel) and train_loss == pytest.approx(pinned_train, rel=rel)
 
 
 @pytest.mark.parametrize("variant", [[], ["train.ema=0.9"], ["train.optimizer=muon", "model.attention_layers=1"],
