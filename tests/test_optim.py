@@ -6,14 +6,21 @@ import torch
 from crnn.config import load_config
 from crnn.errors import CheckpointError
 from crnn.models import build_model
-from crnn.optim import MuonAdamW, build_optimizer, hidden_matrices, orthogonalised
+from crnn.optim import (
+    NEWTON_SCHULZ,
+    MuonAdamW,
+    build_optimizer,
+    gram_iterated,
+    hidden_matrices,
+    orthogonalised,
+)
 from crnn.trainer import fit
 from tests.helpers import TINY, overfit_tiny, synthetic_folder
 
 COPISTE = TINY.parent / "copiste.yaml"
 
 
-@pytest.mark.parametrize("shape", [(48, 432), (768, 192)])
+@pytest.mark.parametrize("shape", [(48, 432), (768, 192), (192, 384)])
 def test_orthogonalised_brings_every_singular_value_near_one(shape):
     generator = torch.Generator().manual_seed(0)
     rows, columns = shape
@@ -29,6 +36,38 @@ def test_orthogonalised_brings_every_singular_value_near_one(shape):
     assert torch.allclose(result @ result.T if rows < columns else result.T @ result,
                           torch.eye(min(shape)), atol=0.6)  # near orthogonal, far from the input
     assert not torch.allclose(matrix / matrix.norm(), result / result.norm(), atol=1e-2)
+
+
+def direct_iteration(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration as written, in float64: x <- a x + (b G + c G^2) x."""
+    a, b, c = NEWTON_SCHULZ
+    x = update.double() / update.double().norm(dim=(-2, -1), keepdim=True)
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+@pytest.mark.parametrize("shape", [(192, 1728), (3, 48, 432), (864, 96), (4, 192, 384)])
+def test_orthogonalised_is_the_direct_iteration_on_wide_and_square_matrices(shape):
+    # (192, 1728), (3, 48, 432) and (864, 96) go through the Gram matrix, (4, 192, 384) does not
+    generator = torch.Generator().manual_seed(1)
+    update = torch.randn(shape, generator=generator)
+    update[..., 0, :] *= 30  # one direction dominates, as in a gradient
+    expected = direct_iteration(update)
+    result = orthogonalised(update)
+    assert result.shape == update.shape and result.dtype == torch.float32
+    assert (result.double() - expected).norm() / expected.norm() < 1e-5
+    assert (result.double() - update.double() / update.double().norm()).norm() > 0.1  # it did change
+
+
+def test_gram_iteration_multiplies_the_matrix_by_the_same_polynomials():
+    x = torch.randn(2, 8, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    assert torch.allclose(gram_iterated(x, 3), direct_iteration(x, 3), atol=1e-12)
+    assert torch.allclose(gram_iterated(x, 1), direct_iteration(x, 1), atol=1e-12)
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
