@@ -46,6 +46,7 @@ LM_SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
 LM_BACKENDS = ("kenlm", "python")
 INIT_VOCABS = ("union", "new", "keep")
 OPTIMIZERS = ("adamw", "muon")
+MUON_PRECISIONS = ("auto", "float32", "bf16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 DEVICES = "auto, cpu, cuda or cuda:N"
 
@@ -200,6 +201,9 @@ class TrainConfig:
     # adamw, or muon: Muon on the hidden weight matrices (the encoder's convolutions after the stem,
     # the BiLSTM's), AdamW on the rest, at the same LR and weight decay (crnn.optim.MuonAdamW)
     optimizer: str = _choice("adamw", OPTIMIZERS)
+    # the dtype of Muon's Newton-Schulz products (crnn.optim.orthogonalised): float32, bf16 (as in
+    # Jordan et al.'s Muon), or auto: bf16 when train.amp resolves to bf16, else float32
+    muon_precision: str = _choice("float32", MUON_PRECISIONS)
     warmup_steps: int = _non_negative(500)
     schedule: str = _choice("cosine", SCHEDULES)
     min_lr_ratio: float = _fraction(0.02)

@@ -166,7 +166,7 @@ class TrainSetup:
         mode (`resolve_amp`), clipping, the shortcut loss weight, the fault settings, the batch
         augmentation of `cfg`, and what `world_size` processes stepping together need."""
         amp_dtype = resolve_amp(cfg.train.amp, device)
-        optimizer = build_optimizer(cfg.train, model, device, world_size)
+        optimizer = build_optimizer(cfg.train, model, device, world_size, amp_dtype)
         horizon = Horizon(total_steps)
         ema = WeightEma(model, cfg.train.ema) if cfg.train.ema else None
         return cls(optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer, horizon), horizon=horizon, ema=ema,

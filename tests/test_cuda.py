@@ -79,12 +79,14 @@ def test_twenty_steps_on_varying_widths(amp, optimizer, sam_rho, tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 40)
     cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4", f"train.amp={amp}",
                              "train.device=cuda", f"train.optimizer={optimizer}", "model.attention_layers=1",
-                             f"train.sam_rho={sam_rho}"])
+                             f"train.sam_rho={sam_rho}", "train.muon_precision=auto"])
     records = load_records(cfg.data, "train")
     vocab = Vocab.from_texts(records.texts)
     model = build_model(cfg.model, len(vocab)).to(CUDA)
     setup = TrainSetup.from_config(cfg, model=model, device=CUDA, total_steps=20)
     assert setup.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if optimizer == "muon":  # Newton-Schulz in bf16 on the GPU under bf16 autocast
+        assert setup.optimizer.ns_dtype == setup.amp_dtype or amp == "fp16"
     loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, True), True, pin_memory=True)
     loader.batch_sampler.set_epoch(1)
     assert len({batch.images.shape[-1] for batch in loader}) > 1  # the widths vary

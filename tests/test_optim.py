@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from crnn.config import load_config
-from crnn.errors import CheckpointError
+from crnn.engine import TrainSetup
+from crnn.errors import CheckpointError, ConfigError
 from crnn.models import build_model
 from crnn.optim import (
     NEWTON_SCHULZ,
@@ -12,6 +13,7 @@ from crnn.optim import (
     build_optimizer,
     gram_iterated,
     hidden_matrices,
+    muon_dtype,
     orthogonalised,
 )
 from crnn.trainer import fit
@@ -70,6 +72,51 @@ def test_gram_iteration_multiplies_the_matrix_by_the_same_polynomials():
     assert torch.allclose(gram_iterated(x, 1), direct_iteration(x, 1), atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(4, 256, 512), (256, 256), (4, 192, 384)])
+def test_orthogonalised_in_bf16_lands_where_float32_does(shape):
+    """The LSTM's gate blocks (square, or twice as wide) under train.muon_precision=bf16: the same
+    iteration to bf16's precision, and the same singular values (a random square matrix has some
+    near 0, which five iterations leave small in float32 too)."""
+    generator = torch.Generator().manual_seed(3)
+    update = torch.randn(shape, generator=generator)
+    update[..., 0, :] *= 30
+    exact = orthogonalised(update)
+    result = orthogonalised(update, dtype=torch.bfloat16)
+    assert result.dtype == torch.bfloat16 and result.shape == update.shape
+    assert 1e-4 < float((result.float() - exact).norm() / exact.norm()) < 0.03  # bf16's rounding, no more
+    singular, expected = torch.linalg.svdvals(result.float()), torch.linalg.svdvals(exact)
+    assert (singular - expected).abs().max() < 0.05 and expected.max() < 1.25
+
+
+def test_wide_matrices_stay_in_float32_under_bf16():
+    # a convolution's 192 x 1,728 matrix goes through its Gram matrix, whose powers bf16 would spoil
+    update = torch.randn(192, 1728, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(orthogonalised(update, dtype=torch.bfloat16), orthogonalised(update))
+
+
+def test_muon_precision_auto_follows_the_autocast_dtype():
+    cpu = torch.device("cpu")
+    assert muon_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert muon_dtype("auto", None, cpu) == muon_dtype("auto", torch.float16, cpu) == torch.float32
+    assert muon_dtype("float32", torch.bfloat16, cpu) == torch.float32
+    model = build_model(load_config(COPISTE).model, 50)
+    for precision, amp, expected in [("auto", "bf16", torch.bfloat16), ("auto", "off", torch.float32),
+                                     ("bf16", "off", torch.bfloat16), ("float32", "bf16", torch.float32)]:
+        cfg = load_config(COPISTE, [f"train.muon_precision={precision}", f"train.amp={amp}"])
+        assert TrainSetup.from_config(cfg, model=model, device=cpu, total_steps=10).optimizer.ns_dtype == expected
+    with pytest.raises(ConfigError, match="train.muon_precision"):
+        load_config(COPISTE, ["train.muon_precision=fp16"])
+
+
+def test_a_checkpoint_does_not_carry_the_newton_schulz_dtype():
+    weight = torch.randn(64, 32, requires_grad=True)
+    saved = MuonAdamW([{"params": [weight], "weight_decay": 0.0, "muon": True}], lr=1e-2, ns_dtype=torch.bfloat16)
+    steps(saved, [weight], count=1)
+    resumed = MuonAdamW([{"params": [weight], "weight_decay": 0.0, "muon": True}], lr=1e-2)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.ns_dtype == torch.float32  # the run's own train.muon_precision, not the checkpoint's
+
+
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     cfg = load_config(COPISTE, ["train.optimizer=muon"])
     model = build_model(cfg.model, 50)
@@ -125,9 +172,10 @@ def test_the_adamw_part_is_torch_adamw_and_a_muon_step_has_an_adamw_steps_size()
     assert torch.linalg.matrix_rank(change.reshape(64, -1)) == 64  # not a scaled gradient of rank 1 or so
 
 
-def test_a_muon_run_learns_a_few_lines(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_a_muon_run_learns_a_few_lines(precision, tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 4)
-    *_, (first, last) = overfit_tiny(lines, 60, 1.0, "train.optimizer=muon")
+    *_, (first, last) = overfit_tiny(lines, 60, 1.0, "train.optimizer=muon", f"train.muon_precision={precision}")
     assert last.loss < first.loss / 10
 
 
