@@ -77,8 +77,8 @@ def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
-    if amp == "bf16" and device.type == "cpu" and cpu_runs_bf16_natively() is False:
-        warn_emulated_bf16(key)
+    if amp == "bf16":
+        warn_emulated_bf16(key, device)
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -159,10 +159,11 @@ def bf16_speedup(repeats: int = 2) -> float:
 _bf16_warning_given = False
 
 
-def warn_emulated_bf16(key: str) -> None:
-    """Once per process (the benchmark resolves `--amp`, then each config's `train.amp`)."""
+def warn_emulated_bf16(key: str, device: torch.device) -> None:
+    """Warns that `key=bf16` is emulated, if `device` is a CPU without bf16 kernels; once per process
+    (the benchmark resolves `--amp`, then each config's `train.amp` and `train.muon_precision`)."""
     global _bf16_warning_given
-    if _bf16_warning_given:
+    if _bf16_warning_given or device.type != "cpu" or cpu_runs_bf16_natively() is not False:
         return
     _bf16_warning_given = True
     log.warning(

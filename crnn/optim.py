@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.optim.adamw import adamw
 
 from crnn.config import TrainConfig
-from crnn.device import cpu_runs_bf16_natively, warn_emulated_bf16
+from crnn.device import warn_emulated_bf16
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
@@ -37,8 +37,8 @@ def muon_dtype(precision: str, amp_dtype: torch.dtype | None, device: torch.devi
     training's autocast (`amp_dtype`): bf16 under bf16, float32 otherwise."""
     if precision == "auto":
         return torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32
-    if precision == "bf16" and device.type == "cpu" and cpu_runs_bf16_natively() is False:
-        warn_emulated_bf16("train.muon_precision")
+    if precision == "bf16":
+        warn_emulated_bf16("train.muon_precision", device)
     return {"float32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
@@ -101,11 +101,11 @@ def orthogonalised(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = to
     if x.shape[-1] >= GRAM_ASPECT * x.shape[-2]:
         x = gram_iterated(x, steps)
     else:
-        x = x.to(dtype)
+        shape, x = x.shape, x.to(dtype).reshape(-1, *x.shape[-2:])  # one batch dimension, for baddbmm
         for _ in range(steps):  # x <- a x + (b G + c G^2) x, each sum fused into its product
             gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if x.ndim == 3 else \
-                torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = x.reshape(shape)
     return x if wide else x.mT
 
 

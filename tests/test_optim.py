@@ -88,6 +88,12 @@ def test_orthogonalised_in_bf16_lands_where_float32_does(shape):
     assert (singular - expected).abs().max() < 0.05 and expected.max() < 1.25
 
 
+def test_orthogonalised_takes_any_number_of_batch_dimensions():
+    update = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(orthogonalised(update), torch.stack([orthogonalised(u) for u in update]), atol=1e-6)
+    assert orthogonalised(update[0, 0].T).shape == (96, 64)  # a tall one, transposed and back
+
+
 def test_wide_matrices_stay_in_float32_under_bf16():
     # a convolution's 192 x 1,728 matrix goes through its Gram matrix, whose powers bf16 would spoil
     update = torch.randn(192, 1728, generator=torch.Generator().manual_seed(4))
