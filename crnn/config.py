@@ -163,6 +163,9 @@ class ModelConfig:
     downsample: str = _choice("conv", DOWNSAMPLE_MODES)
     column_pool: str = _choice("max", COLUMN_POOLS)
     frames: int = _non_negative(0)  # 0: frames follow each line's width; N > 0: adaptive-pool to N frames
+    # each encoder column becomes this many CTC frames (a learned transposed convolution over the
+    # width) before the sequence heads: more frames per character at the BiLSTM's cost only (1: off)
+    upsample: int = _range(1, 1, 8)
     lstm_layers: int = _non_negative(2)
     lstm_hidden: int = _positive(256)
     lstm_dropout: float = _fraction(0.2)

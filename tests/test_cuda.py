@@ -38,9 +38,10 @@ def gpu_run(tmp_path_factory):
     return run_dir
 
 
-def test_forward_and_backward_with_widths_left_on_the_cpu():
+@pytest.mark.parametrize("upsample", [1, 2])
+def test_forward_and_backward_with_widths_left_on_the_cpu(upsample):
     torch.manual_seed(0)
-    model = build_model(load_config(TINY).model, 12)
+    model = build_model(load_config(TINY, [f"model.upsample={upsample}"]).model, 12)
     images, widths = torch.rand(3, 1, 32, 128), torch.tensor([128, 90, 40])  # widths stay on the CPU
     expected = model.eval()(images, widths)
     model = model.to(CUDA)

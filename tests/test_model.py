@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crnn.config import load_config
 from crnn.errors import ConfigError
@@ -51,6 +52,25 @@ def test_column_pool_avg_maxpool_downsample_and_fixed_frames():
     fixed = build_model(small("model.frames=24", "data.resize=squash", "data.width=100"), 5).eval()
     output = fixed(torch.rand(2, 1, 32, 100), torch.tensor([100, 100]))
     assert output.log_probs.shape[0] == 24 and output.lengths.tolist() == [24, 24]
+
+
+def test_upsample_gives_each_column_its_own_frames():
+    torch.manual_seed(0)
+    plain = build_model(small("model.shortcut=true"), num_classes=7)
+    doubled = build_model(small("model.shortcut=true", "model.upsample=2"), num_classes=7)
+    images, widths = torch.rand(2, 1, 32, 120), torch.tensor([120, 77])
+    once, twice = plain.eval()(images, widths), doubled.eval()(images, widths)
+    assert twice.lengths.tolist() == [2 * length for length in once.lengths.tolist()] == [60, 40]
+    assert twice.log_probs.shape == (60, 2, 7)
+    columns = doubled.columns(doubled.encoder(images))  # (T, N, C): the two frames of a column differ
+    assert columns.shape[0] == 60 and not torch.allclose(columns[0], columns[1])
+    output = doubled.train()(images, widths)
+    assert output.shortcut_log_probs.shape == output.log_probs.shape
+    targets, target_lengths = torch.tensor([1, 2, 3, 4, 5, 6, 1]), torch.tensor([4, 3])
+    F.ctc_loss(output.log_probs, targets, output.lengths, target_lengths).backward()
+    assert doubled.upsample.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model.upsample"):
+        small("model.upsample=0")
 
 
 def test_registry_names_the_choices():

@@ -25,7 +25,9 @@ class CRNN(nn.Module):
     """`(N, 1, H, W)` ink images + their unpadded widths `(N,)` -> per-frame class log-probs.
 
     Columns are pooled over the height (`column_pool` max or avg), or, with `frames` > 0, the
-    feature map is average-pooled to exactly `frames` columns (for fixed-width inputs).
+    feature map is average-pooled to exactly `frames` columns (for fixed-width inputs). With
+    `upsample` > 1 each column becomes that many frames, each its own linear map of the column (a
+    transposed convolution of kernel and stride `upsample`), before the BiLSTM and the shortcut head.
     """
 
     # the parameters with one row (dim 0) per class: what a new alphabet resizes (crnn/finetune.py)
@@ -37,16 +39,17 @@ class CRNN(nn.Module):
 
     def __init__(self, encoder: ResNetEncoder, head: BiLSTMHead, shortcut: ShortcutHead | None,
                  column_pool: str = "max", frames: int = 0, span_mask: float = 0.0, span_length: int = 4,
-                 attention: AttentionDecoder | None = None):
+                 attention: AttentionDecoder | None = None, upsample: int = 1):
         super().__init__()
         self.encoder, self.head, self.shortcut, self.attention = encoder, head, shortcut, attention
         self.column_pool, self.frames = column_pool, frames
         self.span_mask, self.span_length = span_mask, span_length
+        channels = encoder.out_channels
+        self.upsample = nn.ConvTranspose1d(channels, channels, upsample, stride=upsample) if upsample > 1 else None
 
     def output_lengths(self, widths: torch.Tensor) -> torch.Tensor:
-        if self.frames:
-            return torch.full_like(widths, self.frames)
-        return self.encoder.output_widths(widths)
+        lengths = torch.full_like(widths, self.frames) if self.frames else self.encoder.output_widths(widths)
+        return lengths * self.upsample.stride[0] if self.upsample is not None else lengths
 
     def columns(self, features: torch.Tensor) -> torch.Tensor:
         """`(N, C, H', W')` -> `(T, N, C)`."""
@@ -56,6 +59,8 @@ class CRNN(nn.Module):
             columns = features.amax(dim=2)
         else:
             columns = features.mean(dim=2)
+        if self.upsample is not None:  # (N, C, W') -> (N, C, W' * upsample)
+            columns = self.upsample(columns)
         return columns.permute(2, 0, 1)
 
     def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None,
@@ -112,4 +117,5 @@ def build_crnn(cfg: ModelConfig, num_classes: int) -> CRNN:
     if cfg.attention_layers:
         attention = AttentionDecoder(head.out_channels, num_classes, cfg.attention_dim, cfg.attention_layers,
                                      cfg.attention_heads)
-    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames, cfg.span_mask, cfg.span_length, attention)
+    return CRNN(encoder, head, shortcut, cfg.column_pool, cfg.frames, cfg.span_mask, cfg.span_length, attention,
+                cfg.upsample)
