@@ -559,8 +559,8 @@ def config_yaml(cfg: Config) -> str:
 
 # model keys that decide the network's structure or its weights' shapes (not dropout or loss weights)
 ARCHITECTURE_KEYS = ("name", "stem_channels", "stem_kernel", "stem_stride", "stem_pool", "channels", "blocks",
-                     "strides", "downsample", "column_pool", "frames", "lstm_layers", "lstm_hidden", "shortcut",
-                     "shortcut_kernel")
+                     "strides", "downsample", "column_pool", "frames", "upsample", "lstm_layers", "lstm_hidden",
+                     "shortcut", "shortcut_kernel")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, ModelFile | None]:

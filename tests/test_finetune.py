@@ -155,6 +155,8 @@ def test_bad_starting_points_are_refused_before_any_data(start, new_hand, tmp_pa
             finetune_config(path, lines, tmp_path)
     with pytest.raises(ConfigError, match=r"'model.channels' is \(8, 16\).*has \(16, 32\).*Remove model.channels"):
         finetune_config(start, lines, tmp_path, "model.channels=[8,16]")
+    with pytest.raises(ConfigError, match=r"'model.upsample' is 2 .*has 1.*Remove model.upsample"):
+        finetune_config(start, lines, tmp_path, "model.upsample=2")
     with pytest.raises(ConfigError, match="'train.resume' and 'train.init_from' together: resume continues"):
         finetune_config(start, lines, tmp_path, "train.resume=auto")
     result = run_tool("tools/train.py", "--cfg", "experiments/base.yaml", f"train.init_from={tmp_path / 'missing.pt'}",
