@@ -1,18 +1,18 @@
 """Calibration: probabilities a user can take at their word, fitted on labelled lines.
 
-A network's raw posteriors are overconfident, and the characters it drops carry no confidence at
-all. Two parts, fitted in this order on a labelled split (a run's validation split, or any split):
+Two parts, fitted in this order on a labelled split (`fit_calibration`):
 
 1. **A temperature** `T` on the log-probs: the posteriors become `softmax(log_probs / T)`, `T`
-   chosen to minimise the CTC loss of the references (one number; `T > 1` softens).
-2. **A line model** on a few features of each line's calibrated posteriors (`LINE_MODEL`, each
-   clipped to the range it had on the lines fitted on): the probability that the line is read
-   exactly (`p_exact`, a logistic regression) and its expected number of character errors (a
-   Poisson regression, which counts the dropped characters the per-character confidences miss);
-   a collection's estimated CER is the sum of its lines' expected errors over their expected
-   reference length, with an interval from the fitted dispersion of the errors.
+   chosen to minimise the CTC loss of the references.
+2. **A line model** on a few features of each line's calibrated posteriors and greedy reading
+   (`LINE_MODEL`, each clipped to the range it had on the lines fitted on): the probability that
+   the line is read exactly (`p_exact`, a logistic regression) and its expected number of
+   character errors (a Poisson regression, which counts the dropped characters the character
+   confidences miss). A collection's estimated CER is the sum of its lines' expected errors over
+   their expected reference length, with an interval from the fitted dispersion of the errors.
 
-Plain torch; the fitted `Calibration` is a handful of numbers, stored as a dict.
+How well a calibration holds is measured on labelled lines (`CalibrationProbe`,
+`calibration_report`), or on lines it was not fitted on (`cross_fitted_report`).
 """
 
 from __future__ import annotations
@@ -24,19 +24,21 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.nn.utils.rnn import pad_sequence
 
 from crnn.data import Vocab
-from crnn.decoding import greedy_decode
+from crnn.decoding import char_spans, greedy_paths
 from crnn.errors import DataError
 from crnn.metrics import aligned_hits, char_errors
 
 MIN_LINES = 50  # labelled lines a fit needs at least
 TEMPERATURE_RANGE = (0.2, 5.0)
 TEMPERATURE_PRECISION = 1e-3  # the search stops when log T is known to this (T to 0.1%)
-# what `line_features` measures of a line, from its calibrated log-probs and its greedy path
+LINES_PER_BATCH = 128  # lines padded into one batch for the CTC computations
+# what `line_features` measures of a line
 FEATURES = ("bias", "doubt", "missed", "entropy", "log_chars", "weakest", "log_p_reading", "log_doubt", "log_missed")
-# what the line model is fitted on: the sums (doubt, missed) as logs, so that a line far beyond the
-# fitted ones is not extrapolated exponentially (docs/calibration.md)
+# what the line model is fitted on: the sums as logs, so that a line far beyond the fitted ones is
+# not extrapolated exponentially
 LINE_MODEL = ("bias", "log_doubt", "log_missed", "entropy", "log_chars", "weakest", "log_p_reading")
 LEGACY_FEATURES = FEATURES[:6]  # what a calibration stored without its feature names was fitted on
 LOG_P_FLOOR = -50.0  # the reading's log-probability is clipped here (a line read very unsurely)
@@ -52,8 +54,7 @@ class Calibration:
     exact_weights: tuple[float, ...] = ()  # logistic regression of "read exactly" on `features`
     error_weights: tuple[float, ...] = ()  # Poisson regression of character errors on `features`
     features: tuple[str, ...] = LINE_MODEL  # the names of the FEATURES the weights apply to, in order
-    # the range of each of those features on the lines it was fitted on: a line's features are
-    # clipped to it, so that the model never extrapolates (empty: no clipping, older calibrations)
+    # each feature's range on the lines fitted on, which a line's features are clipped to (empty: none)
     feature_low: tuple[float, ...] = ()
     feature_high: tuple[float, ...] = ()
     dispersion: float = 1.0  # variance / mean of the errors around the Poisson model, on the fit split
@@ -91,8 +92,7 @@ class Calibration:
         return F.log_softmax(log_probs.float() / self.temperature, dim=-1)
 
     def line_estimates(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(p_exact, expected character errors) of lines with `features` `(N, len(FEATURES))`
-        (`line_features`; the model uses the columns it was fitted on)."""
+        """(p_exact, expected character errors) of lines with `features` `(N, len(FEATURES))`."""
         if not self.fitted:
             raise ValueError("this calibration has no line model")
         x = features.double()[:, [FEATURES.index(name) for name in self.features]]
@@ -120,55 +120,66 @@ def cer_estimate(errors: float, reference: float, dispersion: float,
     return errors / reference, (max(errors - spread, 0.0) / reference, (errors + spread) / reference)
 
 
-def line_features(log_probs: torch.Tensor) -> torch.Tensor:
-    """FEATURES of one line from its calibrated log-probs `(T, C)` (blank = class 0): the sum of one
-    minus each read character's posterior (doubt), the non-blank mass of frames read as blank
-    (characters it may have dropped), the mean entropy per frame, log(1 + characters read), the
-    logit of the weakest read character's posterior, the log-probability of the greedy reading
-    (CTC's sum over every alignment of it, clipped at LOG_P_FLOOR: the model's own probability
-    that the line reads exactly so), and log(1 + doubt), log(1 + missed)."""
-    probs = log_probs.double().exp()
-    best, labels = probs.max(dim=-1)
-    previous = torch.cat([labels.new_full((1,), -1), labels[:-1]])
-    emitted = (labels != 0) & (labels != previous)
-    confidences = best[emitted]
-    doubt = float((1.0 - confidences).sum())
-    missed = float((1.0 - probs[labels == 0, 0]).sum())
-    entropy = float(-(probs * log_probs.double()).sum(dim=-1).mean()) if len(probs) else 0.0
-    weakest = float(confidences.min()) if len(confidences) else 1.0
-    weakest = min(max(weakest, 1e-6), 1 - 1e-6)
-    return torch.tensor([1.0, doubt, missed, entropy, math.log1p(len(confidences)),
-                         math.log(weakest / (1 - weakest)), reading_log_prob(log_probs, labels[emitted]),
-                         math.log1p(doubt), math.log1p(missed)], dtype=torch.float64)
+def padded(lines: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lines' log-probs `(T_i, C)` as one batch: (log_probs `(T, N, C)` float32, zero-padded; lengths `(N,)`)."""
+    return pad_sequence([line.float() for line in lines]), torch.tensor([len(line) for line in lines])
 
 
-def reading_log_prob(log_probs: torch.Tensor, reading: torch.Tensor) -> float:
-    """log P(reading | line) under the log-probs `(T, C)`: CTC's forward sum over the reading's
-    alignments (`reading`, class indices, is no longer than T), clipped at LOG_P_FLOOR."""
-    if not len(log_probs):
-        return 0.0
-    loss = F.ctc_loss(log_probs.double().unsqueeze(1), reading.unsqueeze(0), torch.tensor([len(log_probs)]),
-                      torch.tensor([len(reading)]), blank=0, reduction="sum")
-    return max(-float(loss), LOG_P_FLOOR)  # an infeasible reading (never the greedy one): the floor
+def reading_log_probs(log_probs: torch.Tensor, lengths: torch.Tensor, readings: Sequence[Sequence[int]]) -> torch.Tensor:
+    """log P(reading | line) of each line `(N,)` under its log-probs `(T, N, C)`: CTC's sum over
+    the reading's alignments (`readings`: class indices), clipped at LOG_P_FLOOR."""
+    if not len(log_probs):  # no frames at all: the empty reading, surely
+        return torch.zeros(len(readings), dtype=torch.float64)
+    targets = torch.tensor([c for reading in readings for c in reading], dtype=torch.long)
+    loss = F.ctc_loss(log_probs.float(), targets, lengths, torch.tensor([len(r) for r in readings]), blank=0,
+                      reduction="none")
+    return (-loss.double()).clamp(min=LOG_P_FLOOR)  # an infeasible reading (never the greedy one): the floor
+
+
+def line_features(log_probs: torch.Tensor, lengths: torch.Tensor,
+                  paths: list[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
+    """FEATURES `(N, len(FEATURES))` float64 of lines from their calibrated log-probs `(T, N, C)`
+    and greedy paths (`crnn.decoding.greedy_paths`): the sum of one minus each read character's
+    confidence (doubt), the non-blank mass of frames read as blank (characters it may have
+    dropped), the mean entropy per frame, log(1 + characters read), the logit of the weakest
+    character's confidence, the log-probability of the reading (`reading_log_probs`), and
+    log(1 + doubt), log(1 + missed)."""
+    log_probs = log_probs.float()
+    paths = greedy_paths(log_probs, lengths) if paths is None else paths
+    probs = log_probs.exp()
+    valid = (torch.arange(len(log_probs))[:, None] < lengths[None, :]).float()  # (T, N)
+    missed = ((1.0 - probs[..., 0]) * (probs.argmax(dim=-1) == 0) * valid).sum(dim=0).double()
+    entropy = (-(probs * log_probs).sum(dim=-1) * valid).sum(dim=0).double() / lengths.clamp(min=1)
+    reading = reading_log_probs(log_probs, lengths, [labels for labels, _ in paths])
+    rows = []
+    for i, (labels, frames) in enumerate(paths):
+        confidences = [confidence for confidence, _, _ in char_spans(log_probs[: lengths[i], i], labels, frames)]
+        doubt = sum(1.0 - confidence for confidence in confidences)
+        weakest = min(max(min(confidences, default=1.0), 1e-6), 1 - 1e-6)
+        rows.append([1.0, doubt, float(missed[i]), float(entropy[i]), math.log1p(len(confidences)),
+                     math.log(weakest / (1 - weakest)), float(reading[i]), math.log1p(doubt), math.log1p(float(missed[i]))])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, len(FEATURES))
 
 
 def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> float:
     """The temperature that minimises the CTC loss of `targets` (class indices) under
     `softmax(log_probs / T)`, each line's log-probs `(T_i, C)`: a golden-section search on log T
     within TEMPERATURE_RANGE (the loss is smooth and, in practice, unimodal in log T)."""
-    usable = [(lp.float(), list(t)) for lp, t in zip(log_probs, targets, strict=True) if len(t) <= len(lp)]
+    usable = [(line, list(target)) for line, target in zip(log_probs, targets, strict=True) if len(target) <= len(line)]
     if not usable:
         raise DataError("no line to fit a temperature on (every reference longer than its frames)")
-    frames = max(len(lp) for lp, _ in usable)
-    batch = torch.stack([F.pad(lp, (0, 0, 0, frames - len(lp))) for lp, _ in usable], dim=1)  # (T, N, C)
-    input_lengths = torch.tensor([len(lp) for lp, _ in usable])
-    target_lengths = torch.tensor([len(t) for _, t in usable])
-    flat = torch.tensor([c for _, t in usable for c in t], dtype=torch.long)
+    usable.sort(key=lambda pair: len(pair[0]))  # batches of lines of similar lengths: little padding
+    batches = []
+    for start in range(0, len(usable), LINES_PER_BATCH):
+        chunk = usable[start: start + LINES_PER_BATCH]
+        batches.append((*padded([line for line, _ in chunk]),
+                        torch.tensor([c for _, target in chunk for c in target], dtype=torch.long),
+                        torch.tensor([len(target) for _, target in chunk])))
 
     def loss(log_t: float) -> float:
-        scaled = F.log_softmax(batch / math.exp(log_t), dim=-1)
-        return float(F.ctc_loss(scaled, flat, input_lengths, target_lengths, blank=0, reduction="sum",
-                                zero_infinity=True))
+        return sum(float(F.ctc_loss(F.log_softmax(batch / math.exp(log_t), dim=-1), flat, lengths, target_lengths,
+                                    blank=0, reduction="sum", zero_infinity=True))
+                   for batch, lengths, flat, target_lengths in batches)
 
     low, high = math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1])
     ratio = (math.sqrt(5) - 1) / 2
@@ -189,14 +200,11 @@ def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequenc
 def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """Weights of a logistic (kind='logistic', y in {0, 1}) or Poisson (kind='poisson', y counts)
     regression of `y` on `x` (first column the bias), by Newton's method with a small ridge, each
-    step halved until the penalised likelihood grows (a plain Newton step overshoots, and diverges,
-    when few lines are positive and a feature all but separates them)."""
+    step halved until the penalised likelihood grows (a plain Newton step diverges when few lines
+    are positive and a feature all but separates them)."""
     weights = torch.zeros(x.shape[1], dtype=torch.float64)
-    if kind == "poisson":
-        weights[0] = math.log(max(float(y.mean()), 1e-3))
-    else:
-        rate = min(max(float(y.mean()), 1e-3), 1 - 1e-3)
-        weights[0] = math.log(rate / (1 - rate))
+    rate = min(max(float(y.mean()), 1e-3), 1 - 1e-3 if kind == "logistic" else math.inf)
+    weights[0] = math.log(rate) if kind == "poisson" else math.log(rate / (1 - rate))
     ridge = torch.full((x.shape[1],), L2 * len(y), dtype=torch.float64)
     ridge[0] = 0.0
 
@@ -208,15 +216,10 @@ def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     current = objective(weights)
     for _ in range(100):
         eta = x @ weights
-        if kind == "poisson":
-            mean = torch.exp(eta.clamp(max=GLM_MAX_ETA))
-            variance = mean
-        else:
-            mean = torch.sigmoid(eta)
-            variance = mean * (1 - mean)
+        mean = torch.exp(eta.clamp(max=GLM_MAX_ETA)) if kind == "poisson" else torch.sigmoid(eta)
+        variance = mean if kind == "poisson" else mean * (1 - mean)
         gradient = x.T @ (y - mean) - ridge * weights
-        hessian = (x * variance.unsqueeze(1)).T @ x + torch.diag(ridge) + 1e-9 * torch.eye(x.shape[1],
-                                                                                           dtype=torch.float64)
+        hessian = (x * variance.unsqueeze(1)).T @ x + torch.diag(ridge + 1e-9)
         step = torch.linalg.solve(hessian, gradient)
         for _ in range(40):
             candidate = objective(weights + step)
@@ -229,20 +232,15 @@ def _fit_glm(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     return weights
 
 
-def standardised(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features with every column but the bias centred and scaled, mean, scale)."""
-    mean, scale = features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)
-    mean[0], scale[0] = 0.0, 1.0
-    return (features - mean) / scale, mean, scale
-
-
 def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_chars: Sequence[int],
                    read_chars: Sequence[int], names: Sequence[str] = LINE_MODEL) -> dict:
     """The line model's fields of a `Calibration` from labelled lines: their FEATURES `(N, F)`, the
     character errors of each reading, and the characters of each reference and each reading; the
-    model sees the features `names` (the bias first)."""
+    model sees the features `names` (the bias first), standardised for the fit."""
     chosen = features.double()[:, [FEATURES.index(name) for name in names]]
-    x, mean, scale = standardised(chosen)
+    mean, scale = chosen.mean(dim=0), chosen.std(dim=0).clamp(min=1e-6)
+    mean[0], scale[0] = 0.0, 1.0
+    x = (chosen - mean) / scale
     y_errors = torch.tensor(list(errors), dtype=torch.float64)
     exact = _fit_glm(x, (y_errors == 0).double(), "logistic")
     poisson = _fit_glm(x, y_errors, "poisson")
@@ -250,7 +248,7 @@ def fit_line_model(features: torch.Tensor, errors: Sequence[int], reference_char
     def unscaled(weights: torch.Tensor) -> tuple[float, ...]:  # the same model on the raw features
         raw = weights / scale
         raw[0] = weights[0] - float((weights[1:] * mean[1:] / scale[1:]).sum())
-        return tuple(float(w) for w in raw)
+        return tuple(raw.tolist())
 
     predicted = torch.exp((x @ poisson).clamp(max=GLM_MAX_ETA))
     dispersion = float(((y_errors - predicted) ** 2 / predicted.clamp(min=1e-6)).sum()) / max(
@@ -266,11 +264,37 @@ def check_enough(lines: int, where: str) -> None:
         raise DataError(f"{where}: {lines} labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
 
 
-def read_greedily(calibration: Calibration, log_probs: torch.Tensor, vocab: Vocab) -> tuple[str, torch.Tensor]:
-    """A line's greedy reading and its FEATURES, under `calibration`'s temperature."""
-    scaled = calibration.scale(log_probs)
-    text = vocab.decode(greedy_decode(scaled.unsqueeze(1), torch.tensor([len(scaled)]))[0])
-    return text, line_features(scaled)
+class CalibrationProbe:
+    """The greedy decoder, keeping for each line it reads its FEATURES and its characters'
+    confidences under `calibration`'s temperature, in the order of the lines: what
+    `judgements` and `calibration_report` need. Use in place of the greedy decoder."""
+
+    def __init__(self, calibration: Calibration, vocab: Vocab):
+        self.calibration, self.vocab = calibration, vocab
+        self.features: list[torch.Tensor] = []
+        self.confidences: list[list[float]] = []
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        scaled, lengths = self.calibration.scale(log_probs.float().cpu()), lengths.cpu()
+        paths = greedy_paths(scaled, lengths)
+        self.features.append(line_features(scaled, lengths, paths))
+        self.confidences += [[confidence for confidence, _, _ in char_spans(scaled[:length, i], labels, frames)]
+                             for i, ((labels, frames), length) in enumerate(zip(paths, lengths.tolist(), strict=True))]
+        return [self.vocab.decode(labels) for labels, _ in paths]
+
+    def read_lines(self, lines: Sequence[torch.Tensor]) -> list[str]:
+        """The readings of lines given as log-probs `(T_i, C)`."""
+        return [text for start in range(0, len(lines), LINES_PER_BATCH)
+                for text in self(*padded(lines[start: start + LINES_PER_BATCH]))]
+
+    def judgements(self, hypotheses: Sequence[str]) -> dict[str, list]:
+        """Per line read so far (`hypotheses`, its readings): p_exact, expected errors, expected
+        reference characters, the calibration's dispersion, the characters' confidences."""
+        calibration = self.calibration
+        p_exact, expected = calibration.line_estimates(torch.cat(self.features))
+        return {"p_exact": p_exact.tolist(), "expected_errors": expected.tolist(),
+                "expected_reference": [len(text) * calibration.length_ratio for text in hypotheses],
+                "dispersion": [calibration.dispersion] * len(hypotheses), "confidences": list(self.confidences)}
 
 
 def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab,
@@ -281,31 +305,21 @@ def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str]
     check_enough(len(log_probs), where)
     targets = [[vocab.index[char] for char in reference if char in vocab.index] for reference in references]
     temperature = fit_temperature(log_probs, targets)
-    tempered = Calibration(temperature=temperature)
-    readings = [read_greedily(tempered, line, vocab) for line in log_probs]
-    texts = [text for text, _ in readings]
-    fields = fit_line_model(torch.stack([line for _, line in readings]),
+    probe = CalibrationProbe(Calibration(temperature=temperature), vocab)
+    texts = probe.read_lines(log_probs)
+    fields = fit_line_model(torch.cat(probe.features),
                             [char_errors(reference, text) for reference, text in zip(references, texts, strict=True)],
                             [len(reference) for reference in references], [len(text) for text in texts], features)
     return Calibration(temperature=temperature, **fields, lines=len(log_probs), fitted_on=where)
 
 
-# --- how well calibrated: measured on labelled lines the calibration was not fitted on -----------
+# --- how well calibrated: measured on labelled lines -------------------------------------------
 
 def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> float:
     """ECE: over equal-width bins of the predicted probability, the mean |accuracy - confidence|
     weighted by the share of predictions in each bin."""
-    p = torch.tensor(list(probabilities), dtype=torch.float64)
-    hit = torch.tensor([float(o) for o in outcomes], dtype=torch.float64)
-    if not len(p):
-        return 0.0
-    index = (p * bins).long().clamp(max=bins - 1)
-    total = 0.0
-    for b in range(bins):
-        chosen = index == b
-        if chosen.any():
-            total += float(chosen.sum()) * abs(float(hit[chosen].mean()) - float(p[chosen].mean()))
-    return total / len(p)
+    rows = reliability(probabilities, outcomes, bins)
+    return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(len(probabilities), 1)
 
 
 def reliability(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> list[dict]:
@@ -314,7 +328,7 @@ def reliability(probabilities: Sequence[float], outcomes: Sequence[bool], bins: 
     for b in range(bins):
         low, high = b / bins, (b + 1) / bins
         chosen = [(p, o) for p, o in zip(probabilities, outcomes, strict=True)
-                  if low <= p < high or (b == bins - 1 and p == 1.0)]
+                  if low <= p < high or (b == bins - 1 and p >= 1.0)]
         if chosen:
             rows.append({"low": low, "high": high, "count": len(chosen),
                          "confidence": sum(p for p, _ in chosen) / len(chosen),
@@ -324,93 +338,34 @@ def reliability(probabilities: Sequence[float], outcomes: Sequence[bool], bins: 
 
 def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
     """The probability that a random positive scores above a random negative (ties count half)."""
-    pairs = sorted(zip(scores, positives, strict=True))
-    ranks, i = [0.0] * len(pairs), 0
-    while i < len(pairs):
-        j = i
-        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[k] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos = sum(1 for _, positive in pairs if positive)
-    n_neg = len(pairs) - n_pos
-    if not n_pos or not n_neg:
+    positive = torch.tensor(list(positives), dtype=torch.bool)
+    count, others = int(positive.sum()), int((~positive).sum())
+    if not count or not others:
         return float("nan")
-    rank_sum = sum(rank for rank, (_, positive) in zip(ranks, pairs, strict=True) if positive)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    _, inverse, ties = torch.unique(torch.tensor(list(scores), dtype=torch.float64), return_inverse=True,
+                                    return_counts=True)
+    ends = ties.cumsum(0).double()
+    ranks = ((ends - ties + 1 + ends) / 2)[inverse]  # 1-based, tied scores sharing their mean rank
+    return (float(ranks[positive].sum()) - count * (count + 1) / 2) / (count * others)
 
 
 def errors_in_least_confident(order_scores: Sequence[float], errors: Sequence[int], share: float = 0.2) -> float:
     """The share of all character errors held by the `share` of lines with the highest
-    `order_scores` (e.g. expected CER: the lines a reviewer would look at first)."""
+    `order_scores` (e.g. expected errors: the lines a reviewer would look at first)."""
     total = sum(errors)
     if not total:
         return float("nan")
     ranked = sorted(zip(order_scores, errors, strict=True), key=lambda pair: -pair[0])
-    top = ranked[: max(1, round(share * len(ranked)))]
-    return sum(e for _, e in top) / total
+    return sum(e for _, e in ranked[: max(1, round(share * len(ranked)))]) / total
 
 
-def char_confidences(log_probs: torch.Tensor) -> list[float]:
-    """Each greedily read character's posterior: its largest over the run of frames where it is
-    the most probable class (as predict reports it)."""
-    probs = log_probs.exp()
-    labels = probs.argmax(dim=-1).tolist()
-    confidences, start = [], 0
-    for t in range(1, len(labels) + 1):
-        if t == len(labels) or labels[t] != labels[start]:
-            if labels[start] != 0:
-                confidences.append(float(probs[start:t, labels[start]].max()))
-            start = t
-    return confidences
-
-
-class CalibrationProbe:
-    """The greedy decoder, keeping for each line it reads what the calibration says of it (its
-    characters' confidences, p_exact, expected errors), in the order of the lines: what
-    `calibration_report` measures against the references. Use in place of the greedy decoder."""
-
-    def __init__(self, calibration: Calibration, vocab: Vocab):
-        self.calibration, self.vocab = calibration, vocab
-        self.confidences: list[list[float]] = []
-        self.features: list[torch.Tensor] = []
-
-    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        log_probs = log_probs.float().cpu()  # one transfer for the batch
-        return [self.read(log_probs[:length, i]) for i, length in enumerate(lengths.tolist())]
-
-    def read(self, log_probs: torch.Tensor) -> str:
-        """One line's reading from its raw log-probs `(T, C)`, keeping what it says of the line."""
-        scaled = self.calibration.scale(log_probs)
-        text, features = read_greedily(Calibration(), scaled, self.vocab)
-        self.confidences.append(char_confidences(scaled))
-        self.features.append(features)
-        return text
-
-    def judgements(self, hypotheses: Sequence[str]) -> dict[str, list]:
-        """Per line read so far (`hypotheses`, its readings): p_exact, expected errors, expected
-        reference characters, the calibration's dispersion, the characters' confidences."""
-        calibration = self.calibration
-        p_exact, expected = calibration.line_estimates(torch.stack(self.features))
-        return {"p_exact": p_exact.tolist(), "expected_errors": expected.tolist(),
-                "expected_reference": [len(text) * calibration.length_ratio for text in hypotheses],
-                "dispersion": [calibration.dispersion] * len(hypotheses), "confidences": list(self.confidences)}
-
-
-def calibration_report(probe: CalibrationProbe, references: Sequence[str], hypotheses: Sequence[str],
+def calibration_report(judged: dict[str, list], references: Sequence[str], hypotheses: Sequence[str],
                        bins: int = 10) -> dict:
-    """How well `probe`'s calibration holds on these labelled lines: ECE of p_exact and of the
-    character confidences, the estimated against the true CER, the AUROC of finding the lines
-    with errors (by 1 - p_exact), the share of the errors in the 20% of lines with the most
-    expected errors (and in the 20% with the most errors: what a perfect order would find), and
-    the reliability bins of both."""
-    return measured(probe.judgements(hypotheses), references, hypotheses, bins)
-
-
-def measured(judged: dict[str, list], references: Sequence[str], hypotheses: Sequence[str], bins: int = 10) -> dict:
-    """`calibration_report`'s measures of lines judged by `CalibrationProbe.judgements` (pooled
-    over several calibrations in `cross_fitted_report`)."""
+    """How well a calibration holds on labelled lines it judged (`CalibrationProbe.judgements`,
+    perhaps pooled over several calibrations): ECE of p_exact and of the character confidences,
+    the estimated against the true CER, the AUROC of finding the lines with errors (by 1 -
+    p_exact), the share of the errors in the 20% of lines with the most expected errors (and in the
+    20% with the most errors: what a perfect order would find), and the reliability bins of both."""
     p_exact, expected = judged["p_exact"], judged["expected_errors"]
     errors = [char_errors(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
     exact = [e == 0 for e in errors]
@@ -435,49 +390,47 @@ def measured(judged: dict[str, list], references: Sequence[str], hypotheses: Seq
 def cross_fitted_report(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab, folds: int,
                         where: str, features: Sequence[str] = LINE_MODEL, bins: int = 10) -> dict:
     """How well a calibration fitted on labelled lines like these holds on lines it was not fitted
-    on, measured on all of them: the lines (raw log-probs `(T_i, C)`, references) cut into `folds`
-    contiguous blocks (rows of a page stay together), each block read by the calibration fitted
-    on the others, the judgements pooled. `calibration_report`'s measures, plus "folds" and each
-    fold's fitted temperature. DataError naming `where` when a fit would have under MIN_LINES lines."""
+    on: the lines (raw log-probs `(T_i, C)`, references) cut into `folds` contiguous blocks (rows
+    of a page stay together), each block read by the calibration fitted on the others, the
+    judgements pooled. `calibration_report`'s measures, plus "folds" and each fold's fitted
+    temperature. DataError naming `where` when a fit would have under MIN_LINES lines."""
     count = len(log_probs)
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, not {folds}")
     bounds = [round(k * count / folds) for k in range(folds + 1)]
-    fewest = count - max(high - low for low, high in zip(bounds, bounds[1:], strict=False))
-    if fewest < MIN_LINES or min(high - low for low, high in zip(bounds, bounds[1:], strict=False)) < 1:
+    blocks = list(zip(bounds, bounds[1:], strict=False))
+    fewest = count - max(high - low for low, high in blocks)
+    if fewest < MIN_LINES or min(high - low for low, high in blocks) < 1:
         raise DataError(f"{where}: {count} labelled line(s) in {folds} folds leave {fewest} line(s) to fit a "
                         f"calibration on; it needs at least {MIN_LINES}")
     judged: dict[str, list] = {}
     hypotheses: list[str] = []
     temperatures = []
-    for low, high in zip(bounds, bounds[1:], strict=False):
+    for low, high in blocks:
         fitted = fit_calibration([*log_probs[:low], *log_probs[high:]], [*references[:low], *references[high:]],
                                  vocab, where, features)
         probe = CalibrationProbe(fitted, vocab)
-        texts = [probe.read(line) for line in log_probs[low:high]]
+        texts = probe.read_lines(log_probs[low:high])
         for key, values in probe.judgements(texts).items():
             judged.setdefault(key, []).extend(values)
         hypotheses += texts
         temperatures.append(fitted.temperature)
-    return {**measured(judged, references, hypotheses, bins), "folds": folds, "temperatures": temperatures}
+    return {**calibration_report(judged, references, hypotheses, bins), "folds": folds, "temperatures": temperatures}
 
 
 def describe_report(report: dict) -> list[str]:
-    """`calibration_report`'s measures as lines of text."""
+    """A `calibration_report` as lines of text."""
     low, high = report["interval"]
     no_errors = report["true_cer"] == 0  # then the relative error and the review share are undefined
     relative = "no error to compare with" if no_errors else f"{report['estimate_relative_error']:+.1%} relative"
-    auroc_value = report["auroc_lines_with_errors"]
-    if math.isnan(auroc_value):  # one class only: every line read exactly, or none
+    if math.isnan(report["auroc_lines_with_errors"]):  # one class only: every line read exactly, or none
         exact = "every line was read exactly" if no_errors else "no line was read exactly"
         finding = f"AUROC of finding the lines with errors undefined ({exact})"
     else:
-        finding = f"AUROC of finding the lines with errors {auroc_value:.3f}"
-    if no_errors:
-        review = "no error for a review order to find"
-    else:
-        review = (f"the 20% of lines with the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} "
-                  f"of the errors (the 20% with the most errors: {report['errors_in_most_errors_20pct']:.1%})")
+        finding = f"AUROC of finding the lines with errors {report['auroc_lines_with_errors']:.3f}"
+    review = "no error for a review order to find" if no_errors else (
+        f"the 20% of lines with the most expected errors hold {report['errors_in_least_confident_20pct']:.1%} "
+        f"of the errors (the 20% with the most errors: {report['errors_in_most_errors_20pct']:.1%})")
     return [f"  estimated CER {report['estimated_cer']:.2%} ({low:.2%} to {high:.2%}) against the true "
             f"{report['true_cer']:.2%} ({relative})",
             f"  ECE of p_exact {report['ece_p_exact']:.4f}, of the character confidences {report['ece_characters']:.4f}",

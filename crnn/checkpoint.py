@@ -1,15 +1,9 @@
-"""Checkpoints: full training state, written atomically, read back with `weights_only=True`.
-
-A checkpoint holds only tensors and plain Python types (the config as a dict, the vocab as a list
-of characters, RNG states as tensors), so loading one from elsewhere cannot run code. Its keys are
-the fields of `TrainingCheckpoint` (with `RunState`'s progress fields alongside), written and read
-in one place. Every file of a run directory that is written whole (checkpoints, config.yaml, the
-rewrite of metrics.jsonl on resume) goes through `crnn.outputs.atomic_write`: to a temporary file in the same
-folder, fsync'ed, then renamed over the old file, so a crash or kill at any instant leaves either
-the old or the new file, never a torn or emptied one (metrics.jsonl otherwise grows by appending).
+"""Checkpoints: full training state, written atomically (`crnn.outputs.atomic_write`), read back
+with `weights_only=True`: a checkpoint holds only tensors and plain types (the config as a dict,
+the vocab as a list of characters, RNG states as tensors), so loading one cannot run code.
 
 `read_model_file` reads a trained model wherever it is stored: a checkpoint, or an export bundle
-(`crnn.export` writes bundles: safetensors weights, config.yaml, vocab.json, bundle.json).
+(`crnn.export`: safetensors weights, config.yaml, vocab.json, bundle.json).
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ import torch
 import yaml
 
 from crnn.errors import CheckpointError
-from crnn.outputs import atomic_write
+from crnn.outputs import atomic_write, atomic_write_text
 
 FORMAT = "crnn-checkpoint"
 VERSION = 1
@@ -81,7 +75,7 @@ def _test_fault_point() -> None:
 
 def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     """Atomically write `state` (plus the format marker) to `path`; with `keep_previous` the file
-    it replaces is kept as `previous_path(path)`, a fallback should the new one ever be damaged."""
+    it replaces is kept as `previous_path(path)`, a fallback should the new one be damaged."""
     path = Path(path)
 
     def keep() -> None:
@@ -148,7 +142,6 @@ class RunState:
     epochs_without_improvement: int = 0
     epoch_stats: dict = field(default_factory=dict)  # the unfinished epoch so far (summed over ranks)
     train_seconds: float = 0.0  # time spent in finished epochs' training loops (train.max_minutes)
-    planned_steps: int = 0  # the steps fitted to train.max_minutes, where the LR schedule ends (0: not fitted)
     # the signal that ended this process's run early, if any: not saved, a resumed run starts afresh
     stopped_by: int | None = field(default=None, metadata={"saved": False})
 
@@ -159,8 +152,8 @@ class RunState:
 
 @dataclass
 class TrainingCheckpoint:
-    """Everything a training checkpoint holds. The file's keys are these fields' names, with
-    `progress` flattened into `RunState.saved_fields()`, so a file reads as a plain dict."""
+    """Everything a training checkpoint holds: the file's keys are these fields' names, with
+    `progress` flattened into `RunState.saved_fields()`."""
 
     model: dict
     optimizer: dict
@@ -171,10 +164,6 @@ class TrainingCheckpoint:
     rng: dict  # rng_state()
     progress: RunState
     metrics: dict = field(default_factory=dict)  # the epoch's metrics.jsonl record ({} mid-epoch)
-    # with train.ema, `model` holds the weights' moving average (the run's model) and these the weights
-    # being trained, which a resumed run continues from ({} without EMA)
-    training_weights: dict = field(default_factory=dict)
-    ema_updates: int = 0
     # crnn.calibration.Calibration.to_dict(), fitted at the end of the run (or by tools/calibrate.py)
     calibration: dict = field(default_factory=dict)
 
@@ -203,8 +192,7 @@ def is_bundle(path: Path) -> bool:
 
 
 def bundle_files(path: Path) -> set[str]:
-    """The names of the files a bundle's manifest lists, the manifest included (empty if it cannot
-    be read)."""
+    """The files a bundle's manifest lists, the manifest included (empty if it cannot be read)."""
     try:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
         return {MANIFEST, *files.values()}
@@ -215,10 +203,26 @@ def bundle_files(path: Path) -> set[str]:
 CALIBRATION_FILE = "calibration.json"  # in a bundle: crnn.calibration.Calibration.to_dict()
 
 
-def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], Path, dict]:
-    """(config as a dict, vocab characters, weights, the weights' file, calibration) of a bundle,
-    its LM file's path resolved against the bundle; CheckpointError naming the file that is missing
-    or wrong."""
+@dataclass(frozen=True)
+class ModelFile:
+    """A trained model as stored: a checkpoint of tools/train.py or a bundle of tools/export.py."""
+
+    path: Path
+    config: dict  # as stored: crnn.config.config_from_dict checks it
+    chars: list[str]  # the vocabulary's characters (class i > 0 is chars[i - 1])
+    weights: dict[str, torch.Tensor]
+    weights_file: Path  # the file that holds the weights
+    is_bundle: bool
+    calibration: dict = field(default_factory=dict)  # {} if none was fitted
+
+    def sha256(self) -> str:
+        """Of the weights' file (logged by a run that starts from it)."""
+        return hashlib.sha256(self.weights_file.read_bytes()).hexdigest()
+
+
+def read_bundle(path: Path) -> ModelFile:
+    """The model in a bundle, its LM file's path resolved against the bundle; CheckpointError
+    naming the file that is missing or wrong."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -239,28 +243,7 @@ def read_bundle(path: Path) -> tuple[dict, list[str], dict[str, torch.Tensor], P
     lm_path = (config.get("decode") or {}).get("lm_path")
     if lm_path:
         config["decode"]["lm_path"] = str(path / lm_path)
-    return config, list(chars), weights, path / files["weights"], calibration
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    """A trained model as stored: a checkpoint of tools/train.py or a bundle of tools/export.py."""
-
-    path: Path
-    config: dict  # as stored: crnn.config.config_from_dict checks it
-    chars: list[str]  # the vocabulary's characters (class i > 0 is chars[i - 1])
-    weights: dict[str, torch.Tensor]
-    weights_file: Path  # the file that holds the weights
-    is_bundle: bool
-    calibration: dict = field(default_factory=dict)  # {} if none was fitted
-
-    def sha256(self) -> str:
-        """Of the weights' file: what `train.init_sha256` records."""
-        digest = hashlib.sha256()
-        with open(self.weights_file, "rb") as stream:
-            for block in iter(lambda: stream.read(2**20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+    return ModelFile(path, config, list(chars), weights, path / files["weights"], True, calibration)
 
 
 def read_model_file(path: Path, what: str = "") -> ModelFile:
@@ -268,8 +251,7 @@ def read_model_file(path: Path, what: str = "") -> ModelFile:
     option that named it, if any) if it is missing, damaged or neither."""
     path = Path(path).expanduser()
     if is_bundle(path):
-        config, chars, weights, weights_file, calibration = read_bundle(path)
-        return ModelFile(path, config, chars, weights, weights_file, True, calibration)
+        return read_bundle(path)
     if path.is_dir():
         raise CheckpointError(f"{what + ': ' if what else ''}{path}: this folder holds no export bundle (no "
                               f"{MANIFEST}); give a checkpoint file (checkpoints/best.pt) or a bundle of tools/export.py")
@@ -289,9 +271,9 @@ def store_calibration(path: Path, calibration: dict) -> None:
     path = Path(path)
     if is_bundle(path):
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        atomic_write(path / CALIBRATION_FILE, lambda s: s.write(json.dumps(calibration, indent=2).encode("utf-8")))
+        atomic_write_text(path / CALIBRATION_FILE, json.dumps(calibration, indent=2))
         manifest["files"]["calibration"] = CALIBRATION_FILE
-        atomic_write(path / MANIFEST, lambda s: s.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8")))
+        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         return
     state = load_checkpoint(path)
     state["calibration"] = calibration

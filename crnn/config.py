@@ -9,9 +9,8 @@ field declares its own choices or range next to its default (`_choice`, `_range`
 list per choice, used by the checks, the tools' argument parsers and the modules that act on it.
 List values are stored as tuples: the Config is deeply frozen and can be hashed.
 
-`load_run_config` is how a training run's config is loaded (tools/train.py): with
-`train.init_from`, the starting model's own keys (model.*, data.height) lie under the YAML and the
-command line, and the starting model is read here, once.
+A run that starts from trained weights (`train.init_from`) is loaded by
+`crnn.finetune.load_run_config`, which lays the starting model's keys under the YAML.
 
 Modules take plain arguments; the `build_*` functions and the `from_config` constructors are where
 a Config is read.
@@ -31,23 +30,14 @@ from typing import Any
 
 import yaml
 
-from crnn.checkpoint import ModelFile, read_model_file
 from crnn.errors import ConfigError
 
 DATA_SOURCES = ("hf", "parquet", "folder", "synthetic", "xml")
 SPLITS = ("train", "validation", "test")
-RESIZE_MODES = ("keep_aspect", "squash", "fit")
-DOWNSAMPLE_MODES = ("conv", "maxpool")
-COLUMN_POOLS = ("max", "avg")
 LR_SCALINGS = ("none", "linear", "sqrt")
-SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-LM_SMOOTHINGS = ("kneser_ney", "witten_bell", "add_k")
-LM_BACKENDS = ("kenlm", "python")
 INIT_VOCABS = ("union", "new", "keep")
 OPTIMIZERS = ("adamw", "muon")
-MUON_PRECISIONS = ("auto", "float32", "bf16")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -85,17 +75,14 @@ class SyntheticConfig:
     validation: int = _non_negative(500)
     test: int = _non_negative(500)
     seed: int = 1234
-    min_words: int = _range(2, 1)
-    max_words: int = _range(7, 1)
+    max_words: int = _range(7, 2)  # words per line: 2 to this
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Train-only augmentation; each op fires with probability `prob` (0 turns it off)."""
+    """Train-only augmentation; each op fires with probability `prob` (0 turns augmentation off)."""
 
-    enabled: bool = True
     prob: float = _fraction(0.5)
-    start_epoch: int = _range(1, 1)  # the first epoch (counted from 1) whose lines are augmented
     shear: float = _non_negative(0.3)  # max |tan(shear angle)|, horizontal
     rotation: float = _non_negative(1.0)  # max degrees
     scale: float = _fraction(0.15)  # max relative change of size (height is restored afterwards)
@@ -112,8 +99,7 @@ class XmlConfig:
     cache_dir: str = ""  # "": crops kept in memory; a folder: crops kept there, keyed by file content
     baseline_above: float = _positive(60.0)  # a line given only by its baseline: band, in page pixels,
     baseline_below: float = _non_negative(20.0)  # above and below the baseline
-    # the folder page images must lie in ("": each XML file's own folder); a path in the XML that
-    # leads outside it is refused
+    # the folder page images must lie in ("": each XML file's own folder); a path leading outside it is refused
     image_root: str = ""
 
 
@@ -124,25 +110,17 @@ class DataConfig:
     train: str | None = None  # file or folder path for source=parquet|folder; folder, file or glob for xml
     validation: str | None = None
     test: str | None = None
-    height: int = _positive(128)
-    # keep_aspect: height fixed, width follows; squash: resized to height x width (aspect lost);
-    # fit: scaled into a height x width canvas keeping the aspect ratio, then padded.
-    resize: str = _choice("keep_aspect", RESIZE_MODES)
-    width: int = _non_negative(0)  # target width for resize=squash|fit
+    height: int = _positive(128)  # lines are scaled to this height, the aspect ratio kept
     max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
     batch_size: int = _positive(16)  # per process
-    # each batch is padded on the right to a multiple of this many pixels, so that the GPU kernels
-    # (cuDNN autotuning) see a bounded set of shapes; 1 pads to the widest line only
+    # each batch is padded on the right to a multiple of this many pixels, so that cuDNN autotuning
+    # sees a bounded set of shapes; 1 pads to the widest line only
     width_multiple: int = _positive(64)
     num_workers: int = _non_negative(2)  # DataLoader workers; also the processes cropping source=xml pages
-    # decoded, resized lines are kept (uint8, in memory shared by all DataLoader workers) up to this
-    # many MB for both splits together, validation first, so that later epochs do not decode images
-    # again (0: off)
+    # decoded, resized lines kept in shared memory for later epochs, up to this many MB (0: off)
     cache_mb: float = _non_negative(2048.0)
-    # where the data's indexes are kept (line sizes; a memory-mapped Arrow copy of each parquet file),
-    # built once and reused by later runs and all ranks ("": $CRNN_INDEX_DIR, else ~/.cache/crnn/index)
+    # where the data's indexes are kept ("": $CRNN_INDEX_DIR, else ~/.cache/crnn/index)
     index_dir: str = ""
-    shuffle_window: int = _positive(50)  # batches drawn from windows of this many batches, sorted by width
     check: bool = False  # before training, decode every image and log every problem found
     synthetic: SyntheticConfig = SyntheticConfig()
     xml: XmlConfig = XmlConfig()
@@ -151,48 +129,29 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "crnn"  # key in crnn.models.MODELS
+    """ResNet encoder (a 7x7 stem, then stages of BasicBlocks, each stage's stride taken by a
+    max-pool before it; the height max-pooled into columns) -> BiLSTM -> linear, with the CTC
+    shortcut head (a 1x3 convolution on the columns) in training."""
+
     stem_channels: int = _positive(32)
-    stem_kernel: tuple[int, ...] = (7, 7)
     stem_stride: tuple[int, ...] = (2, 2)  # (height, width)
-    stem_pool: bool = False  # 3x3 stride-2 max-pool after the stem, as in ImageNet ResNets
     channels: tuple[int, ...] = (64, 128, 256)
     blocks: tuple[int, ...] = (2, 2, 2)
     strides: tuple[tuple[int, ...], ...] = ((1, 1), (2, 2), (2, 1))
-    # conv: a stage's stride is applied by its first block; maxpool: by a max-pool before it
-    downsample: str = _choice("conv", DOWNSAMPLE_MODES)
-    column_pool: str = _choice("max", COLUMN_POOLS)
-    frames: int = _non_negative(0)  # 0: frames follow each line's width; N > 0: adaptive-pool to N frames
-    # each encoder column becomes this many CTC frames (a learned transposed convolution over the
-    # width) before the sequence heads: more frames per character at the BiLSTM's cost only (1: off)
-    upsample: int = _range(1, 1, 8)
     lstm_layers: int = _non_negative(2)
     lstm_hidden: int = _positive(256)
     lstm_dropout: float = _fraction(0.2)
     head_dropout: float = _fraction(0.2)
     shortcut: bool = True
     shortcut_weight: float = _non_negative(0.1)
-    shortcut_kernel: int = _positive(3)
     shortcut_dropout: float = _fraction(0.2)
-    # training only: about this share of each line's frames, in spans of span_length frames, zeroed
-    # at the input of the BiLSTM (span masking; 0: off)
-    span_mask: float = _range(0.0, 0.0, 0.9)
-    span_length: int = _positive(4)
-    # training only: a Transformer decoder of this many layers reads the sequence head's features (the
-    # BiLSTM's output) and is taught the text with cross-entropy (teacher forcing), its loss weighted
-    # attention_weight, so that the shared features serve two readers (joint CTC-attention
-    # training; 0: off). Evaluation, prediction and export never run it.
-    attention_layers: int = _non_negative(0)
-    attention_dim: int = _positive(128)
-    attention_heads: int = _positive(4)
-    attention_weight: float = _non_negative(0.5)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _positive(100)
-    max_steps: int = _non_negative(0)  # stop after this many optimizer steps (0: no limit)
-    max_minutes: float = _non_negative(0.0)  # stop when the training steps have taken this long (0: no limit)
+    max_steps: int = _non_negative(0)  # stop after this many optimizer steps; the LR schedule ends there (0: no limit)
+    max_minutes: float = _non_negative(0.0)  # a guard: stop (validate, checkpoint) after this many training minutes
     # wall-clock minutes of this process, then a checkpoint and a stop as on a signal (exit code 142,
     # as for SIGALRM); train.resume=auto continues: for job time limits (0: no limit)
     stop_after_minutes: float = _non_negative(0.0)
@@ -201,45 +160,29 @@ class TrainConfig:
     # linear multiplies it by N, sqrt by sqrt(N)
     lr_scaling: str = _choice("none", LR_SCALINGS)
     weight_decay: float = _non_negative(5e-5)
-    # adamw, or muon: Muon on the hidden weight matrices (the encoder's convolutions after the stem,
-    # the BiLSTM's), AdamW on the rest, at the same LR and weight decay (crnn.optim.MuonAdamW)
+    # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest (crnn.optim.MuonAdamW)
     optimizer: str = _choice("adamw", OPTIMIZERS)
-    # the dtype of Muon's Newton-Schulz products (crnn.optim.orthogonalised): float32, bf16 (as in
-    # Jordan et al.'s Muon), or auto: bf16 when train.amp resolves to bf16, else float32
-    muon_precision: str = _choice("float32", MUON_PRECISIONS)
     warmup_steps: int = _non_negative(500)
-    schedule: str = _choice("cosine", SCHEDULES)
-    min_lr_ratio: float = _fraction(0.02)
-    # decay of an exponential moving average of the weights, which the run validates and saves as its
-    # model (e.g. 0.999; 0: off)
-    ema: float = _range(0.0, 0.0, 0.9999)
-    # sharpness-aware steps (SAM, Foret et al. 2021; HTR-VT): each step's gradient is taken again at
-    # the weights moved this far along the normalised gradient (e.g. 0.05; 0: off). Twice the compute
-    sam_rho: float = _non_negative(0.0)
+    min_lr_ratio: float = _fraction(0.02)  # the cosine's floor, as a share of the peak LR
     grad_clip: float = _non_negative(5.0)  # max gradient norm (0: off)
-    amp: str = _choice("auto", AMP_MODES)
-    # the convolutions' layout in training (crnn.device.resolve_memory_format): auto is channels_last
-    # on a CPU (oneDNN's own: a 9-11% faster training step) and contiguous on CUDA (not measured there)
-    memory_format: str = _choice("auto", MEMORY_FORMATS)
+    amp: str = _choice("auto", AMP_MODES)  # precision: crnn.device.resolve_amp
     output_dir: str = ""  # "" -> runs/<config file stem>
     resume: str = ""  # "" (new run), "auto" (continue from last.pt if present) or a path
     # a new run whose weights start from this checkpoint or export bundle (fine-tuning), and what
     # becomes of its alphabet: union (keep its characters, add the data's), new (the data's), keep
     init_from: str = ""
     init_vocab: str = _choice("union", INIT_VOCABS)
-    init_sha256: str = ""  # of init_from's weights: recorded in config.yaml (and checked if set by hand)
     freeze_encoder_steps: int = _non_negative(0)  # the encoder (and its BatchNorm statistics) frozen so long
     seed: int = 0
     patience: int = _non_negative(0)  # early stopping: epochs without a better validation CER (0: off)
     val_images: int = _non_negative(4)  # validation images logged to TensorBoard each epoch
-    log_every: int = _positive(20)  # steps between TensorBoard training scalars
+    # steps between training logs, and between the checks of stop requests (signals, the minutes)
+    log_every: int = _positive(20)
     device: str = _pattern("auto", r"auto|cpu|cuda(:\d+)?", DEVICES)
     max_bad_steps: int = _non_negative(5)  # stop after this many non-finite steps in a row
     checkpoint_every_steps: int = _non_negative(0)  # also write checkpoints/last.pt every N steps (0: epoch ends only)
-    oom_retry: bool = True  # on out-of-memory, retry the batch in two halves (single process only)
     data_parallel: bool = False
     sync_bn: bool = False
-    compile: bool = False  # refused (see validate): torch.compile is not yet shown to pay here
     cudnn_benchmark: bool = False  # cuDNN autotuning: one search per batch shape (see data.width_multiple)
     deterministic: bool = False
 
@@ -250,15 +193,9 @@ class DecodeConfig:
 
     beam_size: int = _range(10, 1)
     beam_threshold: float = _positive(25.0)  # prune hypotheses this far (log-prob) below the best
-    beam_size_token: int = _non_negative(16)  # tokens considered per frame (0: all); 16 loses nothing measurable
     nbest: int = _range(1, 1)
-    cuda: bool = False  # refused (see validate): torchaudio's CUDA beam search aborts the process
     lm_path: str = ""  # character LM file (tools/build_lm.py, or a KenLM ARPA/binary); "" = built
-    lm_order: int = _range(6, 1)  # n-gram order of the character LM built from the training transcriptions
-    lm_smoothing: str = _choice("kneser_ney", LM_SMOOTHINGS)
-    # the LM built from the training texts runs in C++ (written as ARPA, read by flashlight's KenLM;
-    # orders up to 6) or in Python (slower, the same probabilities, any order)
-    lm_backend: str = _choice("kenlm", LM_BACKENDS)
+    lm_order: int = _range(6, 1, 6)  # n-gram order of the character LM built from the training transcriptions
     lm_weight: float = 0.5
     word_score: float = 0.0  # added at each word boundary (space)
     workers: int = _non_negative(0)  # processes for beam search (0: one per CPU core; 1: in this process)
@@ -450,8 +387,9 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
-    """Rebuild and validate a Config from a plain dict (e.g. the one stored in a checkpoint)."""
-    cfg = _build(Config, data, "", lambda key: source)
+    """Rebuild and validate a Config from a plain dict (e.g. the one stored in a checkpoint; keys
+    of earlier versions are dropped by `drop_retired`)."""
+    cfg = _build(Config, drop_retired(data, source), "", lambda key: source)
     validate(cfg, source)
     return cfg
 
@@ -504,52 +442,22 @@ def _check_model_shape(model: ModelConfig, where: str) -> None:
         )
     if min(model.blocks) < 1 or min(model.channels) < 1:
         raise ConfigError(f"{where}: 'model.blocks' and 'model.channels' must be >= 1")
-    pairs = {"model.stem_kernel": model.stem_kernel, "model.stem_stride": model.stem_stride}
+    pairs = {"model.stem_stride": model.stem_stride}
     pairs.update({f"model.strides[{i}]": s for i, s in enumerate(model.strides)})
     for key, value in pairs.items():
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {list(value)}")
-    if model.shortcut_kernel % 2 == 0:
-        raise ConfigError(f"{where}: 'model.shortcut_kernel' must be odd, got {model.shortcut_kernel}")
-    if model.attention_layers and model.attention_dim % model.attention_heads:
-        raise ConfigError(f"{where}: 'model.attention_dim' ({model.attention_dim}) must be a multiple of "
-                          f"'model.attention_heads' ({model.attention_heads})")
-
-
-def _check_refused(cfg: Config, where: str) -> None:
-    """Options kept so that older configs and checkpoints load, but refused when switched on."""
-    if cfg.train.compile:
-        raise ConfigError(
-            f"{where}: 'train.compile=true' is not supported: with lines of varying width torch.compile "
-            f"recompiled for each new shape and did not finish 25 steps of synthetic.yaml in 80 s on an "
-            f"H100, and on the CPU (PyTorch 2.11) it crashed the process when the batch shape changed. "
-            f"Set train.compile=false")
-    if cfg.decode.cuda:
-        raise ConfigError(
-            f"{where}: 'decode.cuda=true' is no longer supported: torchaudio's CUDA CTC beam search aborts "
-            f"the process on H100 GPUs (cudaErrorIllegalAddress, pytorch/audio#3754) and torchaudio is no "
-            f"longer developed. Set decode.cuda=false: the beam search runs on the CPU")
 
 
 def validate(cfg: Config, where: str = "config") -> None:
     """Every value: declared choices and ranges, then what the fields say together."""
     _check_all_fields(cfg, "", where)
     _check_model_shape(cfg.model, where)
-    data, model = cfg.data, cfg.model
-    if model.frames and data.resize == "keep_aspect":
-        raise ConfigError(f"{where}: 'model.frames={model.frames}' (a fixed number of frames) needs "
-                          f"fixed-width lines: set data.resize=squash or fit with data.width")
-    if data.resize != "keep_aspect" and data.width <= 0:
-        raise ConfigError(f"{where}: 'data.resize={data.resize}' needs 'data.width' > 0")
-    _check_refused(cfg, where)
     if cfg.train.resume and cfg.train.init_from:
         raise ConfigError(f"{where}: 'train.resume' and 'train.init_from' together: resume continues this run "
                           f"(its weights, optimizer, schedule and epochs); init_from starts a new run from "
                           f"another run's weights. Set one of them (to continue a fine-tuning run: "
-                          f"train.resume=auto train.init_from=)")
-    if data.synthetic.min_words > data.synthetic.max_words:
-        raise ConfigError(f"{where}: 'data.synthetic.min_words' ({data.synthetic.min_words}) must not "
-                          f"exceed 'data.synthetic.max_words' ({data.synthetic.max_words})")
+                          f"--cfg <its train.output_dir>/config.yaml train.resume=auto train.init_from=)")
 
 
 def config_yaml(cfg: Config) -> str:
@@ -557,45 +465,50 @@ def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-# model keys that decide the network's structure or its weights' shapes (not dropout or loss weights)
-ARCHITECTURE_KEYS = ("name", "stem_channels", "stem_kernel", "stem_stride", "stem_pool", "channels", "blocks",
-                     "strides", "downsample", "column_pool", "frames", "upsample", "lstm_layers", "lstm_hidden",
-                     "shortcut", "shortcut_kernel")
+# model keys that decide the network's structure or its weights' shapes: a resumed run or a
+# fine-tuning run must have the same (dropout and loss weights may change)
+ARCHITECTURE_KEYS = ("stem_channels", "stem_stride", "channels", "blocks", "strides", "lstm_layers", "lstm_hidden",
+                     "shortcut")
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, ModelFile | None]:
-    """A training run's config, and the model it starts from (read once, here) when
-    `train.init_from` is set (None otherwise).
-
-    The starting model's model.* keys and data.height lie under the YAML and the overrides, and
-    `train.init_sha256` records its weights' SHA-256; ConfigError (`check_starting_point`) for an
-    architecture key or a height that the YAML or the command line sets differently, or an
-    init_sha256 set by hand that does not match the file."""
-    init_from = raw_value(path, overrides, "train.init_from")
-    if not init_from:
-        return load_config(path, overrides), None
-    start = read_model_file(Path(str(init_from)), "train.init_from")
-    start_cfg = config_from_dict(start.config, f"train.init_from {start.path}")
-    digest = start.sha256()
-    base = {"model": start_cfg.to_dict()["model"], "data": {"height": start_cfg.data.height},
-            "train": {"init_sha256": digest}}
-    cfg = load_config(path, overrides, base=base)
-    check_starting_point(cfg, start, digest)
-    return cfg, start
+def architecture_changes(mine: ModelConfig, theirs: ModelConfig) -> list[str]:
+    """The architecture keys whose values differ, as `model.<key>` (the one rule for what a resume or
+    a fine-tune may not change)."""
+    return [f"model.{key}" for key in ARCHITECTURE_KEYS if getattr(mine, key) != getattr(theirs, key)]
 
 
-def check_starting_point(cfg: Config, start: ModelFile, digest: str) -> None:
-    """ConfigError unless `cfg` can start from `start` (whose weights' SHA-256 is `digest`)."""
-    if cfg.train.init_sha256 and cfg.train.init_sha256 != digest:
-        raise ConfigError(f"train.init_sha256: {start.path} is not the file this run started from (its weights' "
-                          f"SHA-256 is {digest[:16]}..., the config expects {cfg.train.init_sha256[:16]}...)")
-    theirs = config_from_dict(start.config, f"train.init_from {start.path}")
-    for key in ARCHITECTURE_KEYS:
-        mine, their_value = getattr(cfg.model, key), getattr(theirs.model, key)
-        if mine != their_value:
-            raise ConfigError(f"'model.{key}' is {mine!r} in the YAML or on the command line, but the model of "
-                              f"train.init_from ({start.path}) has {their_value!r}: it cannot start from those "
-                              f"weights. Remove model.{key} (its value then comes from the starting model)")
-    if cfg.data.height != theirs.data.height:
-        raise ConfigError(f"'data.height' is {cfg.data.height} in the YAML or on the command line, but the model of "
-                          f"train.init_from ({start.path}) was trained at {theirs.data.height}; remove it")
+# keys of models saved by earlier versions, with the one value the code now has built in: a saved
+# config holding that value loads (the key is dropped); any other value is refused by name
+RETIRED = {
+    "model": {"name": "crnn", "stem_kernel": [7, 7], "stem_pool": False, "downsample": "maxpool",
+              "column_pool": "max", "frames": 0, "upsample": 1, "shortcut_kernel": 3, "span_mask": 0.0,
+              "span_length": None, "attention_layers": 0, "attention_dim": None, "attention_heads": None,
+              "attention_weight": None},
+    "data": {"resize": "keep_aspect", "width": None, "shuffle_window": None},
+    "train": {"muon_precision": None, "ema": 0.0, "sam_rho": None, "compile": False, "memory_format": None,
+              "oom_retry": None, "schedule": "cosine", "init_sha256": None},
+    "decode": {"cuda": False, "lm_backend": None, "lm_smoothing": None, "beam_size_token": None},
+}
+RETIRED_NESTED = {("data", "augment"): {"enabled": True, "start_epoch": 1}, ("data", "synthetic"): {"min_words": None}}
+
+
+def drop_retired(data: dict, source: str) -> dict:
+    """A saved config (checkpoint, bundle, config.yaml) without the keys this version no longer has;
+    ConfigError naming the key where the saved value is one the code no longer builds (None: any
+    value is fine)."""
+    data = {section: dict(value) if isinstance(value, dict) else value for section, value in data.items()}
+    places = [((section,), keys) for section, keys in RETIRED.items()] + list(RETIRED_NESTED.items())
+    for path, keys in places:
+        node = data
+        for part in path[:-1]:
+            node = node.get(part, {})
+        if not isinstance(node.get(path[-1]), dict):
+            continue
+        section = node[path[-1]] = dict(node[path[-1]])
+        for key, built_in in keys.items():
+            if key in section:
+                value = section.pop(key)
+                if built_in is not None and value != built_in:
+                    raise ConfigError(f"{source}: '{'.'.join(path)}.{key}={value!r}' is no longer supported "
+                                      f"(this version builds {built_in!r} only)")
+    return data

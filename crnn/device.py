@@ -6,15 +6,18 @@
 - `resolve_amp`: the one meaning of `train.amp` (and of the tools' `--amp`) -> the autocast dtype;
   training, validation, evaluation and the benchmark all use it. `autocast` wraps a forward pass
   (and its loss) in it.
-- `resolve_memory_format`: `train.memory_format` -> the layout a training model's convolutions
-  take (the trainer and the benchmark).
+- `memory_format`: the layout a training model's convolutions take (channels_last on a CPU).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 from contextlib import nullcontext
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +25,7 @@ from torch import nn
 
 from crnn.config import DEVICES, TrainConfig
 from crnn.errors import ConfigError
+from crnn.outputs import atomic_write_text
 from crnn.runlog import log
 
 AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -50,8 +54,7 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
 
 def check_device_options(train: TrainConfig, device: torch.device) -> None:
     """Reject what the config asks of a device it does not have (the values themselves were
-    checked when the config was loaded). `auto` fits every device: it is resolved (on a CPU, a timed
-    probe) where the training is set up, after the data has loaded."""
+    checked when the config was loaded)."""
     if train.amp != "auto":
         resolve_amp(train.amp, device)
     if train.sync_bn and device.type != "cuda":
@@ -64,39 +67,33 @@ def check_device_options(train: TrainConfig, device: torch.device) -> None:
 def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
     """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
 
-    auto: bf16 on a CUDA GPU that supports it, else fp16 there; on a CPU, bf16 where it has bf16
-    kernels and trains measurably faster with them (`cpu_bf16_pays`: about twice float32's speed on
-    an AMD EPYC with AVX-512 BF16, at the same CER per minute or better, docs/ablations.md), else
-    float32: where PyTorch would emulate bf16 (many times slower), and where the kernels exist but
-    lose to float32 (an Intel Xeon with AVX-512 BF16 and no AMX: 0.7-0.9x).
-    fp16 needs CUDA (its GradScaler); bf16 runs anywhere.
+    auto: on CUDA, bf16 where the GPU supports it, else fp16. On a CPU, from what it reports
+    (`cpu_amp`): bf16 with AMX, float32 without bf16 kernels (PyTorch would emulate bf16, many
+    times slower); with AVX-512 BF16 but no AMX, bf16 pays on some CPUs and not on others, so it is
+    measured once per machine and the answer kept. fp16 needs CUDA (its GradScaler); bf16 runs
+    anywhere, emulated (with a warning) on a CPU without bf16 kernels.
     """
     if amp == "auto":
-        if device.type != "cuda":
-            return torch.bfloat16 if cpu_runs_bf16_natively() is True and cpu_bf16_pays() else None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cpu_amp()
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"'{key}=fp16' needs a CUDA device (GradScaler); on CPU use {key}=off or bf16")
-    if amp == "bf16":
-        warn_emulated_bf16(key, device)
+    if amp == "bf16" and device.type == "cpu" and cpu_runs_bf16_natively() is False:
+        warn_once(f"{key}=bf16 on a CPU without bf16 kernels (no AVX-512 BF16 or AMX): PyTorch emulates bf16 "
+                  f"here, many times slower than float32; {key}=off runs in float32")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def resolve_memory_format(name: str, device: torch.device) -> torch.memory_format:
-    """`train.memory_format` -> the layout of a training model's 4-D weights, which its
-    convolutions' activations then follow. auto: channels_last on a CPU, where it is oneDNN's own
-    layout and a copiste.yaml training step ran 9-11% faster with it on a 2-core Intel Xeon
-    (float32, 1 or 2 threads; docs/performance.md), contiguous on CUDA, where it is not measured
-    yet (tools/gpu_check.py measures it). Either trains the same model, up to float rounding."""
-    if name == "auto":
-        name = "channels_last" if device.type == "cpu" else "contiguous"
-    return {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[name]
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of a training model's 4-D weights, which its convolutions' activations follow:
+    channels_last on a CPU (oneDNN's own layout: a faster training step), contiguous on CUDA."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def cpu_runs_bf16_natively() -> bool | None:
-    """oneDNN's own test: bf16 kernels on x86 need AVX-512 (or AMX), on ARM the bf16 extension.
-    Without them PyTorch emulates bf16. None when PyTorch cannot say (then `auto` keeps float32 and
-    an explicit bf16 gets no warning)."""
+    """oneDNN's own test: bf16 kernels on x86 need AVX-512 BF16 (or AMX), on ARM the bf16 extension.
+    None when PyTorch cannot say."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -107,31 +104,69 @@ BF16_MIN_SPEEDUP = 1.2  # below it float32 keeps its precision for little or no 
 
 
 @cache
-def cpu_bf16_pays() -> bool:
-    """Whether a training step under bf16 autocast beats float32 by `BF16_MIN_SPEEDUP` on this CPU,
-    measured once per process (about two seconds) on a probe shaped like the CRNN: strided
-    convolutions, batch norm, a BiLSTM, forward and backward. Having bf16 kernels is not enough:
-    oneDNN's AVX-512 BF16 convolutions train slower than float32 on some Xeons without AMX. Under
-    torch.distributed every rank probes and bf16 is chosen only if all agree, so that the ranks
-    train alike."""
-    speedup = bf16_speedup()
+def cpu_amp() -> torch.dtype | None:
+    """`train.amp=auto` on this CPU, with the reason logged. Without AMX but with bf16 kernels the
+    answer is a measurement (`bf16_speedup`), taken once per machine and kept in
+    `amp_cache_path()`; under torch.distributed the ranks agree (bf16 only if all say so)."""
+    if cpu_runs_bf16_natively() is not True:
+        log.info("train.amp=auto: float32 (this CPU has no bf16 kernels)")
+        return None
+    if torch.cpu._is_amx_tile_supported():
+        log.info("train.amp=auto: bf16 (this CPU has AMX)")
+        return torch.bfloat16
+    path, key = amp_cache_path(), f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    known = read_json(path)
+    if key in known:
+        speedup, how = float(known[key]), f"measured earlier on this machine, kept in {path}"
+    else:
+        speedup, how = bf16_speedup(), "measured now, once for this machine"
+        write_json(path, {**read_json(path), key: round(speedup, 3)})
     pays = speedup >= BF16_MIN_SPEEDUP
     if dist.is_available() and dist.is_initialized():
         vote = torch.tensor([int(pays)])
         dist.all_reduce(vote, op=dist.ReduceOp.MIN)
         pays = bool(vote.item())
-    log.info("amp auto: a bf16 training step runs at %.2fx float32's speed on this CPU (a probe), so auto means %s",
-             speedup, "bf16 here" if pays else f"float32 here (bf16 needs {BF16_MIN_SPEEDUP}x)")
-    return pays
+    log.info("train.amp=auto: %s (AVX-512 BF16 without AMX: a bf16 training step runs at %.2fx float32's speed "
+             "here, %s; bf16 needs %.1fx)", "bf16" if pays else "float32", speedup, how, BF16_MIN_SPEEDUP)
+    return torch.bfloat16 if pays else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def amp_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "crnn" / "cpu_bf16_speedup.json"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Best effort: a cache that cannot be written is measured again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
+    except OSError as err:
+        log.warning("cannot keep the bf16 measurement in %s: %s", path, err)
 
 
 def bf16_speedup(repeats: int = 2) -> float:
-    """Float32's time over bf16's for the probe's training step (best of `repeats` after a warm-up,
-    the two precisions interleaved twice so that a burst of load elsewhere hits both alike). The
-    probe is a batch of 16 lines 1,024 px wide in channels_last, the layout a CPU trains in (about
-    two seconds in all): on a 2-core Xeon with AMX it gave 1.51-1.62x where copiste.yaml's real loop
-    ran 1.62x, while the earlier probe (8 lines 512 px wide, contiguous) gave 1.17-1.43x, either side
-    of the threshold (docs/performance.md)."""
+    """Float32's time over bf16's for a training step of a probe shaped like the CRNN (strided
+    convolutions, batch norm, a BiLSTM; 16 lines 1,024 px wide in channels_last), best of `repeats`
+    after a warm-up, the two precisions interleaved (about two seconds in all)."""
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)
         convs = nn.Sequential(nn.Conv2d(1, 32, 7, (4, 2), 3), nn.BatchNorm2d(32), nn.ReLU(),
@@ -156,20 +191,9 @@ def bf16_speedup(repeats: int = 2) -> float:
     return best[None] / best[torch.bfloat16]
 
 
-_bf16_warning_given = False
-
-
-def warn_emulated_bf16(key: str, device: torch.device) -> None:
-    """Warns that `key=bf16` is emulated, if `device` is a CPU without bf16 kernels; once per process
-    (the benchmark resolves `--amp`, then each config's `train.amp` and `train.muon_precision`)."""
-    global _bf16_warning_given
-    if _bf16_warning_given or device.type != "cpu" or cpu_runs_bf16_natively() is not False:
-        return
-    _bf16_warning_given = True
-    log.warning(
-        "%s=bf16 on a CPU without bf16 kernels (no AVX-512 or AMX): PyTorch emulates bf16 here, which is "
-        "many times slower than float32 (training 14-18x slower on a 2-core AMD EPYC without AVX-512); "
-        "%s=auto runs in float32 on such a CPU", key, key)
+@cache
+def warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

@@ -1,6 +1,6 @@
 """torchrun environment -> process group, device and rank helpers (also fine without torchrun).
 
-    torchrun --standalone --nproc_per_node=2 tools/train.py --cfg experiments/tiny.yaml
+    torchrun --standalone --nproc_per_node=2 tools/train.py --cfg experiments/synthetic.yaml
 
 NCCL on CUDA, gloo on CPU. Without torchrun's variables everything runs as rank 0 of 1.
 """
@@ -68,12 +68,11 @@ class _BatchFirst(torch.nn.Module):
 
 
 def _transpose_output(output):
-    """Swap the first two axes (T and N) of a CRNNOutput's per-frame (and per-character) outputs."""
+    """Swap the first two axes (T and N) of a CRNNOutput's per-frame outputs."""
     def swapped(tensor):
         return None if tensor is None else tensor.transpose(0, 1)
 
-    return output._replace(log_probs=swapped(output.log_probs), shortcut_log_probs=swapped(output.shortcut_log_probs),
-                           attention_logits=swapped(output.attention_logits))
+    return output._replace(log_probs=swapped(output.log_probs), shortcut_log_probs=swapped(output.shortcut_log_probs))
 
 
 class DataParallelCRNN(torch.nn.Module):
@@ -81,8 +80,7 @@ class DataParallelCRNN(torch.nn.Module):
 
     DataParallel splits inputs and gathers outputs along dim 0, but the log-probs are `(T, N, C)`:
     each replica returns them batch-first and they are turned back here. All replicas see the
-    same padded width (and the same padded text length, for the attention decoder), so their T
-    (and L) agree.
+    same padded width, so their T agree.
     """
 
     def __init__(self, model: torch.nn.Module, device_ids: list[int] | None = None):
@@ -90,9 +88,8 @@ class DataParallelCRNN(torch.nn.Module):
         self.module = model
         self.parallel = torch.nn.DataParallel(_BatchFirst(model), device_ids)
 
-    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None,
-                targets: torch.Tensor | None = None):
-        return _transpose_output(self.parallel(images, widths, with_shortcut, targets))
+    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None):
+        return _transpose_output(self.parallel(images, widths, with_shortcut))
 
 
 class StopRequest:

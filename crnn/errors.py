@@ -1,9 +1,11 @@
-"""Errors a user can act on. The tools print them as one line and exit with status 2 (`tool_main`)."""
+"""Errors a user can act on; the tools print them as one line and exit with status 2 (`tool_main`)."""
 
 import faulthandler
 import functools
 import sys
 from collections.abc import Callable
+
+import torch
 
 
 class CrnnError(Exception):
@@ -22,41 +24,30 @@ class CheckpointError(CrnnError):
     """A checkpoint is missing, corrupt or from another project."""
 
 
-def report_failure(err: CrnnError | OSError) -> int:
-    """Print a CrnnError, or an OSError (a file that could not be read or written), as one line on
-    stderr; the exit status to return (2)."""
-    if isinstance(err, OSError) and err.filename is not None:
-        print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
-    else:
-        print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
-def enable_crash_traceback() -> None:
-    """Dump the Python stack of every thread on stderr should the process die of SIGSEGV, SIGABRT,
-    SIGBUS, SIGFPE or SIGILL (a no-op where already enabled, or where stderr is not a real file)."""
-    if faulthandler.is_enabled():
-        return
-    try:
-        faulthandler.enable(all_threads=True)
-    except (AttributeError, ValueError, OSError, RuntimeError):  # stderr None, or without a file descriptor
-        pass
-
-
 def tool_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """The one entry of every tool: `main(argv)` runs, and a user error (CrnnError, or an OSError
-    from a file it could not read or write) ends it as one `error: ...` line and exit status 2,
-    never a traceback. Use as a decorator on each tool's `main`.
-
-    A crash below Python (a segfault or an abort in a native library) prints the Python stack of
-    every thread on stderr first (`faulthandler`), so that a report of one says where it happened."""
+    """The one entry of every tool (a decorator on its `main(argv)`): a user error (CrnnError, an
+    OSError from a file it could not read or write, or running out of memory) ends it as one
+    `error: ...` line on stderr and exit status 2, never a traceback. A crash below Python (a segfault in a native library) prints
+    the Python stack of every thread first (`faulthandler`)."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        enable_crash_traceback()
+        if not faulthandler.is_enabled():
+            try:
+                faulthandler.enable(all_threads=True)
+            except (AttributeError, ValueError, OSError, RuntimeError):  # stderr None, or without a file descriptor
+                pass
         try:
             return main(argv)
+        except (MemoryError, torch.OutOfMemoryError) as err:  # the keys that lower the memory a step takes
+            print(f"error: out of memory ({str(err).splitlines()[0] if str(err) else 'no detail'}): lower "
+                  f"data.batch_size or data.max_width, or use train.amp=bf16", file=sys.stderr)
+            return 2
         except (CrnnError, OSError) as err:
-            return report_failure(err)
+            if isinstance(err, OSError) and err.filename is not None:
+                print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+            else:
+                print(f"error: {err}", file=sys.stderr)
+            return 2
 
     return run

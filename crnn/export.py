@@ -15,8 +15,8 @@ A bundle is a folder:
 - `bundle.json`: the format, the files, and the largest difference between the ONNX model's
   log-probs and PyTorch's measured on export (refused above `ONNX_TOLERANCE`).
 
-`crnn.checkpoint.read_model_file` reads a bundle back (so evaluate, predict and `train.init_from`
-take a bundle wherever they take a checkpoint).
+`crnn.checkpoint.read_model_file` reads a bundle back: evaluate, predict, calibrate and
+`train.init_from` take a bundle wherever they take a checkpoint.
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ def export_bundle(trained, out: Path, lm_texts: Sequence[str] | None) -> dict:
     save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, out / files["weights"])
     atomic_write_text(out / files["vocab"], json.dumps({"blank": 0, "chars": trained.vocab.chars}, ensure_ascii=False))
     lm_file = ""
-    if config.decode.lm_path:
-        shutil.copyfile(config.decode.lm_path, out / "lm.arpa")
-        lm_file = "lm.arpa"
+    if config.decode.lm_path:  # an ARPA file or a KenLM binary: its suffix kept
+        lm_file = "lm" + (Path(config.decode.lm_path).suffix or ".arpa")
+        shutil.copyfile(config.decode.lm_path, out / lm_file)
     elif lm_texts:
-        NgramLM.estimate(lm_texts, config.decode.lm_order, config.decode.lm_smoothing).write_arpa(out / "lm.arpa")
         lm_file = "lm.arpa"
+        NgramLM.estimate(lm_texts, config.decode.lm_order).write_arpa(out / lm_file)
     if lm_file:
         files["language_model"] = lm_file
     if trained.calibration.fitted:

@@ -3,32 +3,56 @@
     python tools/train.py --cfg experiments/finetune.yaml train.init_from=runs/base/checkpoints/best.pt \
         data.source=folder data.train=mine/train data.validation=mine/val
 
-- `train.init_from`: a checkpoint (`best.pt`/`last.pt` of any run) or an export bundle. The run is
-  new (its own directory, optimizer, schedule, epochs); its model keys (`model.*`) and
-  `data.height` come from the starting model unless the YAML or the command line sets them, and
-  setting one of its architecture keys to another value is an error naming the key. The run's
-  config.yaml records the starting file and the SHA-256 of its weights (`train.init_sha256`; set
-  by hand, it is checked). That config and the starting model are read once, by
-  `crnn.config.load_run_config`; this module lays the model out for the new run.
+- `train.init_from`: a checkpoint (`best.pt`/`last.pt` of any run) or an export bundle, read once,
+  by `load_run_config`. The run is new (its own directory, optimizer, schedule, epochs); its model
+  keys (`model.*`) and `data.height` come from the starting model unless the YAML or the command
+  line sets them, and an architecture key set to another value is an error naming the key
+  (`crnn.config.architecture_changes`, the rule resuming follows too).
 - `train.init_vocab`: `union` (default) keeps every character of the starting model in the same
   output rows and adds the training data's new characters as new rows, which start improbable
-  (zero weights, a bias far below the old ones') so they do not disturb the old ones; `new` makes
-  the alphabet exactly the training data's, keeping the rows of the characters both share; `keep`
-  keeps the starting alphabet, and characters outside it follow the rule of `crnn.data.samples`.
-  Both CTC heads (BiLSTM and shortcut) and the attention decoder's classes are resized alike
-  (`CRNN.CLASS_ROWS`). The training-only attention decoder (`model.attention_layers`) may be added
-  or dropped: a new one starts from random weights.
+  (zero weights, a bias far below the old ones'); `new` makes the alphabet exactly the training
+  data's, keeping the rows of the characters both share; `keep` keeps the starting alphabet.
+  Both CTC heads (BiLSTM and shortcut) are resized alike (`CRNN.CLASS_ROWS`).
 - `train.freeze_encoder_steps=N`: the encoder learns nothing for the first N optimizer steps (its
-  learning rate is 0, `crnn.optim`) and its BatchNorm statistics are held (`crnn.engine`).
+  learning rate is 0, `crnn.optim`) and its BatchNorm statistics are held (`crnn.trainer`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from crnn.checkpoint import ModelFile
+from crnn.checkpoint import ModelFile, read_model_file
+from crnn.config import Config, architecture_changes, config_from_dict, load_config, raw_value
 from crnn.data import Vocab
+from crnn.errors import ConfigError
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, ModelFile | None]:
+    """A training run's config, and the model `train.init_from` names (None without one).
+
+    The starting model's model.* keys and data.height lie under the YAML and the overrides;
+    ConfigError for an architecture key or a height set to another value."""
+    init_from = raw_value(path, overrides, "train.init_from")
+    if not init_from:
+        return load_config(path, overrides), None
+    start = read_model_file(Path(str(init_from)), "train.init_from")
+    theirs = config_from_dict(start.config, f"train.init_from {start.path}")
+    base = {"model": theirs.to_dict()["model"], "data": {"height": theirs.data.height}}
+    cfg = load_config(path, overrides, base=base)
+    changed = architecture_changes(cfg.model, theirs.model)
+    if cfg.data.height != theirs.data.height:
+        changed.append("data.height")
+    if changed:
+        key = changed[0]
+        section, name = key.split(".")
+        mine, their_value = getattr(getattr(cfg, section), name), getattr(getattr(theirs, section), name)
+        raise ConfigError(f"'{key}' is {mine!r} in the YAML or on the command line, but the model of "
+                          f"train.init_from ({start.path}) has {their_value!r}: it cannot start from those "
+                          f"weights. Remove {key} (its value then comes from the starting model)")
+    return cfg, start
 
 
 def initial_vocab(start: ModelFile, texts: list[str], mode: str) -> tuple[Vocab, str, str]:
@@ -49,9 +73,7 @@ def starting_weights(start: ModelFile, vocab: Vocab, model: nn.Module) -> dict[s
     """The starting weights for `model` (built for `vocab`), with their per-class rows (the model's
     `CLASS_ROWS`) laid out for `vocab`: a character's learned row where the starting model has one,
     else zeros and a bias below every learned one (the new class starts improbable); the blank keeps
-    row 0. Parts used in training only (the model's `TRAINING_ONLY` prefixes: the attention decoder)
-    may differ between the two: `model`'s own fresh weights stand where the starting model has none
-    of that shape, and the starting model's are dropped where `model` has none."""
+    row 0."""
     old_rows = Vocab(start.chars).index
     rows = [0] + [old_rows.get(char, -1) for char in vocab.chars]  # old row of each new class
     weights = dict(start.weights)
@@ -66,10 +88,4 @@ def starting_weights(start: ModelFile, vocab: Vocab, model: nn.Module) -> dict[s
             if old_row >= 0:
                 new[row] = old[old_row]
         weights[name] = new
-    fresh = model.state_dict()
-    for name in [name for name in weights if name.startswith(model.TRAINING_ONLY) and name not in fresh]:
-        del weights[name]
-    for name, value in fresh.items():
-        if name.startswith(model.TRAINING_ONLY) and (name not in weights or weights[name].shape != value.shape):
-            weights[name] = value
     return weights

@@ -1,5 +1,5 @@
-"""A trained checkpoint, ready to decode: config (with data.*/decode.* overrides), vocab and
-model. What tools/evaluate.py and tools/predict.py share."""
+"""A trained model ready to read lines: config (with data.*/decode.* overrides), vocab, model and
+calibration, from a checkpoint or an export bundle. What evaluate, predict, calibrate and export share."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from crnn.calibration import Calibration, check_enough, line_features
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
-from crnn.data.transforms import resized_size
 from crnn.data.xml_pages import XmlPage, crop_lines, page_image
-from crnn.decoding import BeamDecoder, Decoder, build_decoders, build_language_model
+from crnn.decoding import BeamDecoder, Decoder, Hypothesis, build_decoders, build_language_model, char_spans
 from crnn.device import resolve_device
 from crnn.engine import evaluate
 from crnn.errors import CheckpointError, ConfigError
@@ -29,93 +28,6 @@ from crnn.outputs import atomic_write_text
 
 OVERRIDABLE_SECTIONS = ("data", "decode")
 TUNED_DECODE = "decode.yaml"  # in the run directory, from tools/evaluate.py --tune-lm
-
-
-def config_with_overrides(config_dict: dict, overrides: Sequence[str], source: str) -> Config:
-    """A checkpoint's config with `data.*` / `decode.*` overrides applied (the model is fixed)."""
-    for override in overrides:
-        if override.split(".", 1)[0] not in OVERRIDABLE_SECTIONS:
-            raise ConfigError(f"override '{override}': only data.* and decode.* keys can be changed "
-                              f"here; the model and its training settings come from the checkpoint")
-    return config_from_dict(merge_overrides(config_dict, list(overrides)), f"{source} (its config + overrides)")
-
-
-@dataclass
-class TrainedModel:
-    """A checkpoint's config (with overrides), vocab and model (eval mode, on `device`)."""
-
-    config: Config
-    vocab: Vocab
-    model: nn.Module
-    device: torch.device
-    path: Path  # the checkpoint, in <run>/checkpoints/
-    calibration: Calibration = field(default_factory=Calibration)  # the identity if none was fitted
-
-    @property
-    def train_texts_path(self) -> Path:
-        """Where tools/train.py wrote the training transcriptions: <run>/train_texts.txt."""
-        return run_directory(self.path) / "train_texts.txt"
-
-    def lm_texts(self) -> list[str] | None:
-        """The training texts beam_lm's LM is estimated from (None with decode.lm_path)."""
-        if self.config.decode.lm_path:
-            return None
-        if not self.train_texts_path.is_file():
-            raise ConfigError(
-                f"the beam_lm decoder needs a character language model: pass --lm FILE (or "
-                f"decode.lm_path=FILE), or keep the run's {self.train_texts_path} (written by "
-                f"tools/train.py). Build a FILE with: python tools/build_lm.py TRAIN_TEXTS.txt|"
-                f"TRAIN.parquet --out lm.arpa")
-        return read_texts(self.train_texts_path)
-
-    def decoders(self, names: Sequence[str]) -> dict[str, Decoder]:
-        """`build_decoders`, with beam_lm's LM from decode.lm_path or else <run>/train_texts.txt."""
-        lm_texts = self.lm_texts() if "beam_lm" in names else None
-        return build_decoders(names, self.vocab, self.config.decode, lm_texts)
-
-    @torch.no_grad()
-    def forward(self, images: Sequence[Image.Image]):
-        """Grayscale PIL line images, run as one padded batch `(N, 1, H, W)`: the model's output."""
-        data = self.config.data
-        preprocess = Preprocess.from_config(data)
-        samples = [make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)]
-        batch = collate(samples, data.width_multiple).to(self.device)
-        return self.model(batch.images, batch.widths), batch.images.shape[-1]
-
-    def read(self, images: Sequence[Image.Image], decoder: Decoder) -> list[Reading]:
-        """Grayscale PIL line images -> what the model reads in each, how sure it is and where
-        each character sits (`Reading`); the decoder's n best readings (its `decode.nbest`). The
-        decoder reads the network's log-probs; the confidences come from the calibrated ones, and
-        with a fitted calibration each line gets its p_exact and expected errors."""
-        output, _ = self.forward(images)
-        log_probs, lengths = output.log_probs.float().cpu(), output.lengths.cpu()
-        readings = []
-        for i, (image, hypotheses) in enumerate(zip(images, decoder.nbest(log_probs, lengths), strict=True)):
-            calibrated = self.calibration.scale(log_probs[: int(lengths[i]), i])
-            line = reading(calibrated, hypotheses, self.vocab, self.content_width(image), image.width)
-            if self.calibration.fitted:
-                p_exact, errors = self.calibration.line_estimates(line_features(calibrated).unsqueeze(0))
-                line.p_exact, line.expected_errors = round(float(p_exact[0]), 4), round(float(errors[0]), 3)
-                line.expected_cer = round(float(errors[0]) / max(len(line.text) * self.calibration.length_ratio, 1.0), 4)
-            readings.append(line)
-        return readings
-
-    def content_width(self, image: Image.Image) -> tuple[int, int]:
-        """(columns the line's ink spans after preprocessing, columns of the ink tensor)."""
-        data = self.config.data
-        content = resized_size(*image.size, data.height, data.resize, data.width, data.max_width)[0]
-        return content, (content if data.resize == "keep_aspect" else data.width)
-
-    def read_page(self, page: XmlPage, decoder: Decoder, batch_size: int = 16) -> tuple[dict[str, Reading], list[str]]:
-        """Every line of an ALTO / PAGE page, cropped as in training: (line id -> its `Reading`,
-        problems of the lines that could not be cropped). DataError if the page image cannot be read."""
-        xml = self.config.data.xml
-        crops = crop_lines(page, page_image(page), (xml.baseline_above, xml.baseline_below), need_text=False)
-        readings: dict[str, Reading] = {}
-        for start in range(0, len(crops.crops), batch_size):
-            chunk = slice(start, start + batch_size)
-            readings.update(zip(crops.ids[chunk], self.read(crops.crops[chunk], decoder), strict=True))
-        return readings, crops.problems
 
 
 @dataclass
@@ -140,43 +52,93 @@ class Reading:
 
     @property
     def line_confidence(self) -> float:
-        """One number for the line, for ALTO `WC` and PAGE `conf`: one minus its expected CER with
-        a calibration, else the mean of its characters' confidences."""
+        """One number for the line (ALTO `WC`, PAGE `conf`): one minus its expected CER with a
+        calibration, else the mean of its characters' confidences."""
         if self.expected_cer is not None:
             return round(min(max(1.0 - self.expected_cer, 0.0), 1.0), 4)
         return self.confidence_mean
 
 
-def reading(log_probs: torch.Tensor, hypotheses: list, vocab: Vocab, widths: tuple[int, int],
-            image_width: int) -> Reading:
-    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses.
-
-    A character's confidence is its posterior probability at its strongest frame among the run of
-    frames around the one the decoder emitted it at where it stays the most probable class; its
-    span is that run of frames, in the input image's pixels (frame t covers columns t*s to
-    (t+1)*s of the preprocessed line, s = its width / its frames, scaled back to the image). The
-    line's confidence is the mean and the minimum over its characters; a line read as empty gets
-    the mean posterior of the best path over its frames instead.
-    """
-    best = hypotheses[0] if hypotheses else None
-    posteriors, argmax = log_probs.exp(), log_probs.argmax(dim=-1)
-    content, canvas = widths
+def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab, image_width: int) -> Reading:
+    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses: each
+    character with its confidence and span (`crnn.decoding.char_spans`; frame t covers the
+    columns t/T to (t+1)/T of the image), the line's confidence the mean and the minimum over its
+    characters (a line read as empty: the mean posterior of its best path)."""
+    best = hypotheses[0] if hypotheses else Hypothesis("", 0.0)
     frames = max(len(log_probs), 1)
-    per_frame, to_image = canvas / frames, image_width / max(content, 1)
-    characters = []
-    for char, frame in zip(best.text if best else "", best.frames if best else (), strict=True):
-        label = vocab.index[char]
-        first, last = frame, frame
-        while first > 0 and argmax[first - 1] == label:
-            first -= 1
-        while last + 1 < len(argmax) and argmax[last + 1] == label:
-            last += 1
-        x0, x1 = (min(first * per_frame, content) * to_image, min((last + 1) * per_frame, content) * to_image)
-        characters.append({"char": char, "confidence": round(float(posteriors[first:last + 1, label].max()), 4),
-                           "x0": round(x0, 1), "x1": round(x1, 1)})
-    confidences = [c["confidence"] for c in characters] or [float(posteriors.max(dim=-1).values.mean())]
-    return Reading(best.text if best else "", round(sum(confidences) / len(confidences), 4), round(min(confidences), 4),
+    spans = char_spans(log_probs, [vocab.index[char] for char in best.text], best.frames)
+    characters = [{"char": char, "confidence": round(confidence, 4), "x0": round(min(first / frames, 1) * image_width, 1),
+                   "x1": round(min((last + 1) / frames, 1) * image_width, 1)}
+                  for char, (confidence, first, last) in zip(best.text, spans, strict=True)]
+    confidences = [c["confidence"] for c in characters] or [float(log_probs.exp().max(dim=-1).values.mean())]
+    return Reading(best.text, round(sum(confidences) / len(confidences), 4), round(min(confidences), 4),
                    characters, [{"text": h.text, "score": round(h.score, 4)} for h in hypotheses])
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's config (with overrides), vocab and model (eval mode, on `device`)."""
+
+    config: Config
+    vocab: Vocab
+    model: nn.Module
+    device: torch.device
+    path: Path  # the checkpoint (in <run>/checkpoints/) or bundle
+    calibration: Calibration = field(default_factory=Calibration)  # the identity if none was fitted
+
+    @property
+    def train_texts_path(self) -> Path:
+        """Where tools/train.py wrote the training transcriptions: <run>/train_texts.txt."""
+        return run_directory(self.path) / "train_texts.txt"
+
+    def lm_texts(self) -> list[str] | None:
+        """The training texts beam_lm's LM is estimated from (None with decode.lm_path)."""
+        if self.config.decode.lm_path:
+            return None
+        if not self.train_texts_path.is_file():
+            raise ConfigError(
+                f"the beam_lm decoder needs a character language model: pass --lm FILE (or "
+                f"decode.lm_path=FILE), or keep the run's {self.train_texts_path} (written by "
+                f"tools/train.py). Build a FILE with: python tools/build_lm.py TRAIN_TEXTS.txt|"
+                f"TRAIN.parquet --out lm.arpa")
+        return read_texts(self.train_texts_path)
+
+    def decoders(self, names: Sequence[str]) -> dict[str, Decoder]:
+        """`build_decoders`, with beam_lm's LM from decode.lm_path or else <run>/train_texts.txt."""
+        return build_decoders(names, self.vocab, self.config.decode, self.lm_texts() if "beam_lm" in names else None)
+
+    @torch.no_grad()
+    def read(self, images: Sequence[Image.Image], decoder: Decoder) -> list[Reading]:
+        """Grayscale PIL line images, run as one padded batch -> what the model reads in each
+        (`Reading`, with the decoder's `decode.nbest` readings). The decoder reads the network's
+        log-probs; the confidences come from the calibrated ones, and with a fitted calibration
+        each line gets its p_exact and expected errors."""
+        preprocess = Preprocess.from_config(self.config.data)
+        samples = [make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)]
+        batch = collate(samples, self.config.data.width_multiple).to(self.device)
+        output = self.model(batch.images, batch.widths)
+        log_probs, lengths = output.log_probs.float().cpu(), output.lengths.cpu()
+        calibrated = self.calibration.scale(log_probs)
+        readings = [reading(calibrated[:length, i], hypotheses, self.vocab, image.width)
+                    for i, (image, hypotheses, length) in enumerate(zip(images, decoder.nbest(log_probs, lengths),
+                                                                        lengths.tolist(), strict=True))]
+        if self.calibration.fitted:
+            p_exact, errors = self.calibration.line_estimates(line_features(calibrated, lengths))
+            for line, p, expected in zip(readings, p_exact.tolist(), errors.tolist(), strict=True):
+                line.p_exact, line.expected_errors = round(p, 4), round(expected, 3)
+                line.expected_cer = round(expected / max(len(line.text) * self.calibration.length_ratio, 1.0), 4)
+        return readings
+
+    def read_page(self, page: XmlPage, decoder: Decoder, batch_size: int = 16) -> tuple[dict[str, Reading], list[str]]:
+        """Every line of an ALTO / PAGE page, cropped as in training: (line id -> its `Reading`,
+        problems of the lines that could not be cropped). DataError if the page image cannot be read."""
+        xml = self.config.data.xml
+        crops = crop_lines(page, page_image(page), (xml.baseline_above, xml.baseline_below), need_text=False)
+        readings: dict[str, Reading] = {}
+        for start in range(0, len(crops.crops), batch_size):
+            chunk = slice(start, start + batch_size)
+            readings.update(zip(crops.ids[chunk], self.read(crops.crops[chunk], decoder), strict=True))
+        return readings, crops.problems
 
 
 def run_directory(checkpoint: Path) -> Path:
@@ -184,25 +146,24 @@ def run_directory(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent.parent
 
 
-def tuned_overrides(checkpoint: Path) -> list[str]:
-    """decode.* overrides that `tools/evaluate.py --tune-lm` chose for this run (<run>/decode.yaml)."""
-    path = run_directory(checkpoint) / TUNED_DECODE
-    if not path.is_file():
-        return []
-    tuned = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return [f"decode.{key}={value}" for key, value in (tuned.get("decode") or {}).items()]
-
-
 def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: str = "auto") -> TrainedModel:
-    """Config, vocab and weights from a crnn checkpoint or export bundle
-    (`crnn.checkpoint.read_model_file`); CheckpointError if it is neither. A checkpoint's run's
-    tuned LM settings (<run>/decode.yaml) apply unless `overrides` set them otherwise (a bundle
-    carries them in its config). `device`: a tool's --device (auto, cpu, cuda or cuda:N)."""
+    """Config, vocab, weights and calibration from a checkpoint or export bundle; CheckpointError if
+    it is neither. `overrides`: data.* / decode.* keys only (the model comes from the file); a
+    checkpoint's run's tuned LM settings (<run>/decode.yaml) apply unless `overrides` set them
+    (a bundle carries them in its config). `device`: a tool's --device (auto, cpu, cuda or cuda:N)."""
     path = Path(path)
     torch_device = resolve_device(device, key="--device")
     stored = read_model_file(path)
-    tuned = [] if stored.is_bundle else tuned_overrides(path)
-    config = config_with_overrides(stored.config, [*tuned, *overrides], str(path))
+    for override in overrides:
+        if override.split(".", 1)[0] not in OVERRIDABLE_SECTIONS:
+            raise ConfigError(f"override '{override}': only data.* and decode.* keys can be changed "
+                              f"here; the model and its training settings come from the checkpoint")
+    tuned_file, tuned = run_directory(path) / TUNED_DECODE, {}
+    if not stored.is_bundle and tuned_file.is_file():
+        tuned = yaml.safe_load(tuned_file.read_text(encoding="utf-8")) or {}
+    tuned_overrides = [f"decode.{key}={value}" for key, value in (tuned.get("decode") or {}).items()]
+    config = config_from_dict(merge_overrides(stored.config, [*tuned_overrides, *overrides]),
+                              f"{path} (its config + overrides)")
     vocab = Vocab(stored.chars)
     model = build_model(config.model, len(vocab))
     try:
@@ -215,39 +176,34 @@ def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: 
 
 
 @dataclass
-class LabelledLines:
-    """A labelled split read once by the model: each line's log-probs `(T_i, C)` and reference."""
-
-    log_probs: list[torch.Tensor]
-    references: list[str]
-    where: str  # "<split> split of <records>", for messages and the record
-
-
-def labelled_lines(trained: TrainedModel, split: str) -> LabelledLines:
-    """One forward pass over a labelled split of `trained`'s config's data; DataError if it has
-    fewer than MIN_LINES usable lines."""
-    data = trained.config.data
-    records = load_records(data, split)
-    check_enough(len(records), f"data.{split}")
-    loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
-    emissions = collect_emissions(trained, loader)
-    return LabelledLines(emissions.lines(), emissions.references, f"{split} split of {records.name}")
-
-
-@dataclass
 class Emissions:
-    """A split's log-probs, kept on the CPU to be decoded again and again (LM tuning)."""
+    """A split's log-probs, read once by the model and kept on the CPU to be decoded again and
+    again (LM tuning, calibration)."""
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # log_probs (T, N, C), lengths (N,)
     references: list[str]
+    where: str = ""  # "<split> split of <records>", for messages and the record
 
-    def lines(self) -> list[torch.Tensor]:
+    @property
+    def log_probs(self) -> list[torch.Tensor]:
         """Each line's log-probs `(T_i, C)`, in the order of the references."""
         return [log_probs[:length, i].clone() for log_probs, lengths in self.batches
                 for i, length in enumerate(lengths.tolist())]
 
 
-def collect_emissions(trained: TrainedModel, loader) -> Emissions:
+def labelled_lines(trained: TrainedModel, split: str, amp_dtype: torch.dtype | None = None,
+                   check: bool = True) -> Emissions:
+    """One forward pass (under autocast to `amp_dtype`, if given) over a labelled split of
+    `trained`'s config's data; with `check`, DataError if it has too few lines to fit a calibration on."""
+    data = trained.config.data
+    records = load_records(data, split)
+    if check:
+        check_enough(len(records), f"data.{split}")
+    loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
+    return collect_emissions(trained, loader, amp_dtype, f"{split} split of {records.name}")
+
+
+def collect_emissions(trained: TrainedModel, loader, amp_dtype: torch.dtype | None = None, where: str = "") -> Emissions:
     """One forward pass over `loader`: every batch's log-probs and the lines' references."""
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -255,9 +211,9 @@ def collect_emissions(trained: TrainedModel, loader) -> Emissions:
         batches.append((log_probs.float().cpu(), lengths.cpu()))
         return [""] * len(lengths)
 
-    result = evaluate(trained.model, loader, trained.device, {"keep": keep}, keep_predictions=True,
+    result = evaluate(trained.model, loader, trained.device, {"keep": keep}, amp_dtype, keep_predictions=True,
                       desc="forward pass")
-    return Emissions(batches, [reference for _, reference, _ in result.predictions["keep"]])
+    return Emissions(batches, [reference for _, reference, _ in result.predictions["keep"]], where)
 
 
 def tune_language_model(trained: TrainedModel, emissions: Emissions, lm_weights: Sequence[float],
@@ -265,12 +221,12 @@ def tune_language_model(trained: TrainedModel, emissions: Emissions, lm_weights:
     """beam_lm's CER and WER for every (decode.lm_weight, decode.word_score) pair, best CER first
     (ties: lower WER). The LM is built once; only the weights change."""
     decode = trained.config.decode
-    lm, to_natural_log = build_language_model(trained.vocab, decode, trained.lm_texts())
+    lm = build_language_model(trained.vocab, decode, trained.lm_texts())
     rows = []
     for lm_weight in lm_weights:
         for word_score in word_scores:
-            decoder = BeamDecoder(trained.vocab, decode.beam_size, decode.beam_threshold, decode.beam_size_token,
-                                  lm=lm, lm_weight=lm_weight * to_natural_log, word_score=word_score)
+            decoder = BeamDecoder(trained.vocab, decode.beam_size, decode.beam_threshold, lm=lm, lm_weight=lm_weight,
+                                  word_score=word_score)
             counts = ErrorCounts()
             counts.update(emissions.references, [text for log_probs, lengths in emissions.batches
                                                  for text in decoder(log_probs, lengths)])

@@ -1,9 +1,6 @@
-"""Corpus-level CER and WER from sums of edit distances (editdistance), never averages of rates.
-
-CER = sum of character edit distances / sum of reference characters over the whole split;
-WER likewise over words, where words are the whitespace-separated tokens (`str.split()`).
-A split (or line) with no reference characters divides by 1 instead of 0: an empty reference
-with an empty hypothesis scores 0, with a non-empty hypothesis its number of insertions.
+"""Corpus-level CER and WER: sums of edit distances over sums of reference lengths (characters;
+words are `str.split()` tokens), never averages of rates. Nothing to divide by divides by 1: an
+empty reference scores its hypothesis's insertions.
 """
 
 from __future__ import annotations
@@ -21,10 +18,6 @@ def char_errors(reference: str, hypothesis: str) -> int:
 
 def word_errors(reference: str, hypothesis: str) -> int:
     return editdistance.eval(reference.split(), hypothesis.split())
-
-
-def line_cer(reference: str, hypothesis: str) -> float:
-    return char_errors(reference, hypothesis) / max(len(reference), 1)
 
 
 @dataclass

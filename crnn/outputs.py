@@ -1,17 +1,13 @@
-"""Where the tools write, guarded: output paths checked before any work, one writer per run
-directory, folders replaced whole.
+"""Where the package writes: output paths checked before any work, files and folders replaced
+whole, and the one file lock (a run directory's, a data index's build).
 
-- `check_output_dir` / `check_output_file`: a path a tool will write is usable (no file where a
-  folder is needed, the nearest existing folder writable), checked before the model or the data is
-  read, so a mistyped path costs one error line and nothing else.
-- `RunLock`: the lock of a run directory (`.lock` in it, an OS file lock held for the life of the
-  run and released by the OS on any exit, SIGKILL included): a second `tools/train.py` on the
-  same `train.output_dir` is refused, naming the process that holds it; a lock file left by a dead
-  process holds no lock and is taken over.
-- `atomic_write`: a file written beside its destination, synced and renamed over it (checkpoints,
-  configs, XML pages, metrics), so readers and crashes see the old file or the new one.
-- `replace_folder`: a folder written beside its destination and renamed into place, so the
-  destination is the old folder or the new one, never a mix (tools/export.py).
+- `check_output_dir` / `check_output_file`: a path a tool will write is usable, checked before
+  the model or the data is read, so a mistyped path costs one error line and nothing else.
+- `atomic_write`: a file written beside its destination, synced and renamed over it, so readers
+  and crashes see the old file or the new one, never a partial one.
+- `replace_folder`: the same for a folder (an export bundle, a page's crops).
+- `lock_file`: an exclusive OS lock, released by the OS on any exit (SIGKILL included);
+  `RunLock` uses it for one writer per run directory.
 """
 
 from __future__ import annotations
@@ -34,10 +30,8 @@ LOCK_NAME = ".lock"
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None],
                  before_replace: Callable[[], None] | None = None) -> None:
     """Write `path` through `write(stream)` into a temporary file beside it, fsync, rename over.
-
-    Readers (and a crash at any instant) see the old content or the new, never a partial file. On
-    an OSError the temporary file is removed and the error raised. `before_replace` runs between
-    the write and the rename."""
+    On any error the temporary file is removed and `path` is as it was. `before_replace` runs
+    between the write and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never shared by two writers
@@ -49,9 +43,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None],
         if before_replace is not None:
             before_replace()
         os.replace(temporary, path)
-    except OSError:
+    finally:
         temporary.unlink(missing_ok=True)
-        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -64,17 +57,56 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
-def _first_existing(path: Path) -> Path:
-    """`path` or its nearest ancestor that exists."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path(".")
+def replace_folder(out: Path, write: Callable[[Path], None], keep_existing: bool = False) -> None:
+    """Run `write(folder)` on a fresh folder beside `out`, then put it in `out`'s place; the old
+    `out`, if any, is moved aside first and removed after, or with `keep_existing` kept (ours is
+    dropped: of several processes writing the same folder, the first one's stays, as others may be
+    reading it). On any error the partial folder is removed and `out` is as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fresh = out.with_name(f".{out.name}.{os.getpid()}.new")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
+    try:
+        write(fresh)
+        if out.exists() and not keep_existing:
+            os.replace(out, old)
+        try:
+            os.replace(fresh, out)
+        except OSError:
+            if not (keep_existing and out.is_dir()):
+                raise
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_file(path: Path, wait: bool = True) -> IO[str] | None:
+    """`path` (created if missing) opened and exclusively locked (`flock`): the lock is held until
+    the returned file is closed, and the OS releases it on any exit. Without `wait`, None if
+    another process holds it. A lock file its holder removed while we opened it is skipped for the
+    one at `path` now."""
+    while True:
+        stream = open(path, "a+", encoding="utf-8")  # never truncate a lock another process holds
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            stream.close()
+            return None
+        try:
+            if os.path.samestat(os.fstat(stream.fileno()), os.stat(path)):
+                return stream
+        except FileNotFoundError:
+            pass
+        stream.close()
 
 
 def _check_folder(folder: Path, what: str, target: Path) -> None:
     """`folder` can be made or written into, for writing `target`; CrnnError naming `what` if not."""
-    existing = _first_existing(folder)
+    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path("."))
     if not existing.is_dir():
         where = "it is" if existing == target else f"{existing} is"
         raise CrnnError(f"{what}: {target}: {where} a file, not a folder; give a folder")
@@ -103,35 +135,30 @@ def check_output_file(path: Path | str, what: str) -> Path:
 
 
 class RunLock:
-    """The one-writer lock of a run directory; `acquire` creates the folder if needed. Use as
-    `with RunLock(folder, "train.output_dir"):` or acquire/release. `taken_over` says, after
-    acquiring, which dead process's lock file was found (None if none)."""
+    """The one-writer lock of a run directory (`.lock` in it, created with the folder if needed):
+    a second run on the same folder is refused, naming the process that holds it; a lock file left
+    by a dead process holds no lock and is taken over (`taken_over`: what it said of its holder).
+    Use as `with RunLock(folder, "train.output_dir"):` or acquire/release."""
 
     def __init__(self, folder: Path | str, what: str):
         self.folder, self.what = Path(folder).expanduser(), what
         self.path = self.folder / LOCK_NAME
         self.taken_over: dict | None = None
-        self._stream = None
+        self._stream: IO[str] | None = None
         self._created_folder = False
 
     def acquire(self) -> RunLock:
         check_output_dir(self.folder, self.what)
         self._created_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            stream = open(self.path, "a+", encoding="utf-8")  # never truncate a lock another process holds
-            try:
-                fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _describe(_read_holder(stream))
-                stream.close()
-                raise CrnnError(f"{self.what}: {self.folder} is in use by another run ({holder}); wait for it "
-                                f"to end, stop it, or give another {self.what}") from None
-            if self.path.exists() and os.path.samefile(self.path, stream.name):
-                break
-            stream.close()  # its holder removed this file as we opened it: lock the one there now
-        previous = _read_holder(stream)
-        self.taken_over = previous or None
+        stream = lock_file(self.path, wait=False)
+        if stream is None:
+            holder = _read_holder(self.path)
+            described = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started "
+                         f"{holder.get('started', '?')}") if holder else "process unknown"
+            raise CrnnError(f"{self.what}: {self.folder} is in use by another run ({described}); wait for it "
+                            f"to end, stop it, or give another {self.what}")
+        self.taken_over = _read_holder(self.path) or None
         stream.seek(0)
         stream.truncate()
         stream.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -161,39 +188,9 @@ class RunLock:
         self.release()
 
 
-def _read_holder(stream) -> dict:
-    stream.seek(0)
+def _read_holder(path: Path) -> dict:
     try:
-        holder = json.loads(stream.read() or "{}")
-    except ValueError:
+        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _describe(holder: dict) -> str:
-    if not holder:
-        return "process unknown"
-    return f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-
-
-def replace_folder(out: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(folder)` on a fresh folder beside `out`, then put it in `out`'s place (the old
-    `out`, if any, is moved aside first and removed after). On any error the partial folder is
-    removed and `out` is as it was."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fresh = out.with_name(f".{out.name}.{os.getpid()}.new")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    shutil.rmtree(fresh, ignore_errors=True)
-    fresh.mkdir()
-    try:
-        write(fresh)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(fresh, out)
-    except BaseException:
-        shutil.rmtree(fresh, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,22 +1,18 @@
-"""The run directory's logs: TensorBoard scalars and images, metrics.jsonl, console lines; and
-the progress of long loops (`progress`).
-
-Only rank 0 writes; on other ranks every method is a no-op. metrics.jsonl grows by appending one
-line per epoch; the one rewrite (dropping epochs a resumed run will redo) goes through
-`atomic_write_text`, so no reader and no crash ever sees it emptied.
+"""The run directory's logs (TensorBoard scalars and images, metrics.jsonl, console lines) and
+the progress of long loops (`progress`). Only rank 0 writes; on other ranks every method is a
+no-op. metrics.jsonl grows by appending one line per epoch; its one rewrite (dropping epochs a
+resumed run will redo) is atomic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,10 +23,9 @@ log = logging.getLogger("crnn")
 
 def process_memory(pid: int | str = "self") -> dict[str, int]:
     """A process's resident memory in bytes, by kind (Linux; {} elsewhere): `private` (pages it
-    alone has written: its heap, and shared memory no other process has touched; what it costs the
-    machine), `anonymous` (heap and the like, including pages still shared with the process it was
-    forked from), `mapped_files` (file pages mapped in, e.g. memory-mapped data: page cache, shared by
-    every process that maps them and reclaimable) and `shared_memory` (e.g. the decode cache)."""
+    alone has written: what it costs the machine), `anonymous` (heap, including pages still shared
+    with the process it was forked from), `mapped_files` (memory-mapped files: page cache, shared
+    and reclaimable) and `shared_memory` (e.g. the decode cache)."""
     kinds = {"Private_Dirty": "private", "RssAnon": "anonymous", "RssFile": "mapped_files",
              "RssShmem": "shared_memory"}
     memory = {}
@@ -45,20 +40,6 @@ def process_memory(pid: int | str = "self") -> dict[str, int]:
             if key in kinds:
                 memory[kinds[key]] = int(value.split()[0]) * 1024
     return {kind: memory[kind] for kind in kinds.values() if kind in memory}
-
-
-def process_age(pid: int | str = "self") -> float | None:
-    """Seconds since the process started (Linux; None elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat, open("/proc/uptime") as uptime:
-            started = int(stat.read().rpartition(")")[2].split()[19])  # field 22: start time, clock ticks
-            return float(uptime.read().split()[0]) - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def describe_memory(memory: dict[str, int]) -> str:
-    return ", ".join(f"{kind.replace('_', ' ')} {size / 2**20:.0f} MB" for kind, size in memory.items()) or "unknown"
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
@@ -115,6 +96,8 @@ def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | N
 
 
 class RunLogger:
+    """A run directory's logs: TensorBoard events, metrics.jsonl and console lines."""
+
     def __init__(self, output_dir: Path, enabled: bool):
         self.enabled, self.output_dir = enabled, output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
@@ -133,11 +116,6 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
-
-    def image(self, tag: str, image, step: int) -> None:
-        """A PIL image (RGB) in TensorBoard."""
-        if self.writer is not None:
-            self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def samples(self, step: int, samples: list[tuple[torch.Tensor, str, str]]) -> None:
         """Validation images `(1, H, W)` of ink, shown as dark ink on white, with ref and hyp."""

@@ -1,4 +1,9 @@
-"""Shared fixtures: small datasets that the tests build themselves (no downloads, no shared data)."""
+"""Shared fixtures: small datasets that the tests build themselves (no downloads, no shared data),
+and the tiny models trained once per session for every test that reads one.
+
+The `slow` marker (setup.cfg) marks what takes seconds: training, a tool's run, a real process. A
+test that uses a trained model of this file (run_dir, checkpoint, calibrated_checkpoint) is marked
+slow here, so `pytest -m "not slow"` never trains one."""
 
 from __future__ import annotations
 
@@ -14,11 +19,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # The fixtures import tests.helpers only when they run: it imports crnn and torch, which this file,
 # loaded before any test module, leaves to the tests (torch must start after the setting above).
 
+TRAINED = {"run_dir", "checkpoint", "calibrated_checkpoint"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def index_dir(tmp_path_factory) -> Path:
     """The data indexes the tests build (crnn.data.index) go to a folder of the test session, not
-    to the user's cache (tools run as subprocesses inherit it)."""
+    to the user's cache (the tools run in a fresh Python inherit it too)."""
     folder = tmp_path_factory.mktemp("index")
     os.environ["CRNN_INDEX_DIR"] = str(folder)
     return folder

@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py OUT_DIR CFG [key=value ...]
 
-Writes OUT_DIR/rank<R>.pt with the rank's final weights and buffers (and their moving average with
-train.ema) and the dataset indices of its epoch-1 shard.
+Writes OUT_DIR/rank<R>.pt with the rank's final weights and buffers and the dataset indices of its
+epoch-1 shard.
 """
 
 import sys
@@ -14,7 +14,7 @@ import torch
 from crnn import distributed
 from crnn.config import load_config
 from crnn.distributed import unwrap
-from crnn.trainer import build_run
+from crnn.trainer import build_run, train
 
 
 def main() -> None:
@@ -25,9 +25,8 @@ def main() -> None:
         sampler = run.train_loader.batch_sampler
         sampler.set_epoch(1)
         shard = [index for batch in sampler for index, _ in batch]
-        run.train()
-        ema = run.setup.ema.state_dict() if run.setup.ema else None
-        torch.save({"state": unwrap(run.model).state_dict(), "ema": ema, "shard": shard, "world": info.world_size},
+        train(run)
+        torch.save({"state": unwrap(run.model).state_dict(), "shard": shard, "world": info.world_size},
                    out_dir / f"rank{info.rank}.pt")
         finished = True
     finally:

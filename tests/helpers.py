@@ -1,97 +1,136 @@
 """Plain helpers shared by the test modules (fixtures live in conftest.py): paths, the data the tests
-draw or render themselves, running the tools in a fresh Python, reading a run's metrics."""
+draw or render themselves, calling the tools (in this Python, or in a fresh one), reading a run's metrics."""
 
 from __future__ import annotations
 
-import atexit
+import functools
+import importlib.util
+import io
 import json
+import logging
 import os
 import random
-import shutil
+import signal
 import subprocess
 import sys
-import tempfile
+import traceback
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from crnn.config import AugmentConfig, load_config
-from crnn.data import Preprocess, Vocab, build_dataset, build_loader, load_records, synthetic
-from crnn.engine import EpochStats, TrainSetup, train_epoch
-from crnn.models import build_model
+from crnn.data import Preprocess, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "experiments" / "tiny.yaml"
+TINY = REPO / "tests" / "tiny.yaml"
 
 STRONG = AugmentConfig(prob=0.8, shear=0.4, rotation=1.5, scale=0.2, distortion=3.0, morphology=2.0)
 
 
-def run_tool(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """`python *args` from the repository root (e.g. "tools/train.py", "--cfg", TINY), output captured
-    as text; `env` is laid over this process's environment. A script in tools/ runs in a child of
-    tests/tool_server.py (a Python with torch and crnn already imported: each call saves their 2-4 s
-    of imports); anything else ("-m", "-c"), or every call when CRNN_TEST_FRESH_PYTHON=1, in a fresh
-    Python."""
-    command, env = [sys.executable, *map(str, args)], {**os.environ, **(env or {})}
-    if os.environ.get("CRNN_TEST_FRESH_PYTHON") != "1" and (REPO / command[1]).resolve().parent == REPO / "tools":
-        return ToolServer.shared().run(command, env, timeout)
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+def run_tool(script, *args, env=None) -> subprocess.CompletedProcess:
+    """A tool of tools/ called in this Python: `main([*args])` of `script` (e.g. "tools/train.py"),
+    from the repository root, as `python script *args` would run it but without a new interpreter's
+    2-4 s of imports. Returns its exit status (an uncaught exception: its traceback on stderr and 1,
+    as a fresh Python gives) and what it printed on stdout and stderr, console log lines included.
+    `env` is laid over os.environ for the call. What the process-wide state of the test session
+    would keep from the call (root log handlers and level, the working directory, sys.argv, the
+    RNGs, torch's thread count and deterministic mode) is put back afterwards. For what only a
+    real process shows (signals, kills, torchrun, import time) use `run_python`."""
+    argv = [str(arg) for arg in args]
+    main = load_tool(script).main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with tool_surroundings(script, argv, env), redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            status = main(argv)
+        except SystemExit as done:  # argparse's --help and usage errors
+            status = done.code
+        except Exception:
+            traceback.print_exc()
+            status = 1
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):
+        stderr.write(f"{status}\n")
+        status = 1
+    return subprocess.CompletedProcess([script, *argv], status, stdout.getvalue(), stderr.getvalue())
 
 
-class ToolServer:
-    """The one tests/tool_server.py of this test session, started at its first call."""
+@functools.cache
+def _load_tool(path: Path):
+    spec = importlib.util.spec_from_file_location(f"tools_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would (dataclasses and pickle look a class's module up)
+    spec.loader.exec_module(module)
+    return module
 
-    _shared: ToolServer | None = None
 
-    @classmethod
-    def shared(cls) -> ToolServer:
-        if cls._shared is None or cls._shared.process.poll() is not None:
-            cls._shared = cls()
-        return cls._shared
+def load_tool(script):
+    """The module of a tools/ script (imported once per test session, not as __main__)."""
+    return _load_tool((REPO / script).resolve())
 
-    def __init__(self):
-        self.folder = Path(tempfile.mkdtemp(prefix="crnn-tools-"))
-        with open(self.folder / "server.log", "w") as log:
-            self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "tool_server.py")], cwd=REPO,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-        self.calls = 0
-        atexit.register(self.close)
 
-    def run(self, command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-        self.calls += 1
-        out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
-        request = {"argv": command[1:], "env": env, "cwd": str(REPO), "stdout": str(out), "stderr": str(err),
-                   "timeout": timeout}
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        answer = self.process.stdout.readline()
-        if not answer:
-            raise RuntimeError(f"tests/tool_server.py ended: {(self.folder / 'server.log').read_text()[-3000:]}")
-        answer = json.loads(answer)
-        stdout, stderr = (self.text(path) for path in (out, err))
-        if answer.get("timed_out"):
-            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
-        return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
+@contextmanager
+def tool_surroundings(script, argv: list[str], env: dict | None):
+    """What a fresh `python script *argv` starts with, as far as a tool's main can tell, for the
+    time of one call: the working directory, sys.argv, the environment, and a root logger with no
+    handlers (so that `crnn.runlog.setup_console_logging` logs to the captured stderr, as it would
+    in a new process); then the test session's state back as it was."""
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    saved_torch = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    saved_cudnn = torch.backends.cudnn.benchmark
+    try:
+        os.environ.update({key: str(value) for key, value in (env or {}).items()})
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            torch.set_num_threads(max(int(os.environ["OMP_NUM_THREADS"]), 1))
+        os.chdir(REPO)
+        sys.argv = [str(script), *argv]
+        root.handlers = []
+        root.setLevel(logging.WARNING)
+        yield
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, root.level = saved_handlers, saved_level
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        torch.set_num_threads(saved_torch[0])
+        torch.use_deterministic_algorithms(saved_torch[1])
+        torch.backends.cudnn.benchmark = saved_cudnn
 
-    @staticmethod
-    def text(path: Path) -> str:
-        """A captured stream as `subprocess.run(text=True)` gives it (universal newlines)."""
-        text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-        path.unlink()
-        return text
 
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=30)
-        shutil.rmtree(self.folder, ignore_errors=True)
+def run_python(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh Python from the repository root (e.g. "-m", "torch.distributed.run",
+    ... or "tools/train.py", ...), output captured as text; `env` is laid over this process's
+    environment. For what only a real process shows: its exit on a signal, a kill, torchrun's ranks,
+    what happens at import time; everything else calls the tool in this Python (`run_tool`). Past
+    `timeout` (or on Ctrl-C) it is killed with every process it started (torchrun's ranks too)."""
+    command = [sys.executable, *map(str, args)]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def torchrun(script, *args, procs=2) -> subprocess.CompletedProcess:
     """`script` under torchrun with `procs` processes on this machine, one thread each; asserted to succeed."""
-    result = run_tool("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", script, *args,
+    result = run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", script, *args,
                       env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -137,34 +176,10 @@ def pad_batch(lines, width=None):
         [line.shape[-1] for line in lines])
 
 
-def run_epoch(model, loader, setup, epoch, step=0, stop_at=None) -> tuple[EpochStats, int]:
-    """`crnn.engine.train_epoch` consumed as the trainer consumes it, to the end of the loader or, with
-    `stop_at`, up to that step: (the epoch's stats, the step after it)."""
-    stats, last = EpochStats(), step  # train_epoch adds to `stats` in place
-    for last, _ in train_epoch(model, loader, setup, epoch, step, stats, show_progress=False):
-        if stop_at is not None and last >= stop_at:
-            break
-    return stats, last
-
-
-def overfit_tiny(lines, max_epochs, stop_below, *overrides):
-    """tiny.yaml trained on the `folder` split `lines` (batch 4, no augmentation, constant LR 1e-2)
-    until an epoch's loss is below `stop_below`: (cfg, records, vocab, model, loader, (first epoch's
-    stats, last epoch's stats))."""
-    cfg = load_config(TINY, ["data.source=folder", f"data.train={lines}", "data.batch_size=4",
-                             "data.augment.enabled=false", "model.shortcut=false", "train.lr=1e-2",
-                             "train.grad_clip=0", "train.warmup_steps=0", "train.schedule=constant", *overrides])
-    records = load_records(cfg.data, "train")
-    vocab = Vocab.from_texts(records.texts)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(vocab))
-    setup = TrainSetup.from_config(cfg, model=model, device=torch.device("cpu"), total_steps=max_epochs)
-    loader = build_loader(cfg.data, build_dataset(cfg.data, records, vocab, train=True), train=True)
-    first = None
-    for epoch in range(max_epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        stats, _ = run_epoch(model, loader, setup, epoch)
-        first = first or stats
-        if stats.loss < stop_below:
-            break
-    return cfg, records, vocab, model, loader, (first, stats)
+def overfit_config(lines, run_dir, *overrides):
+    """tiny.yaml on the `folder` split `lines` (train = validation), batch 4, no augmentation, no
+    shortcut head, a constant LR of 1e-2: a model that learns a few lines by heart."""
+    return load_config(TINY, ["data.source=folder", f"data.train={lines}", f"data.validation={lines}",
+                              "data.batch_size=4", "data.augment.prob=0", "model.shortcut=false", "train.lr=1e-2",
+                              "train.grad_clip=0", "train.warmup_steps=0", "train.min_lr_ratio=1",
+                              "train.val_images=0", f"train.output_dir={run_dir}", *overrides])

@@ -1,5 +1,6 @@
 """Batch augmentation on the device (here: CPU tensors), bounded batch shapes, fixed batch sizes."""
 
+import dataclasses
 import functools
 import random
 
@@ -7,13 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from crnn.config import AugmentConfig
-from crnn.data import BatchAugmenter, Preprocess, Vocab, collate, make_sample, synthetic
+from crnn.config import AugmentConfig, DataConfig, SyntheticConfig
+from crnn.data import (
+    BatchAugmenter,
+    Preprocess,
+    Vocab,
+    build_augmenter,
+    build_dataset,
+    build_loader,
+    collate,
+    load_records,
+    make_sample,
+    synthetic,
+)
 from crnn.data.augment import augmented_widths, draw_params, draw_warps
 from crnn.data.samplers import WidthBatchSampler, augmentation_seeds, batch_sizes
 from tests.helpers import STRONG, ink_lines, pad_batch
 
 
+@pytest.mark.slow
 def test_a_line_is_augmented_the_same_alone_or_anywhere_in_any_batch():
     lines, seeds = ink_lines(6), [11, 12, 13, 14, 15, 16]
     augmenter = BatchAugmenter(STRONG, width_multiple=64)
@@ -111,6 +124,7 @@ def test_training_batches_group_lines_by_the_width_they_will_have_once_augmented
     assert padding(grouped) < padding(plain) / 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg,height", [(STRONG, 64), (AugmentConfig(), 128), (AugmentConfig(prob=1.0), 32)])
 def test_the_samplers_widths_are_the_augmenters_out_widths(cfg, height):
     seeds = augmentation_seeds(5, 2, 5000)
@@ -119,6 +133,37 @@ def test_the_samplers_widths_are_the_augmenters_out_widths(cfg, height):
              for width, seed in zip(widths, seeds, strict=True)]
     predicted = augmented_widths(cfg, height, widths, seeds)
     assert predicted.tolist() == drawn and (predicted != widths).mean() > 0.5
+
+
+def test_the_augmenter_gives_the_new_widths_on_the_cpu_as_the_seeds_predict():
+    """What the training loop needs without reading the device: each line's width once augmented."""
+    lines = ink_lines(8)
+    images, widths = pad_batch(lines)
+    seeds = [int(seed) for seed in augmentation_seeds(3, 1, 8)]
+    seeds[2] = None  # a line without augmentation keeps its width
+    augmented, new_widths = BatchAugmenter(STRONG)(images, widths, seeds)
+    assert new_widths.device.type == "cpu" and new_widths.dtype == torch.int64
+    # nothing is read back from the images' device: on the meta device (no values) it runs the same
+    on_meta, meta_widths = BatchAugmenter(STRONG)(images.to("meta"), widths, seeds)
+    assert on_meta.shape == augmented.shape and torch.equal(meta_widths, new_widths)
+    predicted = augmented_widths(STRONG, 64, widths.numpy(), np.array([seed or 0 for seed in seeds]))
+    expected = [int(width) if seed is None else int(p) for width, seed, p in zip(widths, seeds, predicted, strict=True)]
+    assert new_widths.tolist() == expected and new_widths.tolist() != widths.tolist()
+
+
+def test_prob_zero_turns_augmentation_off_and_training_batches_carry_no_seeds():
+    data = DataConfig(source="synthetic", height=32, batch_size=4, num_workers=0, augment=AugmentConfig(prob=0.0),
+                      synthetic=SyntheticConfig(train=8, max_words=2))
+    assert build_augmenter(data) is None
+    assert isinstance(build_augmenter(dataclasses.replace(data, augment=STRONG)), BatchAugmenter)
+    records = load_records(data, "train")
+    vocab = Vocab.from_texts(records.texts)
+    for augment, seeded in ((AugmentConfig(prob=0.0), False), (STRONG, True)):
+        cfg = dataclasses.replace(data, augment=augment)
+        loader = build_loader(cfg, build_dataset(cfg, records, vocab, True), True, seed=1)
+        loader.batch_sampler.set_epoch(1)
+        seeds = [seed for batch in loader.batch_sampler for _, seed in batch]
+        assert len(seeds) == 8 and all((seed is not None) == seeded for seed in seeds)
 
 
 def test_augmentation_seeds_depend_on_the_seed_epoch_and_index_only():
@@ -176,23 +221,3 @@ def test_an_epochs_keys_are_the_same_for_any_sampler_and_any_number_of_ranks():
     shards = [keys(rank, 3) for rank in range(3)]
     union = [key for shard in shards for batch in shard for key in batch]
     assert len(union) == len(widths) and set(union) == expected
-
-
-def test_lines_are_not_augmented_before_the_start_epoch():
-    widths = np.random.default_rng(2).integers(100, 3000, 400)
-    will_have = functools.partial(augmented_widths, STRONG, 64)
-
-    def keys(epoch, start):
-        sampler = WidthBatchSampler(widths, 16, shuffle=True, seed=4, augmented_width=will_have,
-                                    augment_from_epoch=start)
-        sampler.set_epoch(epoch)
-        return list(sampler), sampler.epoch_widths()
-
-    for epoch in (1, 2):
-        late, late_widths = keys(epoch, start=3)
-        plain = WidthBatchSampler(widths, 16, shuffle=True, seed=4)
-        plain.set_epoch(epoch)
-        assert late == list(plain) and all(seed is None for batch in late for _, seed in batch)
-        assert np.array_equal(late_widths, widths)
-    assert keys(3, start=3)[0] == keys(3, start=1)[0]
-    assert all(seed is not None for batch in keys(3, start=3)[0] for _, seed in batch)

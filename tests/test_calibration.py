@@ -17,6 +17,7 @@ from crnn.calibration import (
     TEMPERATURE_RANGE,
     Calibration,
     auroc,
+    calibration_report,
     check_enough,
     cross_fitted_report,
     describe_report,
@@ -25,8 +26,7 @@ from crnn.calibration import (
     fit_line_model,
     fit_temperature,
     line_features,
-    measured,
-    reading_log_prob,
+    reading_log_probs,
 )
 from crnn.checkpoint import load_checkpoint
 from crnn.config import load_config
@@ -107,28 +107,40 @@ def test_a_fit_with_few_exact_lines_nearly_separated_converges():
 
 def test_features_of_a_line():
     certain = torch.log(torch.tensor([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01], [0.6, 0.01, 0.39]]))
-    doubt, missed = line_features(certain)[1:3].tolist()
+    features = line_features(certain[:, None], torch.tensor([3]))[0]
+    doubt, missed = features[1:3].tolist()
     assert doubt == pytest.approx(0.02) and missed == pytest.approx(0.02 + 0.4)
-    assert line_features(certain)[4] == pytest.approx(math.log(2))  # one character read
+    assert features[4] == pytest.approx(math.log(2))  # one character read
     # the reading "1" (class 1): every 3-frame path that collapses to it, summed by hand
     p = certain.exp().tolist()
     paths = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 1, 1)]
     by_hand = sum(math.prod(p[t][c] for t, c in enumerate(path)) for path in paths)
-    assert line_features(certain)[FEATURES.index("log_p_reading")] == pytest.approx(math.log(by_hand))
+    assert features[FEATURES.index("log_p_reading")] == pytest.approx(math.log(by_hand))
+
+
+def test_the_features_of_a_padded_batch_are_those_of_each_line_alone():
+    lines = [torch.log_softmax(torch.randn(frames, 5, generator=torch.Generator().manual_seed(frames)) * 3, dim=-1)
+             for frames in (9, 4, 0, 7)]
+    batch = torch.nn.utils.rnn.pad_sequence(lines, padding_value=-3.0)  # padding that reads as characters
+    lengths = torch.tensor([len(line) for line in lines])
+    alone = torch.cat([line_features(line[:, None], lengths[i: i + 1]) for i, line in enumerate(lines)])
+    assert torch.allclose(line_features(batch, lengths), alone, atol=1e-5)
 
 
 def test_the_log_probability_of_a_reading():
     log_probs = torch.log_softmax(torch.randn(12, 5, generator=torch.Generator().manual_seed(3)), dim=-1)
+
+    def probability(frames, reading):
+        return math.exp(reading_log_probs(log_probs[:frames, None], torch.tensor([frames]), [reading])[0])
+
     # every reading of these frames, summed over: the probabilities of all readings add up to one
-    total = 0.0
-    for length in range(0, 4):
-        for reading in itertools.product(range(1, 5), repeat=length):
-            total += math.exp(reading_log_prob(log_probs, torch.tensor(reading, dtype=torch.long)))
+    total = sum(probability(12, reading) for length in range(0, 4)
+                for reading in itertools.product(range(1, 5), repeat=length))
     assert 0.0 < total < 1.0  # readings of up to 3 characters hold part of the mass
-    assert reading_log_prob(log_probs[:2], torch.tensor([1, 1, 1])) == LOG_P_FLOOR  # no room for 3 characters
+    assert math.log(probability(2, [1, 1, 1])) == pytest.approx(LOG_P_FLOOR)  # no room for 3 characters
     sure = torch.log(torch.tensor([[0.001, 0.999], [0.999, 0.001]]))
-    assert reading_log_prob(sure, torch.tensor([1])) == pytest.approx(math.log(0.999 * 0.999 + 0.999 * 0.001
-                                                                                + 0.001 * 0.001), abs=1e-6)
+    assert float(reading_log_probs(sure[:, None], torch.tensor([2]), [[1]])[0]) == pytest.approx(
+        math.log(0.999 * 0.999 + 0.999 * 0.001 + 0.001 * 0.001), abs=1e-6)
 
 
 def test_a_calibration_stored_before_the_reading_feature_still_reads_its_features():
@@ -182,18 +194,18 @@ def judged(p_exact, hypotheses):
 
 
 def test_the_report_of_lines_all_read_exactly_or_all_wrong_says_why_a_measure_is_undefined():
-    perfect = describe_report(measured(judged([0.9, 0.8, 0.7], ["abcd"] * 3), ["abcd"] * 3, ["abcd"] * 3))
+    perfect = describe_report(calibration_report(judged([0.9, 0.8, 0.7], ["abcd"] * 3), ["abcd"] * 3, ["abcd"] * 3))
     assert "nan" not in "\n".join(perfect)
     assert "(no error to compare with)" in perfect[0]
     assert perfect[2] == ("  AUROC of finding the lines with errors undefined (every line was read exactly); "
                           "no error for a review order to find")
-    wrong = describe_report(measured(judged([0.2, 0.1, 0.3], ["abce", "xbcd", "ab"]), ["abcd"] * 3,
+    wrong = describe_report(calibration_report(judged([0.2, 0.1, 0.3], ["abce", "xbcd", "ab"]), ["abcd"] * 3,
                                           ["abce", "xbcd", "ab"]))
     assert "nan" not in "\n".join(wrong)
     assert wrong[2].startswith("  AUROC of finding the lines with errors undefined (no line was read exactly); "
                                "the 20% of lines with the most expected errors hold 25.0% of the errors "
                                "(the 20% with the most errors: 50.0%)")
-    mixed = describe_report(measured(judged([0.9, 0.1], ["abcd", "ab"]), ["abcd"] * 2, ["abcd", "ab"]))
+    mixed = describe_report(calibration_report(judged([0.9, 0.1], ["abcd", "ab"]), ["abcd"] * 2, ["abcd", "ab"]))
     assert mixed[2].startswith("  AUROC of finding the lines with errors 1.000; ")
 
 
@@ -237,14 +249,7 @@ def test_a_run_fits_its_calibration_which_survives_export_and_reload(calibrated_
         f"error: data.test: 16 labelled line(s) to fit a calibration on; it needs at least {MIN_LINES}")
 
 
-def test_a_run_logs_how_its_calibration_holds_on_lines_it_was_not_fitted_on(tmp_path, caplog):
-    caplog.set_level("INFO")
-    fit(load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", "data.synthetic.validation=64"]))
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["calibration"]["lines"] == 64
-    assert "the calibration on lines it was not fitted on (5 folds of the validation split):" in caplog.text
-    assert "ECE of p_exact" in caplog.text.split("not fitted on (5 folds")[1]
-
-
+@pytest.mark.slow
 def test_a_run_with_a_small_validation_split_warns_and_stores_none(tmp_path, caplog):
     fit(load_config(TINY, [f"train.output_dir={tmp_path / 'run'}"]))
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["calibration"] == {}
@@ -262,7 +267,7 @@ def test_predict_gives_calibrated_fields_a_summary_and_a_review(calibrated_check
     for row in readings:
         assert 0.0 <= row["p_exact"] <= 1.0 and row["expected_errors"] >= 0.0
         assert row["expected_cer"] == pytest.approx(
-            row["expected_errors"] / max(len(row["text"]) * calibration.length_ratio, 1.0), abs=2e-4)
+            row["expected_errors"] / max(len(row["text"]) * calibration.length_ratio, 1.0), abs=1e-3)  # both rounded
     ranked = sorted(readings, key=lambda row: -row["expected_errors"])[:2]
     assert [line["path"] for line in review] == [row["path"] for row in ranked]
     estimate, (low, high) = calibration.estimate_cer([row["expected_errors"] for row in readings],
@@ -309,13 +314,3 @@ def test_evaluate_measures_the_calibration_against_the_truth(calibrated_checkpoi
     assert sum(row["count"] for row in calibration["reliability_p_exact"]) == 16
     assert "estimated CER" in result.stdout and "AUROC of finding the lines with errors" in result.stdout
     assert Image.open(tmp_path / "reliability.png").size == (360, 360)
-
-
-def test_each_epoch_logs_the_reliability_of_the_character_confidences(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
-    events.Reload()
-    assert "val/reliability" in events.Tags()["images"]
-    ece = events.Scalars("val/ece_characters")
-    assert len(ece) == 1 and 0.0 <= ece[0].value <= 1.0  # one epoch

@@ -97,19 +97,12 @@ def test_config_is_deeply_frozen_hashable_and_round_trips_through_yaml(tmp_path)
     ("decode.beam_size=0", "'decode.beam_size' must be >= 1, got 0"),
     ("decode.nbest=0", "'decode.nbest' must be >= 1"),
     ("decode.beam_threshold=0", "'decode.beam_threshold' must be > 0"),
-    ("decode.beam_size_token=-1", "'decode.beam_size_token' must be >= 0"),
-    ("decode.lm_order=0", "'decode.lm_order' must be >= 1"),
-    ("decode.lm_smoothing=laplace", "'decode.lm_smoothing' must be one of kneser_ney, witten_bell, add_k"),
+    ("decode.lm_order=0", r"'decode.lm_order' must be in \[1, 6\]"),
+    ("data.synthetic.max_words=1", "'data.synthetic.max_words' must be >= 2"),
     ("train.device=gpu", "'train.device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    ("train.sam_rho=-0.1", "'train.sam_rho' must be >= 0"),
-    ("train.memory_format=nhwc", "'train.memory_format' must be one of auto, channels_last, contiguous"),
     ("train.min_lr_ratio=2", r"'train.min_lr_ratio' must be in \[0, 1\]"),
     ("data.augment.shear=-1", "'data.augment.shear' must be >= 0"),
-    ("data.augment.start_epoch=0", "'data.augment.start_epoch' must be >= 1, got 0"),
     ("model.shortcut_weight=-0.1", "'model.shortcut_weight' must be >= 0"),
-    ("data.synthetic.min_words=9", "'data.synthetic.min_words' \\(9\\) must not exceed 'data.synthetic.max_words'"),
-    ("model.attention_layers=1 model.attention_dim=100 model.attention_heads=8",
-     "'model.attention_dim' \\(100\\) must be a multiple of 'model.attention_heads' \\(8\\)"),
 ])
 def test_every_bad_value_is_refused_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -119,7 +112,7 @@ def test_every_bad_value_is_refused_when_the_config_loads(override, message):
 def test_train_tool_refuses_a_bad_decode_value_before_reading_data(tmp_path):
     run_dir = tmp_path / "run"
     result = run_tool("tools/train.py", "--cfg", "experiments/base.yaml", "decode.beam_size=0",
-                      f"train.output_dir={run_dir}", timeout=120)
+                      f"train.output_dir={run_dir}")
     assert result.returncode == 2
     assert "'decode.beam_size' must be >= 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr and "hub" not in result.stderr  # before the (offline) data
@@ -131,6 +124,12 @@ def test_a_config_built_in_code_is_checked_like_a_loaded_one():
         validate(Config(decode=DecodeConfig(beam_size=0)))
 
 
-def test_torch_compile_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"'train.compile=true' is not supported: .*recompiled.*train.compile=false"):
-        load_config(REPO / "experiments" / "synthetic.yaml", ["train.compile=true"])
+def test_a_saved_config_of_an_earlier_version_loads_without_its_retired_keys():
+    saved = Config().to_dict()
+    saved["model"].update(downsample="maxpool", upsample=1, attention_layers=0, name="crnn")
+    saved["train"].update(ema=0.0, memory_format="auto", init_sha256="ab" * 32)
+    saved["data"]["augment"]["enabled"] = True
+    assert config_from_dict(saved) == Config()
+    saved["model"]["upsample"] = 2
+    with pytest.raises(ConfigError, match=r"'model.upsample=2' is no longer supported \(this version builds 1 only\)"):
+        config_from_dict(saved)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crnn.benchmark import Lines, batches_for
+from crnn.benchmark import batches_for
 from crnn.config import load_config
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, load_records, make_sample
 from crnn.data.check import check_records
@@ -57,7 +57,7 @@ def test_parquet_source_written_through_datasets(parquet_split):
 
 
 def test_parquet_source_errors(tmp_path, parquet_split):
-    with pytest.raises(DataError, match="data.train: parquet file not found"):
+    with pytest.raises(DataError, match="data.train: no .parquet file found at"):
         parquet_records(str(tmp_path / "nope.parquet"), "data.train")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -124,11 +124,12 @@ def test_collate_pads_right_and_keeps_each_width(folder_split):
     assert batch.target_lengths.tolist() == [len(texts[i]) for i in (0, 1, 4)]
     assert vocab.decode(batch.targets[:3].tolist()) == texts[0]
     assert batch.texts == [texts[0], texts[1], texts[4]]
-    padded = batch.padded_targets()  # one row per line, right-padded with the blank
-    assert padded.shape == (3, max(len(texts[i]) for i in (0, 1, 4)))
-    assert [vocab.decode(i for i in row.tolist() if i) for row in padded] == batch.texts
-    assert [int((row != 0).sum()) for row in padded] == batch.target_lengths.tolist()
-    assert batch.blank(16, 16).padded_targets().shape == (1, 0)
+    kept = batch.select(torch.tensor([True, False, True]))  # as lines too long for their width are dropped
+    assert kept.texts == [texts[0], texts[4]] and kept.widths.tolist() == [expected[0], expected[2]]
+    assert vocab.decode(kept.targets.tolist()) == texts[0] + texts[4] and kept.images.shape[-1] == max(expected)
+    assert torch.equal(kept.images[1], batch.images[2])
+    on_meta = batch.to(torch.device("meta")).select(torch.tensor([True, False, True]))  # reads nothing back
+    assert on_meta.images.shape == (2, 1, 16, max(expected)) and on_meta.widths.tolist() == kept.widths.tolist()
 
 
 def test_collate_drops_unreadable_samples_and_says_why(folder_split):
@@ -195,6 +196,6 @@ def test_loader_check_and_benchmark_make_the_same_samples(folder_split):
     problems = check_records(records, cfg.data, cfg.model, vocab, "evaluate")
     assert [p for p in problems if "not in the vocab" in p] == [
         "line1.png: characters ' hrw' are not in the vocab (counted as errors)"]
-    lines = Lines([records.image(i) for i in range(3)], texts)
+    lines = [(records.image(i), text) for i, text in enumerate(texts)]
     batches = batches_for(cfg, lines, vocab, batch_size=3)  # used to raise on the unknown characters
     assert sorted(batches[0].texts) == sorted(texts) and batches[0].target_lengths.sum() == 3 + 7 + 3

@@ -5,18 +5,11 @@ import math
 import pytest
 import torch
 
-from crnn.config import LM_SMOOTHINGS, DecodeConfig, load_config
+from crnn.config import DecodeConfig
 from crnn.data import Vocab
-from crnn.decoding import (
-    BeamDecoder,
-    GreedyDecoder,
-    NgramDecoderLM,
-    build_decoders,
-    decoder_tokens,
-    greedy_decode,
-)
-from crnn.errors import ConfigError, DataError
-from crnn.lm import BOS, EOS, UNK, NgramLM, char_to_token, read_texts
+from crnn.decoding import BeamDecoder, GreedyDecoder, build_decoders, char_spans, decoder_tokens, greedy_paths
+from crnn.errors import ConfigError
+from crnn.lm import BOS, EOS, UNK, NgramLM, char_to_token, read_texts, text_to_tokens
 
 CAT_TEXTS = ["the cat sat", "a cat", "cat food", "my cat"]
 
@@ -43,7 +36,7 @@ def lengths(*values: int) -> torch.Tensor:
 def test_greedy_merges_repeats_drops_blanks_and_stops_at_the_length():
     vocab = Vocab(list("ab"))
     log_probs = frames(vocab, {"a": .9}, {"a": .9}, {"-": .9}, {"a": .9}, {"b": .9}, {"b": .9}, {"a": .9})
-    assert greedy_decode(log_probs, lengths(7)) == [[1, 1, 2, 1]]
+    assert greedy_paths(log_probs, lengths(7)) == [([1, 1, 2, 1], [0, 3, 4, 6])]  # classes, first frames
     assert GreedyDecoder(vocab)(log_probs, lengths(7)) == ["aaba"]
     assert GreedyDecoder(vocab)(log_probs, lengths(5)) == ["aab"]
 
@@ -95,41 +88,51 @@ def test_language_model_picks_the_in_language_word_on_a_tie():
     assert {hypothesis.text for hypothesis in acoustic} == {"cat", "cot"}
     assert acoustic[0].score == pytest.approx(acoustic[1].score, abs=1e-3)  # the acoustics alone tie
     for texts, word in ((CAT_TEXTS, "cat"), ([text.replace("cat", "cot") for text in CAT_TEXTS], "cot")):
-        lm = NgramDecoderLM(NgramLM.estimate(texts, order=3), vocab)
-        assert BeamDecoder(vocab, lm=lm, lm_weight=1.0)(log_probs, lengths(5)) == [word]
+        decoder = build_decoders(["beam_lm"], vocab, DecodeConfig(lm_order=3, lm_weight=1.0, workers=1), texts)
+        assert decoder["beam_lm"](log_probs, lengths(5)) == [word]
 
 
-def test_kenlm_reads_our_arpa_and_decodes_like_the_python_lm(tmp_path):
-    pytest.importorskip("flashlight.lib.text.decoder.kenlm")
-    vocab = Vocab(list(" acost"))
-    log_probs = frames(vocab, {"c": .9}, {"-": .9}, {"a": .45, "o": .45}, {" ": .3, "-": .7}, {"t": .9})
+def test_kenlm_scores_our_arpa_file_with_the_estimated_probabilities(tmp_path):
+    from flashlight.lib.text.decoder.kenlm import KenLM
+    from flashlight.lib.text.dictionary import Dictionary
+
     lm = NgramLM.estimate(CAT_TEXTS, order=4)
     lm.write_arpa(tmp_path / "lm.arpa")
-    options = {"lm_weight": 0.7, "word_score": 0.5, "nbest": 3, "lm_order": 4}
-    python_lm = build_decoders(["beam_lm"], vocab, DecodeConfig(**options), CAT_TEXTS)["beam_lm"]
-    kenlm = build_decoders(["beam_lm"], vocab, DecodeConfig(**options, lm_path=str(tmp_path / "lm.arpa")))["beam_lm"]
-    expected, found = python_lm.nbest(log_probs, lengths(5))[0], kenlm.nbest(log_probs, lengths(5))[0]
+    tokens = decoder_tokens(Vocab(list(" acdefhmorsty")))[0]
+    kenlm = KenLM(str(tmp_path / "lm.arpa"), Dictionary(tokens))
+    state, context = kenlm.start(0), (BOS,)
+    for token in text_to_tokens("the cot"):  # "cot": a context the LM backs off from
+        state, score = kenlm.score(state, tokens.index(token))
+        assert score * math.log(10) == pytest.approx(lm.log_prob(context, token), abs=1e-5)
+        context += (token,)
+    assert kenlm.finish(state)[1] * math.log(10) == pytest.approx(lm.log_prob(context, EOS), abs=1e-5)
+
+
+def test_an_lm_file_decodes_like_the_lm_built_from_the_same_texts(tmp_path):
+    vocab = Vocab(list(" acost"))
+    log_probs = frames(vocab, {"c": .9}, {"-": .9}, {"a": .45, "o": .45}, {" ": .3, "-": .7}, {"t": .9})
+    NgramLM.estimate(CAT_TEXTS, order=4).write_arpa(tmp_path / "lm.arpa")
+    options = {"lm_weight": 0.7, "word_score": 0.5, "nbest": 3, "lm_order": 4, "workers": 1}
+    from_texts = build_decoders(["beam_lm"], vocab, DecodeConfig(**options), CAT_TEXTS)["beam_lm"]
+    from_file = build_decoders(["beam_lm"], vocab, DecodeConfig(**options, lm_path=str(tmp_path / "lm.arpa")))["beam_lm"]
+    expected, found = from_texts.nbest(log_probs, lengths(5))[0], from_file.nbest(log_probs, lengths(5))[0]
     assert expected[0].text == "cat"
     assert [h.text for h in found] == [h.text for h in expected]
     assert [h.score for h in found] == pytest.approx([h.score for h in expected], abs=1e-4)
 
 
-def test_an_arpa_file_kenlm_cannot_load_is_read_in_python(tmp_path):
-    # order 7 is over the pip wheels' KenLM maximum (6); with no KenLM at all the same path is taken
+def test_an_lm_order_kenlm_cannot_read_is_an_error_naming_the_order(tmp_path):
     vocab = Vocab(list(" acost"))
-    log_probs = frames(vocab, {"c": .9}, {"-": .9}, {"a": .45, "o": .45}, {"-": .9}, {"t": .9})
+    with pytest.raises(ConfigError, match="decode.lm_order=7: KenLM reads orders up to 6"):
+        build_decoders(["beam_lm"], vocab, DecodeConfig(lm_order=7, workers=1), CAT_TEXTS)
     NgramLM.estimate(CAT_TEXTS, order=7).write_arpa(tmp_path / "lm7.arpa")
-    options = {"lm_weight": 1.0, "nbest": 2, "lm_order": 7}
-    from_file = build_decoders(["beam_lm"], vocab, DecodeConfig(**options, lm_path=str(tmp_path / "lm7.arpa")))
-    from_texts = build_decoders(["beam_lm"], vocab, DecodeConfig(**options), CAT_TEXTS)
-    found, expected = (d["beam_lm"].nbest(log_probs, lengths(5))[0] for d in (from_file, from_texts))
-    assert [h.text for h in found] == [h.text for h in expected] == ["cat", "cot"]
-    assert [h.score for h in found] == pytest.approx([h.score for h in expected], abs=1e-4)
+    with pytest.raises(ConfigError, match="decode.lm_path: KenLM cannot read .*lm7.arpa: This model has order 7"):
+        build_decoders(["beam_lm"], vocab, DecodeConfig(lm_path=str(tmp_path / "lm7.arpa"), workers=1))
 
 
 def test_build_decoders_by_name_and_its_errors(tmp_path):
     vocab = Vocab(list(" ab"))
-    decoders = build_decoders(["greedy", "beam", "beam_lm"], vocab, DecodeConfig(), lm_texts=["ab ba"])
+    decoders = build_decoders(["greedy", "beam", "beam_lm"], vocab, DecodeConfig(workers=1), lm_texts=["ab ba"])
     assert list(decoders) == ["greedy", "beam", "beam_lm"]
     log_probs = frames(vocab, {"a": .9}, {"b": .9})
     assert [decoder(log_probs, lengths(2)) for decoder in decoders.values()] == [["ab"]] * 3
@@ -138,16 +141,10 @@ def test_build_decoders_by_name_and_its_errors(tmp_path):
     with pytest.raises(ConfigError, match="decode.lm_path"):
         build_decoders(["beam_lm"], vocab, DecodeConfig())  # no LM file, no texts
     (tmp_path / "texts.txt").write_text("ab\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="neither an ARPA file"):
+    with pytest.raises(ConfigError, match="KenLM cannot read .*texts.txt: first non-empty line was \"ab\""):
         build_decoders(["beam_lm"], vocab, DecodeConfig(lm_path=str(tmp_path / "texts.txt")))
     with pytest.raises(ConfigError, match="not found"):
         build_decoders(["beam_lm"], vocab, DecodeConfig(lm_path=str(tmp_path / "missing.arpa")))
-
-
-def test_the_cuda_beam_search_that_aborts_on_h100_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"'decode.cuda=true' is no longer supported.*aborts the process.*"
-                                          r"decode.cuda=false"):
-        load_config(None, ["decode.cuda=true"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,10 +155,9 @@ def test_lm_tokens_keep_one_character_each_and_no_whitespace():
     assert [char_to_token(c) for c in " a|\té\u00a0"] == ["|", "a", "<U+007C>", "<U+0009>", "é", "<U+00A0>"]
 
 
-@pytest.mark.parametrize("smoothing", LM_SMOOTHINGS)
 @pytest.mark.parametrize("order", [1, 2, 3, 5])
-def test_lm_probabilities_sum_to_one_after_any_context(smoothing, order):
-    lm = NgramLM.estimate(CAT_TEXTS + ["zebra crossing", "a|b"], order, smoothing)
+def test_lm_probabilities_sum_to_one_after_any_context(order):
+    lm = NgramLM.estimate(CAT_TEXTS + ["zebra crossing", "a|b"], order)
     tokens = sorted(lm.vocabulary - {BOS})
     assert UNK in tokens and EOS in tokens
     for context in [(BOS,), (BOS, "c"), ("c", "a"), ("t", "|", "c"), ("q", "q"), ()]:
@@ -171,43 +167,39 @@ def test_lm_probabilities_sum_to_one_after_any_context(smoothing, order):
 
 
 def test_lm_known_values():
-    # "ab": unigrams a, b, </s> seen once each, vocabulary size 4 with <unk>.
-    witten_bell = NgramLM.estimate(["ab"], 2, "witten_bell")
-    unigram_b = 1 / 6 + 3 / 6 * 1 / 4  # alpha = c / (N + T), gamma = T / (N + T), then uniform
-    assert math.exp(witten_bell.log_prob((), "b")) == pytest.approx(unigram_b)
-    assert math.exp(witten_bell.log_prob(("a",), "b")) == pytest.approx(1 / 2 + 1 / 2 * unigram_b)
-    add_k = NgramLM.estimate(["ab"], 1, "add_k", add_k=0.1)
-    assert math.exp(add_k.log_prob((), "a")) == pytest.approx(1.1 / (3 + 0.4))  # (c + k) / (N + kV)
-    assert math.exp(add_k.log_prob((), UNK)) == pytest.approx(0.1 / (3 + 0.4))
+    # "ab" at order 1: a, b, </s> seen once each; no counts of counts, so the fallback discount
+    # D1 = 0.5 and gamma = 3 * 0.5 / 3; vocabulary size 4 with <unk>
+    lm = NgramLM.estimate(["ab"], 1)
+    assert math.exp(lm.log_prob((), "a")) == pytest.approx(0.5 / 3 + 0.5 / 4)
+    assert math.exp(lm.log_prob((), UNK)) == pytest.approx(0.5 / 4)
 
 
 def test_kneser_ney_uses_continuation_counts():
     # 'z' is frequent but only ever follows 'x'; 'y' is rarer but follows three tokens
-    texts = ["xz"] * 6 + ["ay", "by", "cy"]
-    kneser_ney = NgramLM.estimate(texts, 2, "kneser_ney")
-    witten_bell = NgramLM.estimate(texts, 2, "witten_bell")
-    assert kneser_ney.log_prob(("q",), "z") < kneser_ney.log_prob(("q",), "y")
-    assert witten_bell.log_prob(("q",), "z") > witten_bell.log_prob(("q",), "y")
-
-
-def test_lm_prefers_seen_text_and_survives_an_arpa_round_trip(tmp_path):
-    lm = NgramLM.estimate(CAT_TEXTS, 4)
-    assert lm.sentence_log_prob("the cat") > lm.sentence_log_prob("the cot") > lm.sentence_log_prob("teh tco")
-    lm.write_arpa(tmp_path / "lm.arpa")
-    again = NgramLM.read_arpa(tmp_path / "lm.arpa")
-    assert again.order == 4 and again.vocabulary == lm.vocabulary
-    for text in ["the cat", "a zebra", ""]:
-        assert again.sentence_log_prob(text) == pytest.approx(lm.sentence_log_prob(text), abs=1e-5)
-
-
-def test_a_malformed_arpa_file_is_an_error_naming_the_line(tmp_path):
-    path = tmp_path / "bad.arpa"
-    path.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\ta\n-x.5\tb\n\\end\\\n", encoding="utf-8")
-    with pytest.raises(DataError, match="bad.arpa line 6: not an ARPA n-gram line"):
-        NgramLM.read_arpa(path)
+    lm = NgramLM.estimate(["xz"] * 6 + ["ay", "by", "cy"], 2)
+    assert lm.log_prob(("q",), "z") < lm.log_prob(("q",), "y")
+    assert lm.log_prob(("x",), "z") > lm.log_prob(("x",), "y")
 
 
 def test_read_texts_splits_on_newlines_only(tmp_path):
     path = tmp_path / "train_texts.txt"
     path.write_bytes("first line\r\n\nsecond\u2028line\n".encode())
     assert read_texts(path) == ["first line", "second\u2028line"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a character's confidence and frames
+
+
+def test_a_character_is_as_sure_as_its_strongest_frame_in_its_run():
+    vocab = Vocab(list("ab"))
+    log_probs = frames(vocab, {"a": .6, "-": .4}, {"a": .9, "-": .1}, {"-": .9, "b": .1}, {"b": .7, "-": .3},
+                       {"a": .5, "b": .4, "-": .1})[:, 0]
+    # greedy: "a" over frames 0-1, "b" at frame 3, "a" at frame 4
+    (labels, starts), = greedy_paths(log_probs[:, None], lengths(5))
+    spans = char_spans(log_probs, labels, starts)
+    assert [(first, last) for _, first, last in spans] == [(0, 1), (3, 3), (4, 4)]
+    assert [round(confidence, 3) for confidence, _, _ in spans] == [0.9, 0.7, 0.5]
+    # a beam search may emit a character where it is not the most probable class: that frame alone
+    assert char_spans(log_probs, [2], [4]) == [(pytest.approx(0.4, abs=1e-3), 4, 4)]
+    assert char_spans(log_probs, [], []) == []

@@ -1,4 +1,5 @@
-"""`train.amp=auto` on a CPU: bf16 only where a measured training step says it pays."""
+"""`train.amp=auto` on a CPU: decided from what the CPU reports, measured once per machine only
+where that is not enough (AVX-512 BF16 without AMX)."""
 
 import logging
 import os
@@ -12,12 +13,22 @@ from crnn import device
 
 
 @pytest.fixture(autouse=True)
-def fresh_probe():
-    device.cpu_bf16_pays.cache_clear()
+def fresh_decision(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    device.cpu_amp.cache_clear()
     yield
-    device.cpu_bf16_pays.cache_clear()
+    device.cpu_amp.cache_clear()
 
 
+def cpu_reports(monkeypatch, bf16: bool, amx: bool, speedup: float | None = None) -> list:
+    calls = []
+    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(device, "bf16_speedup", lambda: calls.append(1) or speedup)
+    return calls
+
+
+@pytest.mark.slow
 def test_the_probe_times_a_real_training_step_in_both_precisions():
     before = torch.random.get_rng_state()
     with torch.no_grad():  # the probe trains even where the caller does not
@@ -26,37 +37,47 @@ def test_the_probe_times_a_real_training_step_in_both_precisions():
     assert torch.equal(torch.random.get_rng_state(), before)  # a run's random stream is not touched
 
 
-@pytest.mark.parametrize(("speedup", "pays"), [(1.9, True), (1.2, True), (1.1, False), (0.76, False)])
-def test_bf16_must_beat_float32_by_a_margin(monkeypatch, caplog, speedup, pays):
-    calls = []
-    monkeypatch.setattr(device, "bf16_speedup", lambda: calls.append(1) or speedup)
-    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: True)
+@pytest.mark.parametrize(("bf16", "amx", "expected", "reason"), [(True, True, torch.bfloat16, "this CPU has AMX"),
+                                                                 (False, False, None, "no bf16 kernels")])
+def test_what_the_cpu_reports_decides_without_a_measurement(monkeypatch, caplog, bf16, amx, expected, reason):
+    calls = cpu_reports(monkeypatch, bf16, amx)
     with caplog.at_level(logging.INFO, logger="crnn"):
-        assert device.resolve_amp("auto", torch.device("cpu")) is (torch.bfloat16 if pays else None)
-        assert device.resolve_amp("auto", torch.device("cpu")) is (torch.bfloat16 if pays else None)
-    assert len(calls) == 1  # measured once per process
-    (message,) = [r.getMessage() for r in caplog.records if "probe" in r.getMessage()]
-    assert f"runs at {speedup:.2f}x float32's speed" in message
-    assert message.endswith("bf16 here" if pays else "float32 here (bf16 needs 1.2x)")
+        assert device.resolve_amp("auto", torch.device("cpu")) is expected
+    assert calls == [] and any(reason in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("speedup", "expected"), [(1.9, torch.bfloat16), (1.2, torch.bfloat16), (1.1, None)])
+def test_without_amx_bf16_is_measured_once_per_machine(monkeypatch, caplog, speedup, expected):
+    calls = cpu_reports(monkeypatch, True, False, speedup)
+    with caplog.at_level(logging.INFO, logger="crnn"):
+        assert device.resolve_amp("auto", torch.device("cpu")) is expected
+        device.cpu_amp.cache_clear()  # a new process on the same machine
+        assert device.resolve_amp("auto", torch.device("cpu")) is expected
+    assert len(calls) == 1
+    messages = [r.getMessage() for r in caplog.records if "train.amp=auto" in r.getMessage()]
+    assert f"{speedup:.2f}x float32's speed here, measured now" in messages[0]
+    assert "measured earlier on this machine" in messages[1]
 
 
 def test_explicit_bf16_is_not_second_guessed(monkeypatch):
-    monkeypatch.setattr(device, "bf16_speedup", lambda: 0.5)
-    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: True)
+    cpu_reports(monkeypatch, True, False, 0.5)
     assert device.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
     assert device.resolve_amp("off", torch.device("cpu")) is None
 
 
 def _vote(rank: int, init_file: str, speedups: list[float], out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(speedups))
+    os.environ["XDG_CACHE_HOME"] = os.path.join(out, f"cache{rank}")  # each rank as its own machine
     device.bf16_speedup = lambda: speedups[rank]
     device.cpu_runs_bf16_natively = lambda: True
+    torch.cpu._is_amx_tile_supported = lambda: False
     dtype = device.resolve_amp("auto", torch.device("cpu"))
     with open(os.path.join(out, f"rank{rank}"), "w") as file:
         file.write(device.AMP_NAMES[dtype])
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("speedups", "expected"), [([1.5, 1.1], "fp32"), ([1.5, 1.6], "bf16")])
 def test_ranks_agree_on_the_precision(tmp_path, speedups, expected):
     mp.spawn(_vote, args=(str(tmp_path / "init"), speedups, str(tmp_path)), nprocs=2)

@@ -4,13 +4,14 @@ import logging
 import multiprocessing
 import textwrap
 
+import pytest
 import torch
 
 from crnn.config import load_config
 from crnn.data import Vocab, build_dataset, build_loader, load_records, shut_down
 from crnn.data.cache import LineCache
 from crnn.trainer import fit
-from tests.helpers import TINY, run_tool, synthetic_folder
+from tests.helpers import TINY, run_python, synthetic_folder
 
 
 def lines_by_index(loader, epoch):
@@ -55,18 +56,18 @@ def test_the_cache_keeps_to_its_budget_and_skips_lines_of_unexpected_size():
 def test_the_cache_budget_goes_to_the_validation_split_first(tmp_path, caplog):
     from crnn.distributed import DistInfo
     from crnn.runlog import RunLogger
-    from crnn.trainer import RunData, build_loaders, shut_down
+    from crnn.trainer import build_loaders
 
     train, validation = synthetic_folder(tmp_path / "train", 40), synthetic_folder(tmp_path / "val", 10, seed=1)
     overrides = ["data.source=folder", f"data.train={train}", f"data.validation={validation}", "data.num_workers=0"]
     cfg = load_config(TINY, overrides)
-    data = RunData(load_records(cfg.data, "train"), load_records(cfg.data, "validation"), None)
-    data.vocab = Vocab.from_texts(data.train.texts)
-    val_bytes = int(sum(build_dataset(cfg.data, data.validation, data.vocab, False).widths)) * cfg.data.height
+    records = load_records(cfg.data, "train"), load_records(cfg.data, "validation")
+    vocab = Vocab.from_texts(records[0].texts)
+    val_bytes = int(sum(build_dataset(cfg.data, records[1], vocab, False).widths)) * cfg.data.height
     # a budget that holds the validation split and a few training lines, not the whole training split
     cfg = load_config(TINY, [*overrides, f"data.cache_mb={(val_bytes + 5 * 32 * 300) / 2**20}"])
     with caplog.at_level(logging.INFO, logger="crnn"):
-        loaders = build_loaders(cfg, DistInfo(0, 0, 1, torch.device("cpu")), RunLogger(tmp_path, True), data)
+        loaders = build_loaders(cfg, DistInfo(0, 0, 1, torch.device("cpu")), RunLogger(tmp_path, True), *records, vocab)
     train_cache, val_cache = (loader.dataset.cache for loader in loaders)
     assert val_cache.slots == 10 and 0 < train_cache.slots < 40
     assert "validation: decoded lines cached for later epochs: 10 of 10 lines (100%)" in caplog.text
@@ -75,6 +76,7 @@ def test_the_cache_budget_goes_to_the_validation_split_first(tmp_path, caplog):
         shut_down(loader)
 
 
+@pytest.mark.slow
 def test_an_abandoned_loader_with_persistent_workers_exits_at_once(tmp_path):
     lines = synthetic_folder(tmp_path / "lines", 24)
     script = textwrap.dedent(f"""
@@ -89,11 +91,12 @@ def test_an_abandoned_loader_with_persistent_workers_exits_at_once(tmp_path):
         next(iter(loader))  # one batch of twelve, then leave without a word
         print("left")
         """)
-    result = run_tool("-c", script, timeout=60)
+    result = run_python("-c", script, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "left", result.stderr[-2000:]
     assert "Aborted" not in result.stderr and "terminate called" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_stops_its_loader_workers_when_it_ends(tmp_path):
     before = set(multiprocessing.active_children())  # e.g. decoder pools of earlier tests
     fit(load_config(TINY, ["data.num_workers=2", f"train.output_dir={tmp_path / 'run'}"]))

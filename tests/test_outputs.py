@@ -11,8 +11,16 @@ import time
 import pytest
 
 from crnn.errors import CrnnError
-from crnn.outputs import LOCK_NAME, RunLock, check_output_dir, check_output_file, replace_folder
-from tests.helpers import REPO, TINY, run_tool, synthetic_folder
+from crnn.outputs import (
+    LOCK_NAME,
+    RunLock,
+    atomic_write,
+    check_output_dir,
+    check_output_file,
+    lock_file,
+    replace_folder,
+)
+from tests.helpers import REPO, TINY, run_python, run_tool, synthetic_folder
 
 TRAIN = ("tools/train.py", "--cfg", TINY)
 
@@ -85,6 +93,7 @@ def test_a_second_run_on_a_live_run_directory_is_refused(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     holder = hold_lock(run_dir)
@@ -109,12 +118,13 @@ def test_the_lock_is_released_on_any_exit_and_a_failed_start_leaves_no_folder(tm
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["kept.txt"]
 
 
+@pytest.mark.slow
 def test_under_torchrun_rank_0_takes_the_lock_and_a_held_one_stops_every_rank(tmp_path):
     run_dir = tmp_path / "run"
     holder = hold_lock(run_dir)
     try:
         started = time.monotonic()
-        result = run_tool("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *TRAIN,
+        result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *TRAIN,
                           f"train.output_dir={run_dir}", env={"OMP_NUM_THREADS": "1"}, timeout=240)
         assert result.returncode != 0 and time.monotonic() - started < 200
         assert f"{run_dir} is in use by another run (process {holder.pid}" in result.stderr
@@ -123,6 +133,7 @@ def test_under_torchrun_rank_0_takes_the_lock_and_a_held_one_stops_every_rank(tm
         holder.wait()
 
 
+@pytest.mark.slow
 def test_resume_auto_with_nothing_to_resume_says_so(tmp_path):
     result = run_tool(*TRAIN, f"train.output_dir={tmp_path / 'run'}", "train.resume=auto", "train.epochs=1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -163,6 +174,39 @@ def test_replace_folder_leaves_the_old_folder_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         replace_folder(out, fail)
     assert snapshot(out) == {"a": b"old"} and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    # of two writers of a folder that must not change under its readers (a page's crops), the first stays
+    replace_folder(out, lambda folder: (folder / "a").write_text("second", encoding="utf-8"), keep_existing=True)
+    assert snapshot(out) == {"a": b"old"} and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_nothing_beside_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    atomic_write(path, lambda stream: stream.write(b"old\n"))
+
+    def fail(stream):
+        stream.write(b"half a li")
+        raise ValueError("the data ran out")  # any error, not only an OSError
+
+    with pytest.raises(ValueError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+@pytest.mark.slow
+def test_lock_file_waits_or_refuses_while_another_process_holds_it(tmp_path):
+    path = tmp_path / "index.lock"
+    code = ("import sys, time; from crnn.outputs import lock_file; held = lock_file(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path), "1.5"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_file(path, wait=False) is None
+        started = time.monotonic()
+        with lock_file(path):  # waits for the holder to exit: the OS releases its lock
+            assert time.monotonic() - started > 0.5
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_folder_that_is_not_a_bundle_is_named_as_such(tmp_path):

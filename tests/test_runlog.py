@@ -4,6 +4,7 @@ terminal, and no carriage-return flood in a training log."""
 import logging
 import sys
 
+import pytest
 from tqdm import tqdm
 
 from crnn.runlog import LogProgress, progress
@@ -34,9 +35,9 @@ def test_progress_is_a_live_bar_only_on_a_terminal(monkeypatch):
     assert isinstance(hidden, tqdm) and hidden.disable and list(hidden) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_training_log_written_to_a_file_has_no_carriage_returns(tmp_path):
-    result = run_tool("tools/train.py", "--cfg", TINY, "train.epochs=2", f"train.output_dir={tmp_path / 'run'}",
-                      timeout=300)
+    result = run_tool("tools/train.py", "--cfg", TINY, "train.epochs=2", f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr and "\r" not in result.stdout
     epochs = [line for line in result.stderr.splitlines() if " INFO epoch " in line and "train_loss" in line]

@@ -1,23 +1,23 @@
 r"""Fit a model's calibration on a labelled split: a temperature on its log-probs and a line model
 of how likely each line is read exactly and how many errors it holds (crnn/calibration.py).
-tools/train.py fits one on the validation split at the end of every run; fit one again here on
-any labelled data, e.g. a few transcribed pages of a new collection, so that predict's
-confidences and estimated CER speak for that collection.
+tools/train.py fits one on the validation split at the end of a run; fit one here on any labelled
+data (e.g. a few transcribed pages of a new collection), so that predict's confidences and
+estimated CER speak for that collection.
 
     python tools/calibrate.py --ckpt runs/copiste/checkpoints/best.pt
     python tools/calibrate.py --ckpt bundle/ --split validation data.source=xml data.validation=pages/new/
     python tools/calibrate.py --ckpt runs/copiste/checkpoints/best.pt --out calibrated.pt \
         data.source=folder data.validation=lines/new
 
-The calibration is stored in the checkpoint (rewritten atomically; the weights and everything else
-in it unchanged) or the bundle (its calibration.json), or with --out in a copy of either. The split
+The calibration is stored in the checkpoint (rewritten atomically, everything else in it
+unchanged) or the bundle (its calibration.json), or with --out in a copy of either. The split
 needs at least 50 labelled lines.
 
-How well such a calibration holds on lines it was not fitted on, without a second labelled split:
-`--folds 5` cuts the split into 5 blocks of consecutive lines, fits on four and measures on the
-fifth, each in turn, and reports the measures of evaluate.py (estimated against true CER, ECE of
-p_exact and of the character confidences, AUROC, errors in the least confident fifth) on every
-line (`--json FILE` writes them); the calibration stored is still the one fitted on all lines.
+How well it holds on lines it was not fitted on: `--folds 5` cuts the split into 5 blocks of
+consecutive lines, fits on four and measures on the fifth, each in turn, and reports the measures
+of evaluate.py (estimated against true CER, ECE of p_exact and of the character confidences,
+AUROC, errors in the least confident fifth) over every line (`--json FILE` writes them); the
+calibration stored is still the one fitted on all lines.
 
     python tools/calibrate.py --ckpt runs/copiste/checkpoints/best.pt --folds 5 --json crossfit.json
 """
@@ -35,7 +35,7 @@ from crnn.checkpoint import is_bundle, store_calibration
 from crnn.config import SPLITS
 from crnn.errors import CrnnError, tool_main
 from crnn.inference import labelled_lines, load_trained_model
-from crnn.outputs import check_output_dir, check_output_file
+from crnn.outputs import atomic_write_text, check_output_dir, check_output_file
 
 
 @tool_main
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(f'{t:.3f}' for t in report['temperatures'])}), measured on {report['lines']} lines:")
         print("\n".join(describe_report(report)))
         if args.json is not None:
-            args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     calibration = fit_calibration(lines.log_probs, lines.references, trained.vocab, lines.where)
     target = args.out or args.ckpt
     if args.out is not None:

@@ -22,11 +22,10 @@ escapechar="\\\\") reads it back). With several decoders there is one file per d
 errors.tsv -> errors.greedy.tsv, errors.beam.tsv, ...
 
 beam_lm's character language model: --lm FILE (same as decode.lm_path=FILE: an ARPA file from
-tools/build_lm.py or KenLM, or a KenLM binary), else estimated on the fly (decode.lm_order,
-decode.lm_smoothing) from <run>/train_texts.txt, which tools/train.py writes next to
-<run>/checkpoints/, and run by KenLM in C++ (decode.lm_backend=python: the same LM in Python).
-Beam decoders run in decode.workers processes (0, the default: one per CPU core), overlapping
-with the next batch's forward pass.
+tools/build_lm.py or KenLM, or a KenLM binary), else estimated on the fly (decode.lm_order) from
+<run>/train_texts.txt, which tools/train.py writes next to <run>/checkpoints/. Beam decoders run
+in decode.workers processes (0, the default: one per CPU core), overlapping with the next
+batch's forward pass.
 
 A model with a calibration (fitted at the end of training or by tools/calibrate.py) is also
 measured against the truth: the estimated against the true CER, the ECE of p_exact and of the
@@ -49,13 +48,7 @@ import json
 import sys
 from pathlib import Path
 
-from crnn.calibration import (
-    Calibration,
-    CalibrationProbe,
-    calibration_report,
-    describe_report,
-    reliability_diagram,
-)
+from crnn.calibration import CalibrationProbe, calibration_report, describe_report, reliability_diagram
 from crnn.config import AMP_MODES, SPLITS
 from crnn.data import build_dataset, build_loader, load_records
 from crnn.data.records import problem_summary
@@ -63,13 +56,7 @@ from crnn.decoding import DECODER_NAMES
 from crnn.device import resolve_amp
 from crnn.engine import EvalResult, evaluate
 from crnn.errors import ConfigError, tool_main
-from crnn.inference import (
-    TrainedModel,
-    collect_emissions,
-    load_trained_model,
-    save_tuned,
-    tune_language_model,
-)
+from crnn.inference import TrainedModel, labelled_lines, load_trained_model, save_tuned, tune_language_model
 from crnn.metrics import worst_lines_first
 from crnn.outputs import check_output_file
 
@@ -114,9 +101,9 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
     `probe`, it reads in greedy's place (the same readings) and keeps the calibration's estimates."""
     cfg = trained.config
     amp_dtype = resolve_amp(amp, trained.device, key="--amp")
-    decoders = trained.decoders(names)  # first: a missing LM is found before the data is read
-    if probe is not None:
-        decoders["greedy"] = probe
+    # first: a missing LM is found before the data is read
+    decoders = trained.decoders([name for name in names if not (probe and name == "greedy")])
+    decoders = {"greedy": probe, **decoders} if probe else decoders
     records = load_records(cfg.data, split)
     if records.problems:
         warn(f"{len(records.problems)} line(s) of {records.name} left out ({problem_summary(records.problems)}); "
@@ -133,11 +120,20 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
     return result, records.ids
 
 
-def print_calibration(report: dict, calibration: Calibration) -> None:
-    """What the model's calibration (fitted on `calibration.fitted_on`) says against the truth here."""
+def measure_calibration(probe: CalibrationProbe, result: EvalResult, reliability: Path | None) -> dict:
+    """What the model's calibration says against the truth of the lines `probe` read: printed,
+    drawn (`reliability`, a PNG), returned."""
+    calibration = probe.calibration
+    references, hypotheses = zip(*[(ref, hyp) for _, ref, hyp in result.predictions["greedy"]], strict=True)
+    report = calibration_report(probe.judgements(hypotheses), references, hypotheses)
     print(f"calibration (temperature {calibration.temperature:.3f}, fitted on {calibration.lines} lines of the "
           f"{calibration.fitted_on or 'unknown split'}), measured on {report['lines']} lines:")
     print("\n".join(describe_report(report)))
+    if reliability:
+        reliability_diagram({"characters": report["reliability_characters"],
+                             "lines read exactly": report["reliability_p_exact"]}).save(reliability)
+        print(f"reliability diagram: {reliability}", file=sys.stderr)
+    return report
 
 
 def summary(result: EvalResult) -> dict[str, dict]:
@@ -186,10 +182,7 @@ def grid(text: str, option: str) -> list[float]:
 
 def tune(trained: TrainedModel, split: str, lm_weights: list[float], word_scores: list[float]) -> None:
     """--tune-lm: the grid's table, best first; the best pair saved for the run."""
-    cfg = trained.config
-    records = load_records(cfg.data, split)
-    loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)
-    rows = tune_language_model(trained, collect_emissions(trained, loader), lm_weights, word_scores)
+    rows = tune_language_model(trained, labelled_lines(trained, split, check=False), lm_weights, word_scores)
     print(f"{'lm_weight':>10}{'word_score':>12}{'CER':>9}{'WER':>9}")
     for row in rows:
         print(f"{row['lm_weight']:>10g}{row['word_score']:>12g}{row['cer']:>9.2%}{row['wer']:>9.2%}")
@@ -212,22 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))
         return 0
     probe = CalibrationProbe(trained.calibration, trained.vocab) if trained.calibration.fitted else None
-    result, ids = run(trained, split, ["greedy", *[name for name in names if name != "greedy"]] if probe else names,
-                      args.amp, probe)
+    result, ids = run(trained, split, names, args.amp, probe)
     rows = summary(result)
     if probe is not None and "greedy" not in names:
-        del rows["greedy"]
+        del rows["greedy"]  # read for the calibration only
     print_table(rows)
-    report = None
-    if probe is not None:
-        report = calibration_report(probe, *zip(*[(ref, hyp) for _, ref, hyp in result.predictions["greedy"]],
-                                                strict=True))
-        print_calibration(report, trained.calibration)
-        if args.reliability:
-            reliability_diagram({"characters": report["reliability_characters"],
-                                 "lines read exactly": report["reliability_p_exact"]}).save(args.reliability)
-            print(f"reliability diagram: {args.reliability}", file=sys.stderr)
-    elif args.reliability:
+    report = measure_calibration(probe, result, args.reliability) if probe else None
+    if args.reliability and not probe:
         warn(f"{args.ckpt} has no calibration: no reliability diagram (fit one with tools/calibrate.py)")
     if args.json:
         args.json.write_text(json.dumps({**rows, **({"calibration": report} if report else {})}, indent=2) + "\n",

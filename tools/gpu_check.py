@@ -1,30 +1,27 @@
-r"""Every GPU check in one command, every figure in one folder: the CUDA tests, the real training
-loop's speed, and the accuracy-per-minute referee between the base recipe and the previous one.
+r"""Every GPU check in one command, every figure in one folder: the CUDA tests, the configs' speed,
+the real training loop's speed, and a short real training run.
 
     python tools/gpu_check.py --out gpu_check \
         --data ../shared/data/copiste-h64/train.parquet,../shared/data/copiste-h64/validation.parquet
-    python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --referee-minutes 2 \
-        --configs experiments/base.yaml,experiments/candidates/frames8.yaml
+    python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --train-minutes 2 \
+        --configs experiments/base.yaml,experiments/copiste.yaml
     python tools/gpu_check.py --out gpu_check --data TRAIN,VALIDATION --dry-run   # the commands only
     PYTHONPATH=. python tools/gpu_check.py ...      # where the package is not installed (pip install -e .)
 
-Steps, each in a fresh process, in this order (`--skip tests,loop,loop_muon,loop_channels_last,referee`
-leaves some out):
-- tests:   python -m pytest tests/test_cuda.py (every CUDA path) -> cuda_tests.log, cuda_tests.xml
-- loop:    tools/benchmark.py --loop on --data at height 128, one whole untimed epoch first, for
-           each config -> loop.json, loop.log (loop and model lines/s, data wait, padding, shapes)
-- loop_muon: the same loop for the first config with train.optimizer=muon -> loop_muon.json,
-           loop_muon.log: what Muon's orthogonalisation costs a GPU step, against loop.json's AdamW
-- loop_channels_last: the same loop for the first config with train.memory_format=channels_last ->
-           loop_channels_last.json, .log: whether the GPU, like the CPU, trains faster in that layout
-           (train.memory_format=auto is contiguous on CUDA until this says otherwise)
-- referee: tools/benchmark.py --budget-minutes on --data at height 128, each config trained for
-           --referee-minutes in its own process -> referee.json, referee.log (val CER/WER, epochs)
+Steps, each in a fresh process, in this order (`--skip tests,speed,loop,loop_muon,train` leaves
+some out); --data is two parquet files or two gt.tsv folders, read at height 128:
+- tests:     python -m pytest tests/test_cuda.py (every CUDA path) -> cuda_tests.log, cuda_tests.xml
+- speed:     tools/benchmark.py on fixed batches, each config, fp32 and bf16 -> speed.json, speed.log
+- loop:      tools/benchmark.py --loop, the first config -> loop.json, loop.log (loop and model lines/s,
+             data wait, padding, shapes)
+- loop_muon: the same loop with train.optimizer=muon -> loop_muon.json, loop_muon.log (what Muon's
+             orthogonalisation costs a GPU step, against loop.json)
+- train:     tools/train.py, the first config, for --train-minutes -> train.log, train_run/ (its
+             metrics.jsonl: validation CER and lines/s per epoch)
 Also environment.txt (GPU, driver, versions) and summary.json (each step's command, exit code and
-seconds). The defaults (2 configs, 1 minute each) are chosen to fit a 10-minute slot on one H100 or
-H200; the script has not yet run on a GPU, so that is a plan, not a measurement. `--wheels DIR`
-first installs the wheels in DIR (for a machine that lacks some dependencies and cannot download
-them) into a folder of its own.
+seconds). The defaults are meant to fit a 10-minute slot on one H100 or H200; the script has not
+yet run on a GPU, so that is a plan, not a measurement. `--wheels DIR` first installs the wheels
+in DIR (for a machine that cannot download them) into a folder of its own.
 Exit code: 0 when every step passed, 1 when one failed (the others still run), 2 without CUDA.
 """
 
@@ -45,26 +42,27 @@ from crnn.errors import CrnnError, tool_main
 from crnn.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "loop", "loop_muon", "loop_channels_last", "referee")
-CONFIGS = "experiments/base.yaml,experiments/candidates/strided.yaml"
-HEIGHT_128 = ["data.height=128", "data.num_workers=12"]
+STEPS = ("tests", "speed", "loop", "loop_muon", "train")
+CONFIGS = "experiments/base.yaml"
 
 
 def step_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     """The command of each step that runs, by name (see the module docstring)."""
     out, python = args.out, sys.executable
-    configs = [part for cfg in args.configs.split(",") if cfg.strip() for part in ("--cfg", cfg.strip())]
-    loop = ["--device", "cuda", "--loop", "--steps", "100", "--warmup", "10", "--warm-epoch", "--data", args.data]
+    configs = [cfg.strip() for cfg in args.configs.split(",") if cfg.strip()]
+    train, validation = args.data.split(",")
+    source = "parquet" if train.endswith(".parquet") else "folder"
+    data = [f"data.source={source}", f"data.train={train}", f"data.validation={validation}", "data.height=128",
+            "data.num_workers=12"]
+    loop = ["tools/benchmark.py", "--loop", "--cfg", configs[0], "--device", "cuda", "--steps", "100", "--warmup", "10"]
     commands = {
         "tests": [python, "-m", "pytest", "-q", "tests/test_cuda.py", f"--junitxml={out / 'cuda_tests.xml'}"],
-        "loop": [python, "tools/benchmark.py", *configs, *loop, "--json", str(out / "loop.json"), *HEIGHT_128],
-        "loop_muon": [python, "tools/benchmark.py", *configs[:2], *loop, "--json", str(out / "loop_muon.json"), *HEIGHT_128,
-                 "train.optimizer=muon"],
-        "loop_channels_last": [python, "tools/benchmark.py", *configs[:2], *loop, "--json",
-                               str(out / "loop_channels_last.json"), *HEIGHT_128, "train.memory_format=channels_last"],
-        "referee": [python, "tools/benchmark.py", *configs, "--budget-minutes", f"{args.referee_minutes:g}",
-                    "--data", args.data, "--output", str(out / "referee_runs"), "--json", str(out / "referee.json"),
-                    *HEIGHT_128],
+        "speed": [python, "tools/benchmark.py", *[part for cfg in configs for part in ("--cfg", cfg)], "--device",
+                  "cuda", "--amp", "bf16", "--lines", "512", "--batch-size", "32", "--json", str(out / "speed.json")],
+        "loop": [python, *loop, "--json", str(out / "loop.json"), *data],
+        "loop_muon": [python, *loop, "--json", str(out / "loop_muon.json"), *data, "train.optimizer=muon"],
+        "train": [python, "tools/train.py", "--cfg", configs[0], *data, f"train.max_minutes={args.train_minutes:g}",
+                  "train.device=cuda", f"train.output_dir={out / 'train_run'}"],
     }
     return {name: command for name, command in commands.items() if name not in args.skip}
 
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="the folder for every log and figure")
     parser.add_argument("--data", required=True, help="TRAIN,VALIDATION (parquet files or gt.tsv folders)")
     parser.add_argument("--configs", default=CONFIGS, help=f"comma-separated configs (default {CONFIGS})")
-    parser.add_argument("--referee-minutes", type=float, default=1.0, help="training minutes per config (default 1)")
+    parser.add_argument("--train-minutes", type=float, default=2.0, help="the train step's minutes (default 2)")
     parser.add_argument("--skip", default="", help=f"comma-separated steps to leave out, of {', '.join(STEPS)}")
     parser.add_argument("--wheels", type=Path, help="install these wheels first (no network needed)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -124,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.skip if name not in STEPS]
     if unknown:
         parser.error(f"--skip {','.join(unknown)}: the steps are {', '.join(STEPS)}")
+    if len(args.data.split(",")) != 2:
+        parser.error(f"--data {args.data}: give TRAIN,VALIDATION")
     commands = step_commands(args)
     if args.dry_run:
         for name, command in commands.items():

@@ -6,38 +6,32 @@
     python tools/predict.py --ckpt runs/base/checkpoints/best.pt pages/*.xml --out transcribed/
     python tools/predict.py --ckpt runs/base/checkpoints/best.pt pages/ --out transcribed/
 
-Images: prints `path<TAB>text` per image. XML pages (files ending in .xml, or a folder holding
-some; ALTO v2-v4 or PAGE, as
-a transcription platform exports a segmentation): every text line is cropped as in training
-(`crnn.data.xml_pages`), transcribed, and the page is written to --out DIR under its own name with
-the recognised text filled in (ALTO: one `String` per line; PAGE: the line's `TextEquiv`), ready
-to import back; `page.xml:LINE_ID<TAB>text` is printed per line. A line that cannot be cropped
-(no, a malformed or a degenerate region, outside the page) keeps its former text and is reported
-on stderr with its id. The input pages are never overwritten: an --out where a page would
-land on its own input is refused; --in-place writes the transcriptions into the input pages
-themselves, each first copied to NAME.xml.bak (NAME.xml.bak.1, ... if that exists). A page image
-named in the XML must lie in the XML's folder (or --image-root DIR).
+Images: prints `path<TAB>text` per image. A directory stands for its image files (PNG, JPEG,
+WebP, TIFF, BMP, GIF; sorted by name, not recursive); any mode is converted to grayscale and
+scaled as in training. An image that cannot be read is reported on stderr as `error: <path>:
+<why>` and skipped; the others are still transcribed and the exit status is then 2.
 
-A directory stands for its image files (PNG, JPEG, WebP, TIFF, BMP, GIF; sorted by name, not
-recursive). Images in any mode (RGB, RGBA, 16-bit, palette) are converted to grayscale and
-resized as in training (the checkpoint's data.height, data.resize, data.width, data.max_width).
-An image that cannot be read is reported on stderr as `error: <path>: <why>` and skipped; the
-others are still transcribed and the exit status is then 2.
+XML pages (files ending in .xml, or a folder holding some; ALTO v2-v4 or PAGE): every text line
+is cropped as in training, transcribed, and the page written to --out DIR under its own name with
+the text filled in (ALTO: one `String` per line; PAGE: the line's `TextEquiv`);
+`page.xml:LINE_ID<TAB>text` is printed per line. A line that cannot be cropped keeps its former
+text and is reported on stderr. Input pages are never overwritten, except with --in-place, which
+first copies each to NAME.xml.bak (NAME.xml.bak.1, ... if that exists). A page image named in the
+XML must lie in the XML's folder (or --image-root DIR).
 
---json prints one JSON object per line instead (JSON Lines): {"path", "text", "confidence": {"mean",
-"min"}, "p_exact", "expected_cer", "expected_errors", "characters": [{"char", "confidence", "x0",
-"x1"}, ...]} and, with --nbest K (beam decoders), "nbest": [{"text", "score"}, ...] best first. A
-character's confidence is its calibrated posterior probability at its strongest frame in the run of
-frames where CTC places it; x0..x1 is that run in the input image's pixels (left to right). The
-line's confidence is the mean and the minimum over its characters (a line read as empty: the mean
-posterior of its best path). With the model's calibration (fitted at the end of training, or by
-tools/calibrate.py; crnn/calibration.py): p_exact, the probability that the line is read exactly,
-and its expected character errors and CER (null without a calibration). ALTO pages get the line's
-confidence as the String's WC (one minus its expected CER, else the mean character confidence) and
-each character's as CC (0 sure .. 9 unsure); PAGE pages as the TextEquiv's conf.
+--json prints one JSON object per line instead: {"path", "text", "confidence": {"mean", "min"},
+"p_exact", "expected_cer", "expected_errors", "characters": [{"char", "confidence", "x0", "x1"},
+...]} and, with --nbest K (beam decoders), "nbest": [{"text", "score"}, ...] best first. A
+character's confidence is its calibrated posterior at its strongest frame in the run of frames
+where CTC places it; x0..x1 is that run in the input image's pixels. The line's confidence is the
+mean and the minimum over its characters. With the model's calibration (fitted at the end of
+training, or by tools/calibrate.py): p_exact, the probability that the line is read exactly, and
+its expected character errors and CER (null without one). ALTO pages get the line's confidence as
+the String's WC (one minus its expected CER, else the mean character confidence) and each
+character's as CC (0 sure .. 9 unsure); PAGE pages as the TextEquiv's conf.
 
 --summary ends with the estimated CER of everything read and a 95% interval, without any ground
-truth (with --json as a last line {"summary": {"lines", "estimated_cer", "interval": [low, high]}});
+truth (with --json a last line {"summary": {"lines", "estimated_cer", "interval": [low, high]}});
 --review N lists the N lines with the most expected errors, the ones to check first (with --json
 a line {"review": [...]}). Both need a calibrated model.
 
@@ -164,8 +158,6 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
         else:
             raise DataError(f"{item}: no such file or directory")
     return paths
-
-
 
 
 class Printer:

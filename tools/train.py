@@ -27,8 +27,8 @@ import logging
 import os
 import sys
 
-from crnn.config import load_run_config
 from crnn.errors import tool_main
+from crnn.finetune import load_run_config
 from crnn.runlog import setup_console_logging
 from crnn.trainer import fit
 

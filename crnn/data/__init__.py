@@ -1,6 +1,6 @@
-"""Data pipeline: records (sources.py) -> samples (samples.py) -> LineDataset and collate (collate.py)
--> width-grouped DataLoader (samplers.py), decoded once (cache.py) -> on the device, augmentation of
-whole training batches (augment.py)."""
+"""Data pipeline: records (sources.py, xml_pages.py) -> samples (samples.py) -> LineDataset and
+collate (collate.py) -> width-grouped DataLoader (samplers.py), decoded once (cache.py) -> on the
+device, augmentation of whole training batches (augment.py)."""
 
 from __future__ import annotations
 
@@ -38,27 +38,26 @@ def build_dataset(data_cfg: DataConfig, records: LineRecords, vocab: Vocab, trai
 
 
 def build_augmenter(data_cfg: DataConfig) -> BatchAugmenter | None:
-    """The training batches' augmentation, when `data.augment.enabled`."""
-    return BatchAugmenter(data_cfg.augment, data_cfg.width_multiple) if data_cfg.augment.enabled else None
+    """The training batches' augmentation; None when `data.augment.prob` is 0."""
+    return BatchAugmenter(data_cfg.augment, data_cfg.width_multiple) if data_cfg.augment.prob > 0 else None
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops cleanly (after a
-    checkpoint) and then shuts them down; a terminal's Ctrl-C or a scheduler's SIGTERM reaches the
-    whole process group, and a worker killed by it would crash the main process mid-step."""
+    checkpoint) and then shuts them down: a Ctrl-C or a scheduler's SIGTERM reaches the whole
+    process group, and a worker killed by it would crash the main process mid-step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(data_cfg: DataConfig, dataset: LineDataset, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader whose batch sampler groups lines by width and shards them across ranks."""
-    augment = train and data_cfg.augment.enabled
+    """A DataLoader whose batch sampler groups lines by width and shards them across ranks; training
+    batches carry each line's augmentation seed when augmentation is on."""
+    augment = train and data_cfg.augment.prob > 0
     sampler = WidthBatchSampler(
-        dataset.widths, data_cfg.batch_size, shuffle=train, seed=seed, window=data_cfg.shuffle_window,
-        augmented_width=functools.partial(augmented_widths, data_cfg.augment, data_cfg.height) if augment else None,
-        rank=rank, world_size=world_size, augment_from_epoch=data_cfg.augment.start_epoch,
-    )
+        dataset.widths, data_cfg.batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
+        augmented_width=functools.partial(augmented_widths, data_cfg.augment, data_cfg.height) if augment else None)
     workers = data_cfg.num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,
@@ -83,12 +82,9 @@ def _shut_down_if_alive(loader_ref: weakref.ref) -> None:
 
 def shut_down(loader: torch.utils.data.DataLoader) -> None:
     """Stop a loader's worker processes now (the end of every run and benchmark calls this).
-
-    Persistent workers otherwise live until the loader is garbage-collected; at interpreter exit
-    multiprocessing would SIGTERM them, which they ignore (`_ignore_stop_signals`), and then wait
-    for them forever: an abandoned loader hung its script. Loaders with workers are also shut down
-    by an exit hook (`build_loader`). The DataLoader has no public method for this: it is what its
-    iterator's finaliser does."""
+    Persistent workers otherwise live until the loader is garbage-collected, and at interpreter exit
+    multiprocessing would wait for them forever (they ignore its SIGTERM). The DataLoader has no
+    public method for this: it is what its iterator's finaliser does."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()

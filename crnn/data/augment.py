@@ -1,21 +1,13 @@
 """Train-only augmentation of a padded batch, on the device the batch trains on.
 
-The DataLoader workers only decode and resize; `BatchAugmenter` then warps, thickens or thins and
-re-lights every line of the batch with a few batched tensor ops on the training device (the GPU,
-or the CPU when training there: the same code runs on CPU tensors).
+Per line, each op fires with probability `data.augment.prob`: a warp (shear, rotation, scale never
+taller, a smooth grid distortion; one sampling grid, the line's width follows), erosion or dilation
+(square kernel of 3 to 1 + 2 * round(morphology * height / 64) px), contrast and brightness.
 
-Each line draws its parameters from its seed, given by the sampler, which depends only on
-(train.seed, epoch, line): a line is augmented the same way whatever batch it lands in, on any rank
-and after a resume. The warp comes from counter-based uniforms (a hash of the seed and a fixed slot
-per draw), so the sampler computes a million lines' new widths in a few array ops; the rest is drawn
-in a fixed order from a `torch.Generator` seeded with it. Per line, each op fires with
-probability `data.augment.prob`:
-- warp: shear, rotation, scale (never taller) and a grid distortion (a smooth random displacement
-  field), composed into one sampling grid: one interpolation, not three. The line's width follows
-  (a sheared or widened line gets wider), so its CTC length does too;
-- erosion or dilation with a square kernel of 3 to 1 + 2 * round(morphology * height / 64) pixels;
-- contrast and brightness.
-Everything right of a line's (new) width stays blank paper (zero ink).
+A line's parameters come from its seed (the sampler's, from train.seed, epoch and line), so it is
+augmented the same way in any batch, on any rank and after a resume. The warp uses counter-based
+uniforms (hash of seed and slot), so `augmented_widths` gives many lines' new widths in a few array
+ops; the rest comes from a `torch.Generator` seeded with it. Nothing is read back from the device.
 """
 
 from __future__ import annotations
@@ -28,34 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from crnn.config import AugmentConfig
+from crnn.data.collate import round_up, to_device
 from crnn.data.samplers import hash64
-from crnn.data.transforms import round_up
-
-
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
-
-
-def _fires(generator: torch.Generator, prob: float) -> bool:
-    return float(torch.rand((), generator=generator)) < prob
-
-
-@dataclass
-class LineParams:
-    """One line's draw. The identity unless an op fired."""
-
-    width: int  # the line's width before augmentation
-    out_width: int  # after the warp
-    inverse: torch.Tensor | None = None  # (2, 2) output -> source map about the centres; None: no warp
-    field: torch.Tensor | None = None  # (2, 2, cells) distortion in pixels, or None
-    morphology: int = 0  # kernel size, 0: none
-    dilate: bool = False
-    contrast: float = 1.0
-    brightness: float = 0.0
-
 
 # The warp's uniform draws: slot k of a line is hash64(seed, k) / 2**64, each op on its own slots
-# whether it fires or not, so that every line's warp is a few array ops away from its seed.
+# whether it fires or not.
 _SLOTS = 8
 (_SHEAR_FIRES, _SHEAR, _ROTATION_FIRES, _ROTATION, _SCALE_FIRES, _SCALE_X, _SCALE_Y,
  _DISTORT_FIRES) = range(_SLOTS)
@@ -83,8 +52,8 @@ class Warps:
 
 
 def draw_warps(cfg: AugmentConfig, height: int, seeds: np.ndarray) -> Warps:
-    """The warps of the lines of `seeds`. The one place warps are drawn: the sampler's widths and the
-    augmenter's agree because both come from here."""
+    """The warps of the lines of `seeds`: the one place warps are drawn, so the sampler's widths and
+    the augmenter's agree."""
     bits = hash64(np.asarray(seeds)[:, None], np.arange(_SLOTS))
     uniform = (bits >> np.uint64(11)) * 2.0**-53  # the top 53 bits: exact floats in [0, 1)
     fires = uniform < cfg.prob
@@ -95,8 +64,7 @@ def draw_warps(cfg: AugmentConfig, height: int, seeds: np.ndarray) -> Warps:
     scaled = fires[:, _SCALE_FIRES]
     return Warps(
         shear=np.where(fires[:, _SHEAR_FIRES], between(_SHEAR, -cfg.shear, cfg.shear), 0.0),
-        angle=np.where(fires[:, _ROTATION_FIRES],
-                       np.radians(between(_ROTATION, -cfg.rotation, cfg.rotation)), 0.0),
+        angle=np.where(fires[:, _ROTATION_FIRES], np.radians(between(_ROTATION, -cfg.rotation, cfg.rotation)), 0.0),
         scale_x=np.where(scaled, between(_SCALE_X, 1 - cfg.scale, 1 + cfg.scale), 1.0),
         scale_y=np.where(scaled, between(_SCALE_Y, 1 - cfg.scale, 1.0), 1.0),  # never taller: keep ascenders
         distort=np.where(fires[:, _DISTORT_FIRES], cfg.distortion * height / 64, 0.0),
@@ -104,9 +72,23 @@ def draw_warps(cfg: AugmentConfig, height: int, seeds: np.ndarray) -> Warps:
 
 
 def augmented_widths(cfg: AugmentConfig, height: int, widths: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """The widths lines of `widths` px will have once augmented with `seeds` (for the sampler, which
-    groups lines by the width they will have, so that augmentation adds little padding)."""
+    """The widths that lines of `widths` px at `height` will have once augmented with `seeds`: the
+    widths `BatchAugmenter` returns for them."""
     return draw_warps(cfg, height, seeds).out_widths(np.asarray(widths), height)
+
+
+@dataclass
+class LineParams:
+    """One line's draw. The identity unless an op fired."""
+
+    width: int  # the line's width before augmentation
+    out_width: int  # after the warp
+    inverse: torch.Tensor | None = None  # (2, 2) output -> source map about the centres; None: no warp
+    field: torch.Tensor | None = None  # (2, 2, cells) distortion in pixels, or None
+    morphology: int = 0  # kernel size, 0: none
+    dilate: bool = False
+    contrast: float = 1.0
+    brightness: float = 0.0
 
 
 def draw_params(cfg: AugmentConfig, width: int, height: int, seed: int | None) -> LineParams:
@@ -118,6 +100,10 @@ def draw_params(cfg: AugmentConfig, width: int, height: int, seed: int | None) -
     warps = draw_warps(cfg, height, np.array([seed]))
     params.out_width = int(warps.out_widths(np.array([width]), height)[0])
     generator = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
     if not warps.identity()[0]:
         # forward map (source -> output), about the centres: rotation . shear . scale
         angle, shear = float(warps.angle[0]), float(warps.shear[0])
@@ -129,41 +115,38 @@ def draw_params(cfg: AugmentConfig, width: int, height: int, seed: int | None) -
             cells = (2, max(2, params.out_width // max(1, height // 2)))
             params.field = (torch.rand((2, *cells), generator=generator) * 2 - 1) * float(warps.distort[0])
     radius = round(cfg.morphology * height / 64)
-    if radius >= 1 and _fires(generator, cfg.prob):
+    if radius >= 1 and uniform(0, 1) < cfg.prob:
         params.morphology = 1 + 2 * int(torch.randint(1, radius + 1, (), generator=generator))
-        params.dilate = _fires(generator, 0.5)
-    if _fires(generator, cfg.prob):
-        params.contrast = _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast)
-        params.brightness = _uniform(generator, -cfg.brightness, cfg.brightness) * 0.5
+        params.dilate = uniform(0, 1) < 0.5
+    if uniform(0, 1) < cfg.prob:
+        params.contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast)
+        params.brightness = uniform(-cfg.brightness, cfg.brightness) * 0.5
     return params
 
 
-def column_mask(widths: torch.Tensor, width: int) -> torch.Tensor:
-    """`(N, 1, 1, width)` bool: True left of each line's width."""
-    return (torch.arange(width, device=widths.device)[None, :] < widths[:, None])[:, None, None, :]
-
-
 class BatchAugmenter:
-    """`(N, 1, H, W)` float ink on any device + widths `(N,)` + per-line seeds -> the augmented
-    batch `(N, 1, H, W')` and its new widths (on the CPU), W' rounded up to `width_multiple`."""
+    """`(N, 1, H, W)` float ink on any device, its widths `(N,)` on the CPU and per-line seeds (None:
+    left as it is) -> the augmented batch `(N, 1, H, W')`, W' rounded up to `width_multiple`, and
+    its new widths `(N,)` on the CPU (`augmented_widths` of the seeded lines)."""
 
     def __init__(self, cfg: AugmentConfig, width_multiple: int = 1):
         self.cfg, self.width_multiple = cfg, width_multiple
 
     def __call__(self, images: torch.Tensor, widths: torch.Tensor,
                  seeds: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        height = images.shape[2]
+        height, device = images.shape[2], images.device
         params = [draw_params(self.cfg, int(width), height, seed) for width, seed in zip(widths, seeds, strict=True)]
         new_widths = torch.tensor([p.out_width for p in params])
         canvas = round_up(max(int(new_widths.max()), 1), self.width_multiple)
         images = self._warp(images, params, canvas)
-        mask = column_mask(new_widths.to(images.device), canvas)
+        mask = (torch.arange(canvas, device=device) < to_device(new_widths, device)[:, None])[:, None, None, :]
         images = self._morphology(images * mask, params, mask)
-        contrast = torch.tensor([p.contrast for p in params], device=images.device)[:, None, None, None]
-        brightness = torch.tensor([p.brightness for p in params], device=images.device)[:, None, None, None]
-        return ((images * contrast + brightness).clamp_(0.0, 1.0) * mask), new_widths
+        light = to_device(torch.tensor([[p.contrast, p.brightness] for p in params]), device)
+        contrast, brightness = light[:, 0, None, None, None], light[:, 1, None, None, None]
+        return (images * contrast + brightness).clamp_(0.0, 1.0) * mask, new_widths
 
-    def _warp(self, images: torch.Tensor, params: list[LineParams], canvas: int) -> torch.Tensor:
+    @staticmethod
+    def _warp(images: torch.Tensor, params: list[LineParams], canvas: int) -> torch.Tensor:
         """Lines that warp are resampled on one grid each (one grid_sample for all of them); the
         others are copied onto the new canvas as they are."""
         count, _, height, width = images.shape
@@ -172,37 +155,20 @@ class BatchAugmenter:
         out[..., :keep] = images[..., :keep]
         warped = [i for i, p in enumerate(params) if p.inverse is not None]
         if warped:
-            grid = self._grid([params[i] for i in warped], height, width, canvas, images.device)
-            out[warped] = F.grid_sample(images[warped], grid, mode="bilinear", padding_mode="zeros",
-                                        align_corners=False)
+            lines = to_device(torch.tensor(warped), images.device)
+            grid = warp_grid([params[i] for i in warped], height, width, canvas, images.device)
+            out[lines] = F.grid_sample(images[lines], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out
 
     @staticmethod
-    def _grid(params: list[LineParams], height: int, width: int, canvas: int,
-              device: torch.device) -> torch.Tensor:
-        """`(n, H, canvas, 2)` sampling grid: output pixel centres -> source positions, normalised
-        for the padded input batch of `width` columns."""
-        out_widths = torch.tensor([p.out_width for p in params], device=device, dtype=torch.float32)
-        inverse = torch.stack([p.inverse for p in params]).to(device)  # (n, 2, 2)
-        xs = torch.arange(canvas, device=device) + 0.5 - out_widths[:, None] / 2  # (n, canvas), centred
-        ys = (torch.arange(height, device=device) + 0.5 - height / 2)[None, :, None]  # (1, H, 1)
-        source_x = inverse[:, 0, 0, None, None] * xs[:, None, :] + inverse[:, 0, 1, None, None] * ys
-        source_y = inverse[:, 1, 0, None, None] * xs[:, None, :] + inverse[:, 1, 1, None, None] * ys
-        if any(p.field is not None for p in params):
-            field = distortion_field(params, height, canvas, device)
-            source_x, source_y = source_x + field[:, 0], source_y + field[:, 1]
-        line_widths = torch.tensor([p.width for p in params], device=device, dtype=torch.float32)
-        # a source x, relative to its line's centre, -> the padded batch's normalised x
-        grid_x = (2 * source_x + line_widths[:, None, None]) / width - 1
-        return torch.stack([grid_x, 2 * source_y / height], dim=-1)
-
-    def _morphology(self, images: torch.Tensor, params: list[LineParams], mask: torch.Tensor) -> torch.Tensor:
+    def _morphology(images: torch.Tensor, params: list[LineParams], mask: torch.Tensor) -> torch.Tensor:
         """Erosion / dilation, one max-pool per (kernel, kind) group of lines."""
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, p in enumerate(params):
             if p.morphology:
                 groups.setdefault((p.morphology, p.dilate), []).append(i)
-        for (size, dilate), lines in groups.items():
+        for (size, dilate), group in groups.items():
+            lines = to_device(torch.tensor(group), images.device)
             chosen = images[lines]
             if dilate:
                 chosen = F.max_pool2d(chosen, size, stride=1, padding=size // 2)
@@ -213,25 +179,42 @@ class BatchAugmenter:
         return images
 
 
+def warp_grid(params: list[LineParams], height: int, width: int, canvas: int, device: torch.device) -> torch.Tensor:
+    """`(n, H, canvas, 2)` sampling grid of warped lines: output pixel centres -> source positions,
+    normalised for the padded input batch of `width` columns."""
+    out_widths = to_device(torch.tensor([p.out_width for p in params], dtype=torch.float32), device)
+    inverse = to_device(torch.stack([p.inverse for p in params]), device)  # (n, 2, 2)
+    xs = torch.arange(canvas, device=device) + 0.5 - out_widths[:, None] / 2  # (n, canvas), centred
+    ys = (torch.arange(height, device=device) + 0.5 - height / 2)[None, :, None]  # (1, H, 1)
+    source_x = inverse[:, 0, 0, None, None] * xs[:, None, :] + inverse[:, 0, 1, None, None] * ys
+    source_y = inverse[:, 1, 0, None, None] * xs[:, None, :] + inverse[:, 1, 1, None, None] * ys
+    if any(p.field is not None for p in params):
+        field = distortion_field(params, height, canvas, device)
+        source_x, source_y = source_x + field[:, 0], source_y + field[:, 1]
+    line_widths = to_device(torch.tensor([p.width for p in params], dtype=torch.float32), device)
+    # a source x, relative to its line's centre, -> the padded batch's normalised x
+    grid_x = (2 * source_x + line_widths[:, None, None]) / width - 1
+    return torch.stack([grid_x, 2 * source_y / height], dim=-1)
+
+
 def distortion_field(params: list[LineParams], height: int, canvas: int, device: torch.device) -> torch.Tensor:
     """`(n, 2, H, canvas)` displacement in pixels: each line's coarse `(2, 2, cells)` field upsampled
-    bicubically (corners aligned) over its own output width, zero for lines without one.
-
-    The coarse fields are padded to one width by repeating each line's last column, so that one
-    bicubic grid_sample upsamples them all as `F.interpolate` would each one alone."""
+    bicubically (corners aligned) over its own output width, zero for lines without one. The coarse
+    fields are padded to one width by repeating each line's last column, so that one grid_sample
+    upsamples them all as `F.interpolate` would each one alone."""
     cells = max(p.field.shape[-1] if p.field is not None else 2 for p in params)
     coarse = torch.zeros(len(params), 2, 2, cells)
     for i, p in enumerate(params):
         if p.field is not None:
             coarse[i] = F.pad(p.field, (0, cells - p.field.shape[-1]), mode="replicate")
-    coarse = coarse.to(device)
-    own_cells = torch.tensor([p.field.shape[-1] if p.field is not None else 2 for p in params], device=device)
-    out_widths = torch.tensor([p.out_width for p in params], device=device)
+    coarse = to_device(coarse, device)
+    own_cells = to_device(torch.tensor([p.field.shape[-1] if p.field is not None else 2 for p in params]), device)
+    out_widths = to_device(torch.tensor([p.out_width for p in params]), device)
     columns = torch.arange(canvas, device=device)[None, :]  # (1, canvas)
     position = columns * (own_cells[:, None] - 1) / (out_widths[:, None] - 1).clamp(min=1)  # in cells
     grid_x = (2 * position / max(cells - 1, 1) - 1)[:, None, :].expand(-1, height, -1)
     grid_y = (2 * torch.arange(height, device=device) / max(height - 1, 1) - 1)[None, :, None].expand_as(grid_x)
     field = F.grid_sample(coarse, torch.stack([grid_x, grid_y], dim=-1).float(), mode="bicubic",
                           padding_mode="border", align_corners=True)
-    has_field = torch.tensor([p.field is not None for p in params], device=device)
+    has_field = to_device(torch.tensor([p.field is not None for p in params]), device)
     return field * has_field[:, None, None, None]

@@ -1,15 +1,12 @@
-"""Decode once: resized lines kept in memory that all DataLoader workers share.
-
-Decoding and resizing a line image costs milliseconds of a worker's time every epoch; the result is
-a small uint8 tensor. `LineCache` keeps those tensors in one block of shared memory allocated
-before the workers start: every worker (and the main process) reads and fills the same block, so
-the cache takes its size once, not once per worker. Under torchrun each process (rank) has its own.
+"""Decode once: resized lines kept in one block of shared memory that all DataLoader workers (and
+the main process) read and fill, so the cache takes its size once, not once per worker. Under
+torchrun each rank has its own.
 
 A line has a slot when the cache is built, sized from its image header (`Preprocess.scaled_width`);
-lines are given slots in index order until `budget_bytes` is used up, and a line whose decoded size
-differs from its slot (e.g. a synthetic line, whose size is only estimated) is simply not cached.
-A slot is written once, by the one worker that decodes that line in the first epoch, and marked
-filled after the write: readers never see half a line.
+lines get slots in index order until `budget_bytes` is used up, and a line whose decoded size
+differs from its slot (e.g. a synthetic line, whose size is only estimated) is not cached. A slot
+is written once, by the worker that first decodes the line, and marked filled after the write:
+readers never see half a line.
 """
 
 from __future__ import annotations
@@ -20,22 +17,15 @@ import numpy as np
 import torch
 
 
-def shared_memory_free_bytes() -> int | None:
-    """Free space of /dev/shm (where shared tensors live on Linux), or None if unknown."""
-    try:
-        stats = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
 class LineCache:
     """uint8 ink `(1, height, width)` per line index, in shared memory."""
 
     def __init__(self, widths: list[int], height: int, budget_bytes: int):
-        free = shared_memory_free_bytes()
-        if free is not None:  # never fill /dev/shm: writing past it would kill the workers (SIGBUS)
-            budget_bytes = min(budget_bytes, free // 2)
+        try:  # never fill /dev/shm (where shared tensors live): writing past it kills the workers (SIGBUS)
+            stats = os.statvfs("/dev/shm")
+            budget_bytes = min(budget_bytes, stats.f_bavail * stats.f_frsize // 2)
+        except OSError:
+            pass
         self.height = height
         self.widths = np.asarray(widths, dtype=np.int64)
         sizes = self.widths * height

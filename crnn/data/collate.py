@@ -15,14 +15,27 @@ from crnn.data.cache import LineCache
 from crnn.data.records import LineRecords
 from crnn.data.samplers import Key
 from crnn.data.samples import Preprocess, Sample, make_sample, read_sample
-from crnn.data.transforms import round_up
 from crnn.data.vocab import Vocab
+
+
+def round_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple` (a batch's padded width)."""
+    return -(-value // multiple) * multiple
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without a host-device sync: on CUDA, copied from pinned memory
+    asynchronously (a copy from pageable memory waits for the device)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
 class Batch:
     """A padded batch. images `(N, 1, H, W)`: uint8 ink from the loader, float ink in [0, 1] once
-    `to(device)`; widths, target_lengths, min_frames `(N,)` on the CPU; targets `(sum L,)`."""
+    `to(device)`; targets `(sum L,)` on the images' device. widths, target_lengths and min_frames
+    `(N,)` stay on the CPU, so what is decided from them needs no device read."""
 
     images: torch.Tensor
     widths: torch.Tensor
@@ -38,35 +51,23 @@ class Batch:
         return len(self.texts)
 
     def select(self, keep: torch.Tensor) -> Batch:
-        """The lines where the boolean `(N,)` mask `keep` is set (targets re-cut to match); the
-        padded width is kept, so the shape stays one of the bounded set."""
+        """The lines where the boolean CPU `(N,)` mask `keep` is set (targets re-cut to match), without
+        a device sync; the padded width is kept, so the shape stays one of the bounded set."""
         pieces = torch.split(self.targets, self.target_lengths.tolist())
-        kept = [i for i in range(len(self)) if keep[i]]
+        kept = [i for i, flag in enumerate(keep.tolist()) if flag]
         targets = torch.cat([pieces[i] for i in kept]) if kept else self.targets[:0]
-        return Batch(self.images[kept], self.widths[kept], targets, self.target_lengths[kept],
+        lines = to_device(torch.tensor(kept, dtype=torch.long), self.images.device)
+        return Batch(self.images[lines], self.widths[kept], targets, self.target_lengths[kept],
                      self.min_frames[kept], [self.texts[i] for i in kept], [self.indices[i] for i in kept],
                      self.errors, [self.seeds[i] for i in kept] if self.seeds else [])
 
     def to(self, device: torch.device) -> Batch:
-        """The batch as the model takes it, on `device`: images as float ink in [0, 1] (they cross
-        as uint8, a quarter of the bytes), targets there too; widths and lengths stay on the CPU
-        (the model moves what it needs; CTC wants the lengths on the CPU)."""
+        """The batch as the model takes it: images on `device` as float ink in [0, 1] (they cross as
+        uint8, a quarter of the bytes), targets there too; the lengths stay on the CPU."""
         images = self.images.to(device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         return dataclasses.replace(self, images=images, targets=self.targets.to(device, non_blocking=True))
-
-    def padded_targets(self) -> torch.Tensor:
-        """The targets as `(N, L)` rows right-padded with 0 (the blank, never a character), on the
-        targets' device; the index is built on the CPU from the lengths (no device sync)."""
-        lengths = self.target_lengths.cpu()
-        rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-        columns = torch.arange(len(rows)) - starts
-        width = int(lengths.max()) if len(lengths) else 0
-        device = self.targets.device
-        padded = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
-        return padded.index_put_((rows.to(device), columns.to(device)), self.targets.long())
 
     @classmethod
     def blank(cls, height: int, width: int) -> Batch:
@@ -76,20 +77,15 @@ class Batch:
                    torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [""], [-1], [], [None])
 
     def pin_memory(self) -> Batch:
-        # only these go to the device; lengths stay on the CPU, where CTC and packing want them
         self.images, self.targets = self.images.pin_memory(), self.targets.pin_memory()
         return self
 
 
 class LineDataset(torch.utils.data.Dataset):
-    """Indexed by sampler keys `(index, augmentation seed or None)`; returns a `Sample` per line.
-
-    A line that cannot be used (an image that does not decode, ...) comes back as an unusable
-    sample, so that collate can drop and count it instead of killing the worker. `purpose` ("train"
-    or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`). With a
-    `LineCache`, a line is decoded once and read from shared memory afterwards. The augmentation
-    seed travels with the sample; augmentation itself runs on the device (`crnn.data.augment`).
-    """
+    """Indexed by sampler keys `(index, augmentation seed or None)`; returns a `Sample` per line,
+    an unusable one (which collate drops and counts) for a line that cannot be used. `purpose`
+    ("train" or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`).
+    With a `LineCache`, a line is decoded once and read from shared memory afterwards."""
 
     def __init__(self, records: LineRecords, vocab: Vocab, preprocess: Preprocess, purpose: str,
                  cache: LineCache | None = None):

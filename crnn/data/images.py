@@ -1,10 +1,13 @@
-"""Decoding line images from bytes or files into 8-bit grayscale, whatever their mode."""
+"""Decoding line images from bytes or files into 8-bit grayscale, whatever their mode; every failure
+is a DataError naming the image."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".g
 
 # A text line never needs more than this; larger files are decompression bombs or page scans.
 MAX_PIXELS = 50_000_000
-EMPTY_IMAGE = "empty file (0 bytes), not an image"
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
@@ -35,30 +37,22 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _empty(source: bytes | str | Path) -> bool:
+@contextlib.contextmanager
+def _opened(source: bytes | str | Path, where: str) -> Iterator[Image.Image]:
+    """The PIL image of `source` (raw bytes or a path), not yet decoded; any failure, there or in the
+    caller's block, as a DataError naming `where`."""
     try:
-        return len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0
+        empty = len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0
     except OSError:
-        return False  # missing: opening it says so
-
-
-def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
-    """Decode an image (raw bytes or a path) to grayscale; DataError names `where` on failure."""
-    if _empty(source):
-        raise DataError(f"{where}: {EMPTY_IMAGE}")
+        empty = False  # missing: opening it says so
+    if empty:
+        raise DataError(f"{where}: empty file (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
             with stream, Image.open(stream) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise DataError(
-                        f"{where}: image of {width}x{height} pixels is over the limit of "
-                        f"{MAX_PIXELS} pixels for a text line; crop or downscale it"
-                    )
-                image.load()
-                return to_grayscale(image)
+                yield image
     except DataError:
         raise
     except FileNotFoundError:
@@ -71,15 +65,18 @@ def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
         raise DataError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
 
 
+def decode_image(source: bytes | str | Path, where: str) -> Image.Image:
+    """Decode an image (raw bytes or a path) to grayscale; DataError naming `where` on failure."""
+    with _opened(source, where) as image:
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise DataError(f"{where}: image of {width}x{height} pixels is over the limit of {MAX_PIXELS} "
+                            f"pixels for a text line; crop or downscale it")
+        image.load()
+        return to_grayscale(image)
+
+
 def image_size(source: bytes | str | Path, where: str) -> tuple[int, int]:
     """(width, height) from the header only, without decoding pixels."""
-    if _empty(source):
-        raise DataError(f"{where}: {EMPTY_IMAGE}")
-    try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-        with stream, Image.open(stream) as image:
-            return image.size
-    except FileNotFoundError:
-        raise DataError(f"{where}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
+    with _opened(source, where) as image:
+        return image.size

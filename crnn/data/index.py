@@ -1,27 +1,15 @@
-"""Line indexes, built once per data file and reused by every later run and every rank.
+"""Line indexes: Arrow IPC files in `index_root()`, built once per data file, reused by later runs and ranks.
 
-What start-up needs of a split, computed from a million image headers or a 7 GB parquet file,
-would otherwise be computed again by every run and by every process of a run. An index is an Arrow
-IPC file in the index folder (`data.index_dir`; default `$CRNN_INDEX_DIR`, else
-`$XDG_CACHE_HOME/crnn/index` or `~/.cache/crnn/index`):
-
-- a **parquet file** becomes an Arrow copy of its rows (`image`, `text`) plus each line's `width`,
-  `height` and the `error` that kept its header from being read. The records memory-map it:
-  a process holds no copy of the images (the page cache does, once for all processes and ranks);
-- a **folder** (gt.tsv) or a **hub dataset** gets a table of its lines' sizes.
-
-An index carries, in its schema's metadata, the identity of what it was built from (path, size and
-modification time of the files, or a digest of them): a changed source gets a new index, a damaged
-index is rebuilt with a warning, and a build runs under a file lock, so that the ranks of a torchrun
-job (or two runs started together) build it once while the others wait and then read it. Written
-beside its final name and renamed into place, an index file is complete or absent. Where the index
-folder cannot be written, the index is built in memory (as when there was no index) with a warning.
+A parquet file's index is an Arrow copy of its `image` and `text` plus each line's `width`, `height`
+and header `error`, memory-mapped (no process holds a copy of the images); a folder's or a hub
+dataset's is a table of its lines' sizes. The schema's metadata holds the identity of the source
+(paths, sizes and modification times): a changed source gets a new index, a damaged one is rebuilt
+with a warning. One process builds it under a file lock while the others wait; where the folder
+cannot be written, it is built in memory with a warning.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +25,7 @@ import pyarrow as pa
 
 from crnn.data.images import image_size
 from crnn.errors import DataError
+from crnn.outputs import atomic_write, lock_file
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +52,9 @@ def index_path(root: Path, kind: str, source: Path | str) -> Path:
     return root / f"{kind}-{Path(str(source)).name[:40]}-{digest}.arrow"
 
 
-def file_identity(path: Path) -> dict:
-    """What says that a file is unchanged: its path, size and modification time."""
-    stat = path.stat()
-    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-# --- image sizes from headers ----------------------------------------------------------------
-
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a PNG, JPEG or WebP image from its first bytes; None for another format
-    or a header this does not understand (then PIL reads it). About 1 us, against PIL's 30-50."""
+    or a header this does not understand (then PIL reads it)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
@@ -133,7 +114,7 @@ def line_size(source: bytes | memoryview | Path, where: str) -> tuple[int, int, 
             size = image_size(bytes(source) if isinstance(source, memoryview) else source, where)
         return int(size[0]), int(size[1]), None
     except OSError as err:
-        return 0, 0, str(DataError(f"{where}: unreadable image ({type(err).__name__}: {err})"))
+        return 0, 0, f"{where}: unreadable image ({type(err).__name__}: {err})"
     except DataError as err:
         return 0, 0, str(err)
 
@@ -141,17 +122,14 @@ def line_size(source: bytes | memoryview | Path, where: str) -> tuple[int, int, 
 def size_columns(sources: list[bytes | memoryview | Path], wheres: list[str], threads: int = 1) -> list[pa.Array]:
     """The `width`, `height` and `error` columns of these images; files are read by `threads`
     threads (reading is I/O; the header parse is microseconds)."""
-    jobs = zip(sources, wheres, strict=True)
     if threads > 1 and len(sources) > 64:
         with ThreadPoolExecutor(threads) as pool:
-            sizes = list(pool.map(lambda job: line_size(*job), jobs, chunksize=256))
+            sizes = list(pool.map(line_size, sources, wheres))
     else:
-        sizes = [line_size(*job) for job in jobs]
+        sizes = list(map(line_size, sources, wheres))
     widths, heights, errors = zip(*sizes, strict=True) if sizes else ((), (), ())
     return [pa.array(widths, pa.int32()), pa.array(heights, pa.int32()), pa.array(errors, pa.string())]
 
-
-# --- stored tables ---------------------------------------------------------------------------
 
 def stored_table(path: Path, identity: dict, schema: pa.Schema,
                  batches: Callable[[], Iterable[pa.RecordBatch]], what: str) -> pa.Table:
@@ -164,13 +142,19 @@ def stored_table(path: Path, identity: dict, schema: pa.Schema,
         return table
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path):
+        with lock_file(path.with_name(path.name + ".lock")):  # one builder; the others wait, then read its index
             table = _open_index(path, identity, what, quiet=True)
             if table is not None:
                 log.info("%s: index reused (%s), built by another process while this one waited", what, path)
             else:
                 started = time.monotonic()
-                _write_index(path, schema.with_metadata({METADATA_KEY: json.dumps(identity)}), batches())
+
+                def write(stream) -> None:
+                    with pa.ipc.new_file(stream, schema.with_metadata({METADATA_KEY: json.dumps(identity)})) as writer:
+                        for batch in batches():
+                            writer.write_batch(batch)
+
+                atomic_write(path, write)
                 pa.default_memory_pool().release_unused()  # the buffers of the source read to build it
                 log.info("%s: index built in %.1f s (%s)", what, time.monotonic() - started, path)
                 table = _open_index(path, identity, what)
@@ -202,31 +186,13 @@ def _open_index(path: Path, identity: dict, what: str, quiet: bool = False) -> p
         return None
 
 
-def _write_index(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for batch in batches:
-                writer.write_batch(batch)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def check_columns(columns: list[str], name: str) -> None:
+    """DataError unless `columns` hold those of the Teklia/IAM-line schema."""
+    missing = {"image", "text"} - set(columns)
+    if missing:
+        raise DataError(f"{name}: missing column(s) {sorted(missing)}; expected the Teklia/IAM-line schema "
+                        f"with columns 'image' and 'text', found {columns}")
 
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path`'s build: one builder, the others wait."""
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-# --- what the sources index ------------------------------------------------------------------
 
 def parquet_index(file: Path, root: Path, name: str) -> pa.Table:
     """A parquet file in the Teklia/IAM-line schema as a memory-mapped Arrow table with its lines'
@@ -238,11 +204,7 @@ def parquet_index(file: Path, root: Path, name: str) -> pa.Table:
         parquet = pq.ParquetFile(file, pre_buffer=False)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{name}: cannot read parquet {file}: {err}") from None
-    columns = parquet.schema_arrow.names
-    missing = {"image", "text"} - set(columns)
-    if missing:
-        raise DataError(f"{name}: missing column(s) {sorted(missing)}; expected the Teklia/IAM-line schema "
-                        f"with columns 'image' and 'text', found {columns}")
+    check_columns(parquet.schema_arrow.names, name)
     source = parquet.schema_arrow
     schema = pa.schema([source.field("image"), source.field("text"), *SIZE_FIELDS])
 
@@ -259,7 +221,9 @@ def parquet_index(file: Path, root: Path, name: str) -> pa.Table:
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{name}: cannot read parquet {file} (row {row}): {err}") from None
 
-    return stored_table(index_path(root, "parquet", file.resolve()), file_identity(file), schema, batches, name)
+    stat = file.stat()
+    identity = {"source": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return stored_table(index_path(root, "parquet", file.resolve()), identity, schema, batches, name)
 
 
 def size_index(path: Path, identity: dict, sources: Callable[[], tuple[list, list[str]]], what: str,
@@ -316,6 +280,4 @@ def digest(parts: Iterable[str]) -> str:
 
 def size_array(table: pa.Table) -> np.ndarray:
     """`(N, 2)` int32 widths and heights of an index table."""
-    sizes = np.empty((len(table), 2), dtype=np.int32)
-    sizes[:, 0], sizes[:, 1] = table.column("width").to_numpy(), table.column("height").to_numpy()
-    return sizes
+    return np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], axis=1)

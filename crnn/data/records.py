@@ -1,8 +1,6 @@
-"""`LineRecords`: what every line source gives (texts and sizes up front, images on demand).
-
-The sources themselves live in `sources.py` (hub, parquet, folder, synthetic) and `xml_pages.py`
-(ALTO / PAGE pages); both build on this class, and neither imports the other's module for it.
-"""
+"""`LineRecords`: what every line source gives (texts and sizes up front, images on demand), and the
+reasons lines are left out, counted for the logs. The sources live in `sources.py` (hub, parquet,
+folder, synthetic) and `xml_pages.py` (ALTO / PAGE pages)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,8 @@ from PIL import Image
 
 
 class LineRecords:
-    """A split of text lines. Subclasses fill `texts`, `ids`, `problems` and implement the rest."""
+    """A split of text lines. Subclasses fill `name`, `texts`, `ids`, `problems` (entries left out
+    when loading, one message each) and implement `image` and `size_array`."""
 
     name: str
     texts: list[str]
@@ -27,23 +26,21 @@ class LineRecords:
         """Grayscale (mode 'L') image of line `index`; DataError if it cannot be decoded."""
         raise NotImplementedError
 
-    def sizes(self) -> list[tuple[int, int]]:
-        """(width, height) of every line, from image headers (or an estimate)."""
+    def size_array(self) -> np.ndarray:
+        """`(N, 2)` integer (width, height) of every line, from image headers (or an estimate)."""
         raise NotImplementedError
 
-    def size_array(self) -> np.ndarray:
-        """`sizes()` as an `(N, 2)` integer array (sources with many lines give it without a list)."""
-        return np.asarray(self.sizes(), dtype=np.int64).reshape(-1, 2)
+    def sizes(self) -> list[tuple[int, int]]:
+        return [(int(width), int(height)) for width, height in self.size_array()]
 
 
 # The reasons a line is left out, as the sources' messages word them: (what the message contains,
-# the reason it is counted under). First match wins; `problem_summary` counts by these.
+# the reason it is counted under). First match wins.
 PROBLEM_REASONS = (
     ("empty file (0 bytes)", "empty image file"),
     ("decompression bomb", "image too large"),
     ("over the limit", "image too large"),
     ("unreadable image", "unreadable image"),
-    ("image file not found", "image file not found"),
     ("not found", "image file not found"),
     ("has no entry in gt.tsv", "image without a gt.tsv line"),
     ("empty transcription", "empty transcription"),
@@ -61,12 +58,8 @@ PROBLEM_REASONS = (
 )
 
 
-def problem_reason(problem: str) -> str:
-    """The reason `problem` (a source's message) is counted under; 'other' if none matches."""
-    return next((reason for text, reason in PROBLEM_REASONS if text in problem), "other")
-
-
 def problem_summary(problems: list[str]) -> str:
     """'3 unreadable image, 2 empty transcription, ...': `problems` counted by reason, most first."""
-    counts = Counter(problem_reason(problem) for problem in problems)
+    counts = Counter(next((reason for text, reason in PROBLEM_REASONS if text in problem), "other")
+                     for problem in problems)
     return ", ".join(f"{count} {reason}" for reason, count in counts.most_common())

@@ -1,4 +1,5 @@
-"""Width-grouped batch sampling, single-process or sharded across distributed ranks."""
+"""Width-grouped batch sampling, single-process or sharded across distributed ranks, and the
+per-line augmentation seeds it hands out."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-# Yielded per sample: (dataset index, augmentation seed or None for no augmentation).
-Key = tuple[int, int | None]
-
+Key = tuple[int, int | None]  # yielded per sample: (dataset index, augmentation seed or None)
+WINDOW = 50  # a shuffled epoch is sorted by width within windows of this many batches
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment: 2**64 / the golden ratio
 
@@ -21,10 +21,10 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def hash64(*parts: int | np.ndarray) -> np.ndarray:
-    """A uint64 hash of a tuple of integers, element-wise over arrays (they broadcast). Each part is
-    absorbed, then mixed: for fixed earlier parts, distinct last parts hash apart (a bijection), so
-    (seed, epoch, index) gives distinct seeds and hash(seed, k) counter-based random numbers, for a
-    million lines in a few array ops. At least 1-d: numpy wraps array products silently."""
+    """A uint64 hash of a tuple of integers, element-wise over arrays (they broadcast). For fixed
+    earlier parts, distinct last parts hash apart (a bijection): (seed, epoch, index) gives distinct
+    seeds, and hash(seed, k) counter-based random numbers. At least 1-d (numpy wraps array products
+    silently, not scalar ones)."""
     state = np.zeros(1, dtype=np.uint64)
     for part in parts:
         state = _mix64((state ^ np.asarray(part).astype(np.uint64)) + _GOLDEN)
@@ -32,9 +32,9 @@ def hash64(*parts: int | np.ndarray) -> np.ndarray:
 
 
 def augmentation_seeds(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The augmentation seed of lines 0..count-1 in `epoch` (int64, in [0, 2**63) as
-    `torch.Generator.manual_seed` wants): a hash of (seed, epoch, index), so a line's seed is the same
-    on any rank or worker, whatever the split's size, and after a resume."""
+    """The augmentation seed of lines 0..count-1 in `epoch` (int64 in [0, 2**63), as
+    `torch.Generator.manual_seed` wants): the same on any rank or worker, whatever the split's
+    size, and after a resume."""
     return (hash64(seed, epoch, np.arange(count, dtype=np.uint64)) >> np.uint64(1)).astype(np.int64)
 
 
@@ -52,53 +52,45 @@ class WidthBatchSampler:
     """Batches of lines of similar width, so that little of each padded batch is wasted.
 
     Training (`shuffle=True`): the epoch's permutation (from `seed` and the epoch) is cut into
-    windows of `window` batches, each window is sorted by width (the width each line will have once
-    augmented: `augmented_width` maps arrays of widths and seeds to those widths, all lines at once)
-    and cut into batches, and the batch order is shuffled. Batches hold exactly `batch_size` lines but
-    for the last few (`batch_sizes`), so the GPU sees few distinct shapes. The batch count is rounded
-    up to a multiple of `world_size`, so every rank gets the same number of batches and every sample
-    is used exactly once per epoch (no duplicates to pad the shards). Rank r takes batches r, r + W,
-    r + 2W, ...
+    windows of `WINDOW` batches, each window is sorted by width and cut into batches, and the batch
+    order is shuffled. With `augmented_width` (arrays of widths and seeds -> the widths the lines
+    will have once augmented) every line gets its epoch's augmentation seed, and lines are grouped
+    by their augmented widths. Batches hold exactly `batch_size` lines but for the last few
+    (`batch_sizes`). The batch count is rounded up to a multiple of `world_size`, so every rank
+    steps the same number of times and every line is used exactly once per epoch; rank r takes
+    batches r, r + W, r + 2W, ...
 
-    Evaluation (`shuffle=False`): lines sorted by width, cut into batches of `batch_size`; rank r
-    takes the same batches r, r + W, ... so a sharded evaluation sees exactly the batches that a
-    single process would.
+    Evaluation (`shuffle=False`): lines sorted by width, cut into batches of `batch_size`, dealt out
+    the same way, so a sharded evaluation sees exactly the batches of a single process.
     """
 
     def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 window: int = 50,
                  augmented_width: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                 rank: int = 0, world_size: int = 1, augment_from_epoch: int = 1):
+                 rank: int = 0, world_size: int = 1):
         if len(widths) == 0:
             raise ValueError("cannot sample batches from an empty split")
         self.widths = np.asarray(widths)
-        self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, window
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augmented_width, self.rank, self.world_size = augmented_width, rank, world_size
-        self.augment_from_epoch = augment_from_epoch
         self.epoch, self.start_batch = 0, 0
-        self._seeds: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
+        self._seeds: tuple[int, np.ndarray | None] = (-1, None)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order; `start_batch` skips this rank's first batches (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _epoch_seeds(self, epoch: int) -> np.ndarray | None:
-        """Each line's augmentation seed in `epoch`, or None without augmentation (none configured,
-        or `epoch` before `augment_from_epoch`); kept for the epoch: the batches and their keys
-        both need them."""
-        if self.augmented_width is None or epoch < self.augment_from_epoch:
+    def epoch_seeds(self) -> np.ndarray | None:
+        """Each line's augmentation seed this epoch (None without augmentation), kept for the epoch."""
+        if self.augmented_width is None or not self.shuffle:
             return None
-        if self._seeds[0] != epoch:
-            self._seeds = (epoch, augmentation_seeds(self.seed, epoch, len(self.widths)))
+        if self._seeds[0] != self.epoch:
+            self._seeds = (self.epoch, augmentation_seeds(self.seed, self.epoch, len(self.widths)))
         return self._seeds[1]
 
     def epoch_widths(self) -> np.ndarray:
-        """The widths batches are grouped by: with augmentation, the widths lines will have once
-        augmented (a sheared or scaled line changes width), so that little padding is added."""
-        seeds = self._epoch_seeds(self.epoch)
-        if seeds is None:
-            return self.widths
-        return self.augmented_width(self.widths, seeds)
+        """The widths batches are grouped by: with augmentation, the widths the lines will have."""
+        seeds = self.epoch_seeds()
+        return self.widths if seeds is None else self.augmented_width(self.widths, seeds)
 
     def global_batches(self) -> list[np.ndarray]:
         """All batches of the epoch, over all ranks, in the order they are dealt out."""
@@ -108,11 +100,9 @@ class WidthBatchSampler:
             return [order[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(count)
-        span, widths = self.window * self.batch_size, self.epoch_widths()
-        order = np.concatenate([
-            chunk[np.argsort(widths[chunk], kind="stable")]
-            for chunk in np.split(order, range(span, count, span))
-        ])
+        span, widths = WINDOW * self.batch_size, self.epoch_widths()
+        order = np.concatenate([chunk[np.argsort(widths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(span, count, span))])
         batches = np.split(order, np.cumsum(batch_sizes(count, self.batch_size, self.num_global_batches()))[:-1])
         return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -128,7 +118,6 @@ class WidthBatchSampler:
         return max(0, mine - self.start_batch)
 
     def __iter__(self) -> Iterator[list[Key]]:
-        mine = self.global_batches()[self.rank::self.world_size]
-        seeds = self._epoch_seeds(self.epoch) if self.shuffle else None
-        for batch in mine[self.start_batch:]:
+        seeds = self.epoch_seeds()
+        for batch in self.global_batches()[self.rank::self.world_size][self.start_batch:]:
             yield [(int(i), None if seeds is None else int(seeds[i])) for i in batch]

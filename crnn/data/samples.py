@@ -1,18 +1,17 @@
-"""A text line on its way to the model: one typed `Sample`, made by `make_sample` for every purpose.
+"""A text line on its way to the model: one typed `Sample`, made by `make_sample` for every purpose
+(training loader, evaluation, inference, benchmark, data check), so they agree on the preprocessing
+and on the CTC target.
 
-The training loader, validation and evaluation, inference, the benchmark and the data check all
-turn a line into a sample here, so they agree on the preprocessing and on the CTC target.
+Images become uint8 tensors `(1, H, W)` of *ink*, 0 (paper) to 255: right-padding a batch with zeros
+looks like more blank paper, and uint8 is a quarter of the bytes to cache and to copy to the device.
 
 Characters outside the vocabulary (one rule, by purpose):
-- "train": the character is left out of the CTC target and the rest of the line still trains. The
-  model has no output for it, so being read as nothing is the best it can learn for that glyph,
-  while leaving the whole line out would throw away the supervision of all its other characters.
-  A line with no known character at all is left out (an error sample, counted and reported like an
-  unreadable image): its ink would only be taught as blank.
-- "evaluate": the same target (it only feeds the validation loss); the reference text keeps every
-  character, so unknown ones count as errors in CER/WER. Never a crash, never left out.
+- "train": the character is left out of the CTC target and the rest of the line still trains (the
+  model has no output for it); a line with no known character at all is left out, as an error
+  sample (its ink would only be taught as blank).
+- "evaluate": the same target; the reference text keeps every character, so unknown ones count as
+  errors in CER/WER. Never a crash, never left out.
 - "predict": there is no reference; the target is empty.
-Unknown characters are reported by split at start-up (`Vocab.unknown`), not per line.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from PIL import Image
 
 from crnn.config import DataConfig
 from crnn.data.records import LineRecords
-from crnn.data.transforms import resize_line
 from crnn.data.vocab import Vocab
 from crnn.errors import DataError
 
@@ -37,7 +35,7 @@ class Sample(NamedTuple):
     """One line, ready to be batched by `collate`."""
 
     index: int  # the line's index in its records (or in the caller's list)
-    image: torch.Tensor | None  # (1, H, W) uint8 ink, 0 (paper) to 255; None when the line cannot be used
+    image: torch.Tensor | None  # (1, H, W) uint8 ink; None when the line cannot be used
     text: str  # the reference transcription ("" when predicting)
     target: tuple[int, ...]  # CTC labels: the classes of the text's characters that are in the vocab
     error: str = ""  # why the line cannot be used (then `image` is None)
@@ -46,19 +44,21 @@ class Sample(NamedTuple):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Grayscale PIL line -> ink tensor `(1, height, W)`, as `data.height/resize/width/max_width` say."""
+    """Grayscale PIL line -> ink `(1, height, W)`: scaled to `height`, the aspect ratio kept, W
+    capped at `max_width`."""
 
     height: int
-    resize: str = "keep_aspect"
-    width: int = 0
     max_width: int = 4000
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig) -> Preprocess:
-        return cls(data_cfg.height, data_cfg.resize, data_cfg.width, data_cfg.max_width)
+        return cls(data_cfg.height, data_cfg.max_width)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return resize_line(image, self.height, self.resize, self.width, self.max_width)
+        size = (self.scaled_width(*image.size), self.height)
+        if size != image.size:
+            image = image.resize(size, Image.BILINEAR)
+        return 255 - torch.from_numpy(np.array(image, dtype=np.uint8)).unsqueeze(0)
 
     def scaled_width(self, width: int, height: int) -> int:
         """The width `__call__` gives an image of this size (0 x 0: unknown, assume the widest)."""
@@ -67,11 +67,8 @@ class Preprocess:
     def scaled_widths(self, sizes: np.ndarray) -> np.ndarray:
         """`scaled_width` of each row `(width, height)` of `sizes` `(N, 2)`, as an int64 array."""
         sizes = np.asarray(sizes).reshape(-1, 2)
-        if self.resize != "keep_aspect":
-            return np.full(len(sizes), self.width, dtype=np.int64)
         width, height = sizes[:, 0], sizes[:, 1]
-        # as resized_size computes it: round(width * (target height / height)), half to even
-        scaled = np.rint(width * (self.height / np.maximum(height, 1).astype(np.float64)))
+        scaled = np.rint(width * (self.height / np.maximum(height, 1).astype(np.float64)))  # half to even
         return np.where(height > 0, np.clip(scaled, 1, self.max_width), self.max_width).astype(np.int64)
 
 
@@ -82,9 +79,8 @@ def unusable(index: int, error: str) -> Sample:
 
 def make_sample(index: int, image: Image.Image | torch.Tensor, text: str, vocab: Vocab, preprocess: Preprocess,
                 purpose: str, where: str = "") -> Sample:
-    """The one way a line becomes a sample (see the module docstring for the vocabulary rule).
-
-    `image`: the grayscale PIL line, or its ink already preprocessed (from `crnn.data.cache`)."""
+    """The one way a line becomes a sample (the vocabulary rule: module docstring). `image`: the
+    grayscale PIL line, or its ink already preprocessed (from `crnn.data.cache`)."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
     if purpose == "predict":

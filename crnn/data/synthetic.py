@@ -1,18 +1,9 @@
-"""Synthetic handwriting-like text lines, so the demo can train with no downloads.
+"""Synthetic handwriting-like text lines, so the demo trains with no downloads.
 
-`sample_text` draws a line of English-like text (common words, numbers, punctuation) and
-`render_line` draws it as if a random writer had written it, using the vector stroke fonts of
-the `Hershey-Fonts` package (MIT licensed; mostly its script/cursive faces). Each line gets its
-own "writer": font, slant, pen width, glyph proportions, spacing, a wavy baseline, shaky strokes,
-ink and paper. The variation is kept realistic rather than destructive, because a small CRNN on
-two CPU cores has to learn from these lines within minutes.
-
-Strokes, rather than TrueType text, are what make writers cheap to fake: every point of a glyph
-can be slanted, stretched and jittered before it is drawn. Rendering has to keep up with
-training, so glyph geometry is cached per font, a line's points are transformed as one numpy
-array, strokes are drawn by Pillow at 2-3x resolution and box-filtered down (antialiasing), and
-the paper is numpy noise. All randomness comes from the caller's `random.Random`, so a line is
-reproducible, pixel for pixel, from its seed; fonts load lazily, on first use.
+`sample_text` draws a line of English-like text; `render_line` draws it with the stroke fonts of the
+`Hershey-Fonts` package as a random writer would (font, slant, proportions, spacing, wavy baseline,
+shaky strokes, ink and paper), every stroke point moved before Pillow draws it supersampled. All
+randomness comes from the caller's `random.Random`: a line is reproducible, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -20,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import string
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,94 +18,77 @@ from HersheyFonts import HersheyFonts
 from PIL import Image, ImageDraw, ImageFilter
 
 WORDS: tuple[str, ...] = tuple("""
-    the of and to a in is it you that he was for on are with as his they be at one have this
-    from or had by hot but some what there we can out other were all your when up use word how
-    said an each she which do their time if will way about many then them would write like so
-    these her long make thing see him two has look more day could go come did my sound no most
-    number who over know water than call first people may down side been now find any new work
-    part take get place made live where after back little only round man year came show every
-    good me give our under name very through just form much great think say help low line before
-    turn cause same mean move right boy old too does tell sentence set three want air well also
-    play small end put home read hand large add even land here must big high such follow act why
-    ask men change went light kind off need house picture try us again animal point mother world
-    near build earth father head stand own page should country found answer school grow study
-    still learn plant cover food sun four thought let keep eye never last door between city tree
-    cross since hard start might story saw far sea draw left late run while press close night
-    real life few stop open seem together next white children begin got walk example paper often
-    always music those both mark book letter until mile river car feet care second group carry
-    took rain eat room friend began idea fish mountain north once base hear horse cut sure watch
-    colour face wood main enough plain girl usual young ready above ever red list though feel
-    talk bird soon body dog family direct leave song measure state product black short class
-    wind question happen complete ship area half rock order fire south problem piece told knew
-    pass farm top whole king size heard best hour better true during hundred am remember step
-    early hold west ground interest reach fast five sing listen six table travel less morning
-    ten simple several toward war lay against pattern slow center love person money serve appear
-    road map science rule pull cold notice voice fall power town fine certain fly unit lead cry
-    dark machine note wait plan figure star box field rest correct able pound done beauty drive
-    stood contain front teach week final gave green oh quick develop sleep warm free minute
-    strong special mind behind clear tail produce fact street inch lot nothing course stay wheel
-    full force blue object decide surface deep moon island foot yet busy test record boat common
-    gold possible plane age dry wonder laugh thousand ago ran check game shape yes cool miss
-    brought heat snow bed bring sit perhaps fill east weight language among wife husband garden
-    window evening kitchen summer winter spring autumn village market church office doctor
-    teacher student history government party member report council company business price policy
-    public private service system national local general political social economic important
-    different available likely particular recent major human gentle bright heavy narrow broad
-    empty famous foreign modern ancient sudden silent proud honest careful afraid angry happy
-    sorry tired hungry lovely pretty ugly rich poor wild calm dear quiet loud soft sweet bitter
-    fresh clean dirty thick thin wide flat square smooth rough sharp dull already almost
-    although another anything anyone anyway around away because become believe below beside
-    beyond brother sister daughter son uncle aunt cousin baby child woman women lady gentleman
-    master servant captain soldier officer army navy battle peace victory enemy danger safety
-    trouble matter reason purpose result effect chance choice silence secret truth lie promise
-    hope fear doubt faith trust joy sorrow anger pride shame pity mercy grace glory honour duty
-    wrong justice law court judge prison crime police evidence witness message news magazine
-    journal novel poem chapter title author reader editor desk chair lamp candle plate cup glass
-    bottle bread butter cheese meat milk tea coffee sugar salt apple orange lemon potato cabbage
-    onion flower rose grass leaf branch root seed forest valley hill lake ocean shore beach wave
-    storm cloud thunder sky shadow noon afternoon midnight today tomorrow yesterday month season
-    monday tuesday wednesday thursday friday saturday sunday january february march april june
-    july august september october november december holiday birthday wedding funeral dinner
-    breakfast lunch meal feast dance sport match race ticket train station platform engine
-    bicycle bridge tower castle palace cottage hotel hospital library museum theatre cinema shop
-    store bank factory coast border nation empire kingdom republic queen prince princess duke
-    lord bishop minister president parliament election vote campaign crowd meeting speech debate
-    argument agreement decision opinion theory amount degree level rate cost value profit loss
-    trade industry labour worker tax budget bill account payment cash coin dollar quite rather
-    really simply surely truly nearly hardly merely mostly partly fairly indeed however
-    therefore otherwise instead moreover meanwhile suddenly slowly quickly quietly gently softly
-    loudly clearly carefully easily happily badly certainly probably possibly exactly especially
-    usually finally later seldom sometimes everywhere nowhere somewhere inside outside upstairs
-    downstairs across along beneath upon within without throughout towards unless whether either
-    neither nor whose whom whatever whenever wherever everything something nobody somebody
-    everyone someone accept allow arrive attack avoid bake borrow breathe burn buy catch climb
-    collect cook count deliver depend describe destroy discover enjoy enter escape explain fail
-    fight finish forget forgive gather guess hang hate hide hunt hurry imagine include invite
-    join jump kill kiss knock lend lift lose marry mention mix offer pack pay pick prefer
-    prepare pretend protect prove push raise receive refuse remain repair repeat reply rescue
-    return ride ring rise rush save scream search sell send shake shout sink smile smoke spend
-    steal suggest supply suppose surprise swim taste tear thank throw touch visit wash waste
-    wear whisper win wish worry wrap
+    the of and to a in is it you that he was for on are with as his they be at one have this from or had
+    by hot but some what there we can out other were all your when up use word how said an each she which
+    do their time if will way about many then them would write like so these her long make thing see him
+    two has look more day could go come did my sound no most number who over know water than call first
+    people may down side been now find any new work part take get place made live where after back little
+    only round man year came show every good me give our under name very through just form much great
+    think say help low line before turn cause same mean move right boy old too does tell sentence set
+    three want air well also play small end put home read hand large add even land here must big high
+    such follow act why ask men change went light kind off need house picture try us again animal point
+    mother world near build earth father head stand own page should country found answer school grow
+    study still learn plant cover food sun four thought let keep eye never last door between city tree
+    cross since hard start might story saw far sea draw left late run while press close night real life
+    few stop open seem together next white children begin got walk example paper often always music those
+    both mark book letter until mile river car feet care second group carry took rain eat room friend
+    began idea fish mountain north once base hear horse cut sure watch colour face wood main enough plain
+    girl usual young ready above ever red list though feel talk bird soon body dog family direct leave
+    song measure state product black short class wind question happen complete ship area half rock order
+    fire south problem piece told knew pass farm top whole king size heard best hour better true during
+    hundred am remember step early hold west ground interest reach fast five sing listen six table travel
+    less morning ten simple several toward war lay against pattern slow center love person money serve
+    appear road map science rule pull cold notice voice fall power town fine certain fly unit lead cry
+    dark machine note wait plan figure star box field rest correct able pound done beauty drive stood
+    contain front teach week final gave green oh quick develop sleep warm free minute strong special mind
+    behind clear tail produce fact street inch lot nothing course stay wheel full force blue object
+    decide surface deep moon island foot yet busy test record boat common gold possible plane age dry
+    wonder laugh thousand ago ran check game shape yes cool miss brought heat snow bed bring sit perhaps
+    fill east weight language among wife husband garden window evening kitchen summer winter spring
+    autumn village market church office doctor teacher student history government party member report
+    council company business price policy public private service system national local general political
+    social economic important different available likely particular recent major human gentle bright
+    heavy narrow broad empty famous foreign modern ancient sudden silent proud honest careful afraid
+    angry happy sorry tired hungry lovely pretty ugly rich poor wild calm dear quiet loud soft sweet
+    bitter fresh clean dirty thick thin wide flat square smooth rough sharp dull already almost although
+    another anything anyone anyway around away because become believe below beside beyond brother sister
+    daughter son uncle aunt cousin baby child woman women lady gentleman master servant captain soldier
+    officer army navy battle peace victory enemy danger safety trouble matter reason purpose result
+    effect chance choice silence secret truth lie promise hope fear doubt faith trust joy sorrow anger
+    pride shame pity mercy grace glory honour duty wrong justice law court judge prison crime police
+    evidence witness message news magazine journal novel poem chapter title author reader editor desk
+    chair lamp candle plate cup glass bottle bread butter cheese meat milk tea coffee sugar salt apple
+    orange lemon potato cabbage onion flower rose grass leaf branch root seed forest valley hill lake
+    ocean shore beach wave storm cloud thunder sky shadow noon afternoon midnight today tomorrow
+    yesterday month season monday tuesday wednesday thursday friday saturday sunday january february
+    march april june july august september october november december holiday birthday wedding funeral
+    dinner breakfast lunch meal feast dance sport match race ticket train station platform engine bicycle
+    bridge tower castle palace cottage hotel hospital library museum theatre cinema shop store bank
+    factory coast border nation empire kingdom republic queen prince princess duke lord bishop minister
+    president parliament election vote campaign crowd meeting speech debate argument agreement decision
+    opinion theory amount degree level rate cost value profit loss trade industry labour worker tax
+    budget bill account payment cash coin dollar quite rather really simply surely truly nearly hardly
+    merely mostly partly fairly indeed however therefore otherwise instead moreover meanwhile suddenly
+    slowly quickly quietly gently softly loudly clearly carefully easily happily badly certainly probably
+    possibly exactly especially usually finally later seldom sometimes everywhere nowhere somewhere
+    inside outside upstairs downstairs across along beneath upon within without throughout towards unless
+    whether either neither nor whose whom whatever whenever wherever everything something nobody somebody
+    everyone someone accept allow arrive attack avoid bake borrow breathe burn buy catch climb collect
+    cook count deliver depend describe destroy discover enjoy enter escape explain fail fight finish
+    forget forgive gather guess hang hate hide hunt hurry imagine include invite join jump kill kiss
+    knock lend lift lose marry mention mix offer pack pay pick prefer prepare pretend protect prove push
+    raise receive refuse remain repair repeat reply rescue return ride ring rise rush save scream search
+    sell send shake shout sink smile smoke spend steal suggest supply suppose surprise swim taste tear
+    thank throw touch visit wash waste wear whisper win wish worry wrap
 """.split())
 
-# "it's", "don't": apostrophes inside words, which plain WORDS never contain.
-_CONTRACTIONS = (
-    "it's", "don't", "can't", "I'm", "isn't", "won't", "didn't", "that's", "there's", "I'll",
-    "we're", "you're", "he's", "she's", "let's", "wasn't", "couldn't", "I've", "doesn't", "we'll",
-)
-_SENTENCE_ENDS = ".!?"
-CHARSET: str = "".join(sorted(set(string.ascii_letters + string.digits + " .,;:!?'\"()-")))
-
-# Every Hershey font in the package draws all printable ASCII, so this is what "drawable" means.
-_DRAWABLE = frozenset(chr(code) for code in range(32, 127))
-
-# Script faces are favoured because they look most like handwriting; the others add writers
-# who print. Weights are relative draw probabilities.
-_FONT_WEIGHTS = {
-    "cursive": 3.0, "scripts": 2.5, "scriptc": 2.0, "timesi": 1.2, "futural": 1.0,
-    "rowmans": 0.8, "futuram": 0.6, "timesr": 0.4, "timesib": 0.4,
-}
-FONTS: tuple[str, ...] = tuple(_FONT_WEIGHTS)
+# apostrophes inside words, which WORDS never contain
+_CONTRACTIONS = tuple("it's don't can't I'm isn't won't didn't that's there's I'll we're you're he's she's let's "
+                      "wasn't couldn't I've doesn't we'll".split())
+_DRAWABLE = frozenset(chr(code) for code in range(32, 127))  # every Hershey font draws printable ASCII
+# relative draw probabilities: script faces look most like handwriting, the others are writers who print
+_FONT_WEIGHTS = {"cursive": 3.0, "scripts": 2.5, "scriptc": 2.0, "timesi": 1.2, "futural": 1.0,
+                 "rowmans": 0.8, "futuram": 0.6, "timesr": 0.4, "timesib": 0.4}
 # Slant the italic and script faces already have, so that the drawn slant is the writer's.
 _BUILT_IN_SLANT = {"cursive": 0.3, "scripts": 0.3, "scriptc": 0.3, "timesi": 0.25, "timesib": 0.25}
 
@@ -123,12 +96,8 @@ _BUILT_IN_SLANT = {"cursive": 0.3, "scripts": 0.3, "scriptc": 0.3, "timesi": 0.2
 _CAP_LINE = -12.0
 _BASE_LINE = 9.0
 
-_MIN_HEIGHT = 12
 _MIN_CLEARANCE = 1.5  # pixels kept free above and below the ink, plus twice the blur radius
 _MIN_PEN = 0.9  # pixels: thinner strokes vanish at small heights
-
-
-# --------------------------------------------------------------------------- text
 
 
 def _number(rng: random.Random) -> str:
@@ -174,14 +143,10 @@ def _trailing_punctuation(rng: random.Random, last: bool) -> str:
 
 
 def sample_text(rng: random.Random, min_words: int = 2, max_words: int = 7) -> str:
-    """A line of text: words from WORDS joined by single spaces; some words capitalised
-    (sentence start, ~10% random), some numbers ('1987', '42', '3.5', '12:30'), punctuation
-    attached naturally ('word,' 'word.' '(word)' '"word"' "it's" 'well-known' 'word!').
-    Only characters from CHARSET. Deterministic given rng."""
+    """A line of `min_words` to `max_words` words from WORDS, some capitalised, some numbers ('1987',
+    '3.5', '12:30'), with punctuation ('word,' '(word)' '"word"' "it's" 'well-known')."""
     if min_words < 1 or max_words < min_words:
-        raise ValueError(
-            f"need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}"
-        )
+        raise ValueError(f"need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}")
     count = rng.randint(min_words, max_words)
     tokens: list[str] = []
     capitalise = rng.random() < 0.8  # most lines start a sentence, some continue one
@@ -197,12 +162,9 @@ def sample_text(rng: random.Random, min_words: int = 2, max_words: int = 7) -> s
         if closer and (last or rng.random() < 0.5):
             token, closer = token + closer, ""
         token += _trailing_punctuation(rng, last)
-        capitalise = token[-1] in _SENTENCE_ENDS
+        capitalise = token[-1] in ".!?"
         tokens.append(token)
     return " ".join(tokens)
-
-
-# --------------------------------------------------------------------------- fonts
 
 
 @dataclass(frozen=True)
@@ -219,22 +181,6 @@ class _Font:
     descender: float  # y of the bottom of 'g'
 
 
-def _make_glyph(hershey_glyph, hyphen_y: float | None = None) -> _Glyph:
-    """Numpy geometry of one HersheyFonts glyph; every drawable glyph has at least one stroke."""
-    strokes = [np.asarray(stroke, dtype=np.float64) for stroke in hershey_glyph.strokes if len(stroke)]
-    points = np.concatenate(strokes)
-    points[:, 0] -= hershey_glyph.left_offset
-    advance = float(hershey_glyph.char_width)
-    if hyphen_y is not None:
-        # Hershey's hyphen is a long dash, and the script faces put it at x-height: halve it
-        # and centre it on the lower-case letters, where writers put it.
-        points[:, 0] *= 0.5
-        points[:, 1] = hyphen_y
-        advance *= 0.5
-    ends = np.cumsum([len(stroke) for stroke in strokes], dtype=np.int64)
-    return _Glyph(points, ends, advance)
-
-
 @functools.cache
 def _load_font(name: str) -> _Font:
     """Glyph geometry of one font as numpy arrays, parsed once per process."""
@@ -242,15 +188,18 @@ def _load_font(name: str) -> _Font:
     hershey.load_default_font(name)
     raw = hershey.all_glyphs
     x_height_top = float(min(y for stroke in raw["x"].strokes for _, y in stroke))
-    descender = float(max(y for stroke in raw["g"].strokes for _, y in stroke))
     glyphs = {}
     for char in _DRAWABLE - {" "}:
-        hyphen_y = (x_height_top + _BASE_LINE) / 2 if char == "-" else None
-        glyphs[char] = _make_glyph(raw[char], hyphen_y)
-    return _Font(glyphs, x_height_top, descender)
-
-
-# --------------------------------------------------------------------------- rendering
+        strokes = [np.asarray(stroke, dtype=np.float64) for stroke in raw[char].strokes if len(stroke)]
+        points = np.concatenate(strokes)
+        points[:, 0] -= raw[char].left_offset
+        advance = float(raw[char].char_width)
+        if char == "-":  # Hershey's is a long dash, at x-height in script faces: halve it, centre it
+            points[:, 0] *= 0.5
+            points[:, 1] = (x_height_top + _BASE_LINE) / 2
+            advance *= 0.5
+        glyphs[char] = _Glyph(points, np.cumsum([len(stroke) for stroke in strokes], dtype=np.int64), advance)
+    return _Font(glyphs, x_height_top, float(max(y for stroke in raw["g"].strokes for _, y in stroke)))
 
 
 @dataclass(frozen=True)
@@ -282,7 +231,7 @@ class _Style:
 
 
 def _sample_style(rng: random.Random) -> _Style:
-    font_name = rng.choices(FONTS, weights=tuple(_FONT_WEIGHTS.values()))[0]
+    font_name = rng.choices(tuple(_FONT_WEIGHTS), weights=tuple(_FONT_WEIGHTS.values()))[0]
     script = font_name in ("cursive", "scripts", "scriptc")
     writer_slant = rng.triangular(-0.1, 0.45, 0.15)
     letter_space = rng.uniform(-1.0, 1.5) if script else rng.uniform(-1.0, 3.0)
@@ -442,25 +391,19 @@ def _ink_on_paper(coverage_image: Image.Image, style: _Style, noise: np.random.G
     return Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8))
 
 
-def _check_text(text: str, height: int) -> None:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"render_line needs text with at least one visible character, got {text!r}")
-    undrawable = next((char for char in text if char not in _DRAWABLE), None)
-    if undrawable is not None:
-        raise ValueError(
-            f"render_line cannot draw the character {undrawable!r} (U+{ord(undrawable):04X}) in "
-            f"{text!r}: the Hershey fonts draw printable ASCII only"
-        )
-    if height < _MIN_HEIGHT:
-        raise ValueError(f"render_line needs height >= {_MIN_HEIGHT} pixels, got {height}")
-
-
 def render_line(text: str, rng: random.Random, height: int = 64) -> Image.Image:
     """Render `text` as one handwriting-like line: a mode 'L' image exactly `height` pixels
     high, as wide as the text needs, dark ink (~0-90) on white-ish paper (~200-255). All style
     randomness comes from `rng`: the same text and rng state give the same image, pixel for
-    pixel. ValueError for empty text or a character the fonts cannot draw."""
-    _check_text(text, height)
+    pixel. ValueError for empty text, a character the fonts cannot draw or a height under 12."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"render_line needs text with at least one visible character, got {text!r}")
+    undrawable = next((char for char in text if char not in _DRAWABLE), None)
+    if undrawable is not None:
+        raise ValueError(f"render_line cannot draw the character {undrawable!r} (U+{ord(undrawable):04X}) in "
+                         f"{text!r}: the Hershey fonts draw printable ASCII only")
+    if height < 12:
+        raise ValueError(f"render_line needs height >= 12 pixels, got {height}")
     style = _sample_style(rng)
     font = _load_font(style.font_name)
     noise = np.random.default_rng(rng.getrandbits(64))

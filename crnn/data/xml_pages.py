@@ -1,36 +1,20 @@
-"""Text lines from transcription platforms' page XML: ALTO (v2 to v4) and PAGE (2010 to 2019).
+"""Text lines from page XML: ALTO (v2 to v4) and PAGE (2010 to 2019), for `data.source=xml`.
 
-`data.source=xml`: a split is a folder (or a glob) of XML files, each detected as ALTO or PAGE by
-its root element, whose page image sits beside it or is named in it (ALTO
-`sourceImageInformation/fileName`, PAGE `Page@imageFilename`). Every text line becomes a sample:
+A split is a folder (or a glob) of XML files; a page image lies in the XML's folder (or
+`data.xml.image_root`), named in the XML or with the XML's own name. A line's region is its polygon,
+else its box, else a band of `data.xml.baseline_above` / `baseline_below` px around its baseline;
+its crop is the region's bounding box, white outside the region; its text is in Unicode NFC.
+Lines that cannot be used (no text, no region or a malformed, degenerate or off-page one, a page
+that does not parse or has no image) are left out and reported with their file and line id.
 
-- its region is the line's polygon (ALTO `Shape/Polygon`, PAGE `Coords`), else its box (ALTO
-  `HPOS/VPOS/WIDTH/HEIGHT`), else a band around its baseline, `data.xml.baseline_above` pixels
-  above and `data.xml.baseline_below` below it; the crop is the region's bounding box with
-  everything outside the region painted white;
-- its transcription is ALTO's `String CONTENT`s (joined by `SP`, or by spaces), PAGE's line
-  `TextEquiv/Unicode` (else its words' joined by spaces), in Unicode NFC.
-
-What cannot be used is left out, counted and reported with its file and line id: XML that does not
-parse or is neither ALTO nor PAGE, a page image that cannot be found or read, a line without
-text (for training), a line without a region, with a malformed one (its first choice of polygon,
-box, baseline not numbers or not finite: never replaced by the next choice) or a degenerate one
-(fewer than 3 distinct points, no area), a line reaching more than 2 px outside its page (the XML
-may not belong to that image). Page coordinates are scaled when the XML's page size differs from
-the image's. A page image must lie in the XML's folder (or `data.xml.image_root`): a path in the
-XML that leads elsewhere is refused.
-
-Crops are made once, when the split is loaded (in `data.num_workers` processes): kept in memory as
-PNG, or with `data.xml.cache_dir` in a folder keyed by the XML's and the image's content (and the
-crop settings), so later runs, evaluate and predict reuse them without opening the page images.
-
-`write_page` writes a page back with recognised text in every line (tools/predict.py --out).
+Crops are made once per split load (in `data.num_workers` processes), kept in memory as PNG or,
+with `data.xml.cache_dir`, in a folder keyed by the XML's and the image's content.
+`write_page` writes a page back with recognised text (tools/predict.py --out).
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import io
 import json
@@ -44,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
@@ -55,26 +40,12 @@ from crnn.runlog import progress
 OUTSIDE_TOLERANCE = 2.0  # pixels a point may lie outside its page (rounding) before the line is refused
 CROP_VERSION = 2  # part of the cache key: bump when the cropping changes
 
+Point = tuple[float, float]
+
 
 def _local(tag: str) -> str:
-    """'{namespace}TextLine' -> 'TextLine'."""
+    """'{namespace}TextLine' -> 'TextLine' (paths match any namespace with '{*}TextLine')."""
     return tag.rsplit("}", 1)[-1]
-
-
-def _children(element: ET.Element, name: str) -> list[ET.Element]:
-    return [child for child in element if _local(child.tag) == name]
-
-
-def _child(element: ET.Element, name: str) -> ET.Element | None:
-    found = _children(element, name)
-    return found[0] if found else None
-
-
-def _descendants(element: ET.Element, name: str) -> list[ET.Element]:
-    return [node for node in element.iter() if _local(node.tag) == name]
-
-
-Point = tuple[float, float]
 
 
 def parse_points(text: str | None) -> list[Point] | None:
@@ -91,20 +62,16 @@ def parse_points(text: str | None) -> list[Point] | None:
     return list(zip(numbers[0::2], numbers[1::2], strict=True))
 
 
-def _shown(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _geometry(given: list[tuple[str, str | None, object]]) -> tuple[object, str | None]:
-    """The first geometry the XML gives, in order of preference: `given` holds (what, raw text,
-    parsed) with parsed None when malformed and falsy when absent. Returns (parsed, problem): a
-    malformed first choice is a problem, never a reason to fall back to the next one silently."""
+def _geometry_problem(given: list[tuple[str, str | None, object]]) -> str | None:
+    """The XML's geometries in order of preference, as (what, raw text, parsed: None when malformed,
+    falsy when absent): a malformed first choice is a problem, never a reason to fall back silently."""
     for what, raw, parsed in given:
         if parsed is None:
-            return None, f"malformed {what} {_shown(raw or '')}"
+            raw = raw or ""
+            return f"malformed {what} {raw if len(raw) <= 60 else raw[:60] + '...'!r}"
         if parsed:
-            return parsed, None
-    return None, None
+            return None
+    return None
 
 
 @dataclass
@@ -113,8 +80,7 @@ class XmlLine:
 
     id: str
     text: str | None  # NFC, None without a transcription
-    polygon: list[Point]  # [] when the XML gives none
-    box: tuple[float, float, float, float] | None  # x0, y0, x1, y1
+    polygon: list[Point]  # its polygon, else its box (ALTO); [] when the XML gives neither
     baseline: list[Point]
     element: ET.Element = field(repr=False)
     geometry_problem: str | None = None  # the XML's region for this line is malformed (so none is used)
@@ -132,12 +98,11 @@ class XmlPage:
 
 
 def _nfc(text: str) -> str | None:
-    text = unicodedata.normalize("NFC", text).strip()
-    return text or None
+    return unicodedata.normalize("NFC", text).strip() or None
 
 
-def _alto_text(line: ET.Element) -> str | None:
-    parts, spaced = [], bool(_children(line, "SP"))
+def _alto_line(line: ET.Element, number: int) -> XmlLine:
+    parts, spaced = [], line.find("{*}SP") is not None
     for child in line:
         name = _local(child.tag)
         if name in ("String", "HYP"):
@@ -146,35 +111,23 @@ def _alto_text(line: ET.Element) -> str | None:
             parts.append(child.get("CONTENT", ""))
         elif name == "SP":
             parts.append(" ")
-    return _nfc("".join(parts))
-
-
-def _alto_box(line: ET.Element) -> tuple[str, tuple[float, float, float, float] | None | bool]:
-    """(the attributes as written, the box x0, y0, x1, y1): False if the line has no box
-    attributes, None if they are incomplete, not numbers, not finite or of negative size."""
-    raw = [line.get(key) for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT")]
-    text = " ".join(f"{key}={value}" for key, value in zip(("HPOS", "VPOS", "WIDTH", "HEIGHT"), raw, strict=True))
-    if all(value is None for value in raw):
-        return text, False
-    try:
-        x, y, w, h = (float(value) for value in raw)
-    except (TypeError, ValueError):
-        return text, None
-    if not all(math.isfinite(value) for value in (x, y, w, h)) or w < 0 or h < 0:
-        return text, None
-    return text, (x, y, x + w, y + h)
-
-
-def _alto_line(line: ET.Element, number: int) -> XmlLine:
-    shape = _child(line, "Shape")
-    polygon = _child(shape, "Polygon") if shape is not None else None
-    points_text = polygon.get("POINTS") if polygon is not None else None
-    box_text, box = _alto_box(line)
-    polygon_points, baseline = parse_points(points_text), parse_points(line.get("BASELINE"))
-    region, problem = _geometry([("Shape/Polygon POINTS", points_text, polygon_points), ("box", box_text, box),
+    polygon_element = line.find("{*}Shape/{*}Polygon")
+    points_text = polygon_element.get("POINTS") if polygon_element is not None else None
+    keys = ("HPOS", "VPOS", "WIDTH", "HEIGHT")
+    raw = [line.get(key) for key in keys]
+    box_text, box = " ".join(f"{key}={value}" for key, value in zip(keys, raw, strict=True)), []
+    if any(value is not None for value in raw):  # a box must be 4 finite numbers of non-negative size
+        try:
+            x, y, w, h = (float(value) for value in raw)
+            valid = all(map(math.isfinite, (x, y, w, h))) and w >= 0 and h >= 0
+            box = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)] if valid else None
+        except (TypeError, ValueError):
+            box = None
+    polygon, baseline = parse_points(points_text), parse_points(line.get("BASELINE"))
+    problem = _geometry_problem([("Shape/Polygon POINTS", points_text, polygon), ("box", box_text, box),
                                  ("BASELINE", line.get("BASELINE"), baseline)])
-    return XmlLine(line.get("ID") or f"line {number}", _alto_text(line), polygon_points or [],
-                   box or None, baseline or [], line, problem)
+    return XmlLine(line.get("ID") or f"line {number}", _nfc("".join(parts)), polygon or box or [], baseline or [],
+                   line, problem)
 
 
 def _page_points(element: ET.Element | None) -> tuple[str, list[Point] | None]:
@@ -184,16 +137,14 @@ def _page_points(element: ET.Element | None) -> tuple[str, list[Point] | None]:
         return "", []
     if element.get("points") is not None:
         return element.get("points"), parse_points(element.get("points"))
-    children = _children(element, "Point")
-    text = " ".join(f"{p.get('x')},{p.get('y')}" for p in children)
+    text = " ".join(f"{p.get('x')},{p.get('y')}" for p in element.iterfind("{*}Point"))
     return text, parse_points(text.replace("None", "?"))
 
 
 def _page_text(element: ET.Element) -> str | None:
     """The element's own TextEquiv (the lowest `index` first), None if it has none."""
-    equivs = sorted(_children(element, "TextEquiv"), key=lambda e: int(e.get("index", "0") or 0))
-    for equiv in equivs:
-        unicode = _child(equiv, "Unicode")
+    for equiv in sorted(element.iterfind("{*}TextEquiv"), key=lambda e: int(e.get("index", "0") or 0)):
+        unicode = equiv.find("{*}Unicode")
         if unicode is not None and unicode.text is not None:
             return _nfc(unicode.text)
     return None
@@ -202,12 +153,11 @@ def _page_text(element: ET.Element) -> str | None:
 def _page_line(line: ET.Element, number: int) -> XmlLine:
     text = _page_text(line)
     if text is None:
-        words = [_page_text(word) for word in _children(line, "Word")]
-        text = _nfc(" ".join(word for word in words if word))
-    (coords_text, coords), (baseline_text, baseline) = _page_points(_child(line, "Coords")), _page_points(
-        _child(line, "Baseline"))
-    _, problem = _geometry([("Coords", coords_text, coords), ("Baseline", baseline_text, baseline)])
-    return XmlLine(line.get("id") or f"line {number}", text, coords or [], None, baseline or [], line, problem)
+        text = _nfc(" ".join(word for word in map(_page_text, line.iterfind("{*}Word")) if word))
+    (coords_text, coords), (baseline_text, baseline) = map(_page_points, (line.find("{*}Coords"),
+                                                                          line.find("{*}Baseline")))
+    problem = _geometry_problem([("Coords", coords_text, coords), ("Baseline", baseline_text, baseline)])
+    return XmlLine(line.get("id") or f"line {number}", text, coords or [], baseline or [], line, problem)
 
 
 def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
@@ -220,73 +170,47 @@ def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     root = tree.getroot()
-    kind = {"alto": "alto", "PcGts": "page"}.get(_local(root.tag))
-    if kind is None:
+    if _local(root.tag) == "alto":
+        unit = next((node.text for node in root.iterfind(".//{*}MeasurementUnit")), "pixel") or "pixel"
+        if unit.strip() != "pixel":
+            raise DataError(f"{path}: ALTO MeasurementUnit '{unit.strip()}' is not supported; export in pixels")
+        names = [node.text or "" for node in root.iterfind(".//{*}fileName")]
+        page = next(root.iterfind(".//{*}Page"), ET.Element(""))
+        size = (page.get("WIDTH"), page.get("HEIGHT"))
+        lines = [_alto_line(line, i + 1) for i, line in enumerate(root.iterfind(".//{*}TextLine"))]
+        kind, image_name = "alto", names[0].strip() if names else ""
+    elif _local(root.tag) == "PcGts":
+        page = root.find(".//{*}Page")
+        if page is None:
+            raise DataError(f"{path}: PAGE XML without a <Page> element")
+        size = (page.get("imageWidth"), page.get("imageHeight"))
+        lines = [_page_line(line, i + 1) for i, line in enumerate(page.iterfind(".//{*}TextLine"))]
+        kind, image_name = "page", page.get("imageFilename", "").strip()
+    else:
         raise DataError(f"{path}: neither ALTO nor PAGE XML (root element <{_local(root.tag)}>)")
-    page = _read_alto(path, tree) if kind == "alto" else _read_page_xml(path, tree)
-    page.image_root = image_root
-    return page
-
-
-def _read_alto(path: Path, tree: ET.ElementTree) -> XmlPage:
-    root = tree.getroot()
-    unit = next((node.text for node in _descendants(root, "MeasurementUnit")), "pixel") or "pixel"
-    if unit.strip() != "pixel":
-        raise DataError(f"{path}: ALTO MeasurementUnit '{unit.strip()}' is not supported; export in pixels")
-    names = [node.text or "" for node in _descendants(root, "fileName")]
-    pages = _descendants(root, "Page")
-    size = None
-    if pages and pages[0].get("WIDTH") and pages[0].get("HEIGHT"):
-        size = (float(pages[0].get("WIDTH")), float(pages[0].get("HEIGHT")))
-    lines = [_alto_line(line, i + 1) for i, line in enumerate(_descendants(root, "TextLine"))]
-    return XmlPage(path, "alto", names[0].strip() if names else "", size, lines, tree)
-
-
-def _read_page_xml(path: Path, tree: ET.ElementTree) -> XmlPage:
-    page = next(iter(_descendants(tree.getroot(), "Page")), None)
-    if page is None:
-        raise DataError(f"{path}: PAGE XML without a <Page> element")
-    size = None
-    if page.get("imageWidth") and page.get("imageHeight"):
-        size = (float(page.get("imageWidth")), float(page.get("imageHeight")))
-    lines = [_page_line(line, i + 1) for i, line in enumerate(_descendants(page, "TextLine"))]
-    return XmlPage(path, "page", page.get("imageFilename", "").strip(), size, lines, tree)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root)
-
-
-def _xml_line_of(path: Path, text: str) -> str:
-    """' (line N)': where `text` first appears in the file, for messages ('' if not found)."""
-    try:
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            if text in line:
-                return f" (line {number})"
-    except OSError:
-        pass
-    return ""
+    size = (float(size[0]), float(size[1])) if all(size) else None
+    return XmlPage(path, kind, image_name, size, lines, tree, image_root)
 
 
 def find_image(page: XmlPage) -> Path:
     """The page image: as named (relative to the XML's folder, or only its file name there), else an
-    image beside the XML with the XML's own name. The image must lie inside the page's
-    `image_root` (by default the XML's folder): a named path that leaves it is refused (DataError
-    naming the XML file and line), as is a page without any image found."""
+    image beside the XML with the XML's own name. It must lie inside the page's `image_root` (by
+    default the XML's folder): a named path that leaves it is refused (DataError naming the XML
+    file and line), as is a page without any image found."""
     folder = page.path.parent
     root = (page.image_root or folder).resolve()
     tried, escaped = [], None
     if page.image_name:
         named = Path(page.image_name.replace("\\", "/"))
         candidate = named if named.is_absolute() else folder / named
-        if _inside(candidate, root):
+        if candidate.resolve().is_relative_to(root):
             tried.append(candidate)
         else:
             escaped = candidate
         tried.append(folder / named.name)
     tried += [page.path.with_suffix(suffix) for suffix in IMAGE_SUFFIXES]
     for candidate in tried:
-        if candidate.is_file() and _inside(candidate, root):
+        if candidate.is_file() and candidate.resolve().is_relative_to(root):
             return candidate
     if escaped is not None:
         raise DataError(f"{page.path}{_xml_line_of(page.path, page.image_name)}: the page image path "
@@ -296,22 +220,24 @@ def find_image(page: XmlPage) -> Path:
     raise DataError(f"{page.path}: page image not found{named}; put it beside the XML file")
 
 
+def _xml_line_of(path: Path, text: str) -> str:
+    """' (line N)': where `text` first appears in the file, for messages ('' if not found)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((f" (line {number})" for number, line in enumerate(lines, start=1) if text in line), "")
+
+
 def line_region(line: XmlLine, band: tuple[float, float]) -> list[Point]:
-    """The line's outline: polygon, else box, else a band of `band` = (above, below) px around the
-    baseline. [] when the XML gives none of them."""
+    """The line's outline: its polygon (or box), else a band of `band` = (above, below) px around
+    its baseline. [] when the XML gives none of them."""
     if line.polygon:
         return line.polygon
-    if line.box:
-        x0, y0, x1, y1 = line.box
-        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
     if len(line.baseline) >= 2:
         above, below = band
         return [(x, y - above) for x, y in line.baseline] + [(x, y + below) for x, y in reversed(line.baseline)]
     return []
-
-
-def _area(points: list[Point]) -> float:
-    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True))) / 2
 
 
 def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | None:
@@ -320,11 +246,11 @@ def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | Non
         return "no polygon, box or baseline"
     if not all(math.isfinite(value) for point in points for value in point):
         return "coordinates that are not finite numbers"
-    if len(set(points)) < 3 or _area(points) < 1.0:
+    area = abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True))) / 2
+    if len(set(points)) < 3 or area < 1.0:
         return f"degenerate polygon ({len(set(points))} distinct points, no area)"
     width, height = page_size
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    tolerance = OUTSIDE_TOLERANCE
+    xs, ys, tolerance = [x for x, _ in points], [y for _, y in points], OUTSIDE_TOLERANCE
     if min(xs) < -tolerance or min(ys) < -tolerance or max(xs) > width + tolerance or max(ys) > height + tolerance:
         return (f"coordinates outside the {width}x{height} page (x {min(xs):g}..{max(xs):g}, y "
                 f"{min(ys):g}..{max(ys):g}); does the XML belong to this image?")
@@ -333,11 +259,9 @@ def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | Non
 
 def crop_region(image: Image.Image, points: list[Point]) -> Image.Image:
     """The region's bounding box of `image` (mode L), white outside the region."""
-    width, height = image.size
     xs, ys = [x for x, _ in points], [y for _, y in points]
     left, top = max(0, int(min(xs))), max(0, int(min(ys)))
-    right, bottom = min(width, int(max(xs)) + 1), min(height, int(max(ys)) + 1)
-    crop = image.crop((left, top, right, bottom))
+    crop = image.crop((left, top, min(image.width, int(max(xs)) + 1), min(image.height, int(max(ys)) + 1)))
     mask = Image.new("L", crop.size, 0)
     ImageDraw.Draw(mask).polygon([(x - left, y - top) for x, y in points], fill=255)
     return Image.composite(crop, Image.new("L", crop.size, 255), mask)
@@ -345,12 +269,15 @@ def crop_region(image: Image.Image, points: list[Point]) -> Image.Image:
 
 @dataclass
 class PageCrops:
-    """What cropping one page gave: per usable line its id, text and crop; the problems."""
+    """What one page gives: per usable line its id, text, crop (an image, PNG bytes or a PNG file of
+    the cache folder) and size; the problems; `read` is False when the file is no ALTO or PAGE."""
 
     ids: list[str] = field(default_factory=list)
     texts: list[str | None] = field(default_factory=list)
-    crops: list[Image.Image] = field(default_factory=list)
+    crops: list[Image.Image | bytes | Path] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    read: bool = True
 
 
 def page_image(page: XmlPage) -> Image.Image:
@@ -367,21 +294,16 @@ def crop_lines(page: XmlPage, image: Image.Image, band: tuple[float, float], nee
     if page.size and page.size != image.size:
         scale_x, scale_y = image.width / page.size[0], image.height / page.size[1]
     for line in page.lines:
-        where = f"{page.path} line {line.id}"
-        if need_text and line.text is None:
-            result.problems.append(f"{where}: no transcription, line left out")
-            continue
-        if line.geometry_problem:
-            result.problems.append(f"{where}: {line.geometry_problem}, line left out")
-            continue
         region = [(x * scale_x, y * scale_y) for x, y in line_region(line, band)]
-        problem = region_problem(region, image.size)
+        problem = ("no transcription" if need_text and line.text is None else line.geometry_problem
+                   or region_problem(region, image.size))
         if problem:
-            result.problems.append(f"{where}: {problem}, line left out")
+            result.problems.append(f"{page.path} line {line.id}: {problem}, line left out")
             continue
         result.ids.append(line.id)
         result.texts.append(line.text)
         result.crops.append(crop_region(image, region))
+        result.sizes.append(result.crops[-1].size)
     return result
 
 
@@ -394,43 +316,52 @@ def crop_page(page: XmlPage, band: tuple[float, float]) -> PageCrops:
     return crop_lines(page, image, band)
 
 
-def xml_files(spec: str, key: str) -> list[Path]:
-    """`data.train` etc. for source=xml: a folder of *.xml, a single file, or a glob pattern."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(path.glob("*.xml"))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(match) for match in glob.glob(str(path)) if match.endswith(".xml"))
-    if not files:
-        raise DataError(f"{key}: no XML files found at {spec} (a folder of *.xml, a file or a glob)")
-    return files
-
-
-def _png(image: Image.Image) -> bytes:
-    stream = io.BytesIO()
-    image.save(stream, format="PNG", compress_level=1)
-    return stream.getvalue()
-
-
-def _cache_key(xml_path: Path, image_path: Path, band: tuple[float, float]) -> str:
+def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
+               image_root: Path | None = None) -> PageCrops:
+    """Read one XML file and crop its lines, as PNG bytes; with `cache_dir`, as the files of the
+    page's crops folder there, made once, and reused without parsing the XML while neither the XML
+    nor its image changed (their size and modification time, remembered in `cache_dir`/pages)."""
+    folder = _remembered_crops(path, cache_dir, band, image_root) if cache_dir is not None else None
+    if folder is not None:
+        return _cached_crops(folder)
+    try:
+        page = read_page(path, image_root)
+    except DataError as err:
+        return PageCrops(problems=[str(err)], read=False)
+    if cache_dir is None:
+        crops = crop_page(page, band)
+        pngs = [io.BytesIO() for _ in crops.crops]
+        for crop, png in zip(crops.crops, pngs, strict=True):
+            crop.save(png, format="PNG", compress_level=1)
+        crops.crops = [png.getvalue() for png in pngs]
+        return crops
+    try:
+        image = find_image(page)
+    except DataError as err:
+        return PageCrops(problems=[f"{err} ({len(page.lines)} line(s) left out)"])
     digest = hashlib.sha256()
-    for part in (xml_path.read_bytes(), image_path.read_bytes(), json.dumps([band, CROP_VERSION]).encode()):
+    for part in (path.read_bytes(), image.read_bytes(), json.dumps([band, CROP_VERSION]).encode()):
         digest.update(hashlib.sha256(part).digest())
-    return digest.hexdigest()[:32]
+    folder = cache_dir / digest.hexdigest()[:32]
+    if not (folder / "lines.json").is_file():
+        _save_crops(folder, crop_page(page, band))
+    memo = {**_memo(path, image, band, image_root), "folder": folder.name}
+    try:
+        atomic_write(_memo_path(path, cache_dir), lambda stream: stream.write(json.dumps(memo).encode()))
+    except OSError:
+        pass  # only a shortcut: the next start reads the files again
+    return _cached_crops(folder)
 
 
 def _save_crops(folder: Path, crops: PageCrops) -> None:
-    """Write a page's crops and manifest into a fresh folder, then rename it into place (so a
-    folder that exists is complete; two runs writing the same page at once both succeed)."""
+    """Write a page's crops and manifest into a fresh folder, then rename it into place: a folder
+    that exists is complete, and of two processes cropping the same page, the first one's stays."""
     temporary = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     for i, crop in enumerate(crops.crops):
         crop.save(temporary / f"{i}.png", compress_level=1)
-    manifest = {"ids": crops.ids, "texts": crops.texts, "problems": crops.problems,
-                "sizes": [list(crop.size) for crop in crops.crops]}
+    manifest = {"ids": crops.ids, "texts": crops.texts, "problems": crops.problems, "sizes": crops.sizes}
     (temporary / "lines.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
     try:
         os.replace(temporary, folder)
@@ -438,78 +369,21 @@ def _save_crops(folder: Path, crops: PageCrops) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-@dataclass
-class PageLines:
-    """What one XML file gives a split: its usable lines (each crop as PNG bytes, or its file in
-    the cache folder) and its problems; `read` is False when the file is no readable ALTO or PAGE."""
-
-    ids: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    images: list[bytes | Path] = field(default_factory=list)
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    read: bool = True
-
-
-def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
-               image_root: Path | None = None) -> PageLines:
-    """Read one XML file and crop its lines, or take them from the cache folder if made before."""
-    remembered = _remembered_crops(path, cache_dir, band, image_root) if cache_dir is not None else None
-    if remembered is not None:
-        return _cached_lines(path, remembered)
-    try:
-        page = read_page(path, image_root)
-    except DataError as err:
-        return PageLines(problems=[str(err)], read=False)
-    if cache_dir is None:
-        crops = crop_page(page, band)
-        return PageLines([f"{path}:{i}" for i in crops.ids], crops.texts, [_png(c) for c in crops.crops],
-                         [c.size for c in crops.crops], crops.problems)
-    try:
-        image = find_image(page)
-        folder = cache_dir / _cache_key(path, image, band)
-    except DataError as err:
-        return PageLines(problems=[f"{err} ({len(page.lines)} line(s) left out)"])
-    if not (folder / "lines.json").is_file():
-        _save_crops(folder, crop_page(page, band))
-    _remember_crops(path, image, folder, band, image_root)
-    return _cached_lines(path, folder)
-
-
-def _cached_lines(path: Path, folder: Path) -> PageLines:
+def _cached_crops(folder: Path) -> PageCrops:
     manifest = json.loads((folder / "lines.json").read_text(encoding="utf-8"))
-    return PageLines([f"{path}:{i}" for i in manifest["ids"]], manifest["texts"],
-                     [folder / f"{i}.png" for i in range(len(manifest["ids"]))],
+    return PageCrops(manifest["ids"], manifest["texts"], [folder / f"{i}.png" for i in range(len(manifest["ids"]))],
                      [tuple(size) for size in manifest["sizes"]], manifest["problems"])
 
 
-# A page's crops are found by the content of its XML and image files (`_cache_key`), which means
-# reading both whole; at a million lines (tens of thousands of pages) that would be most of the
-# start. So the cache also remembers, per XML file, the crops folder it led to and the size and
-# modification time of the two files then: while neither has changed, the page is neither parsed
-# nor read again.
 def _memo_path(xml_path: Path, cache_dir: Path) -> Path:
     return cache_dir / "pages" / f"{hashlib.sha256(str(xml_path.resolve()).encode()).hexdigest()[:32]}.json"
 
 
-def _stamp(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-
-def _memo(xml_path: Path, image: Path | None, band: tuple[float, float], image_root: Path | None) -> dict:
-    return {"version": CROP_VERSION, "band": list(band), "image_root": str(image_root or ""),
-            "xml": _stamp(xml_path), "image": _stamp(image) if image else None}
-
-
-def _remember_crops(xml_path: Path, image: Path, folder: Path, band: tuple[float, float],
-                    image_root: Path | None) -> None:
-    memo = {**_memo(xml_path, image, band, image_root), "folder": folder.name}
-    try:
-        atomic_write(_memo_path(xml_path, folder.parent),
-                     lambda stream: stream.write(json.dumps(memo, ensure_ascii=False).encode("utf-8")))
-    except OSError:
-        pass  # only a shortcut: the next start reads the files again
+def _memo(xml_path: Path, image: Path, band: tuple[float, float], image_root: Path | None) -> dict:
+    """What identifies a page's crops without reading its files: their paths, sizes and times."""
+    stamps = {name: [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+              for name, path in (("xml", xml_path), ("image", image))}
+    return {"version": CROP_VERSION, "band": list(band), "image_root": str(image_root or ""), **stamps}
 
 
 def _remembered_crops(xml_path: Path, cache_dir: Path, band: tuple[float, float],
@@ -517,8 +391,7 @@ def _remembered_crops(xml_path: Path, cache_dir: Path, band: tuple[float, float]
     """The crops folder of an unchanged page, or None (then the page is read as the first time)."""
     try:
         memo = json.loads(_memo_path(xml_path, cache_dir).read_text(encoding="utf-8"))
-        image = Path(memo["image"][0])
-        if {**_memo(xml_path, image, band, image_root), "folder": memo["folder"]} != memo:
+        if {**_memo(xml_path, Path(memo["image"][0]), band, image_root), "folder": memo["folder"]} != memo:
             return None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
@@ -528,7 +401,7 @@ def _remembered_crops(xml_path: Path, cache_dir: Path, band: tuple[float, float]
 
 def map_pages(job, paths: list[Path], workers: int):
     """`job` over `paths` in order, in `workers` forked processes when there are several pages
-    (cropping is CPU-bound: about 0.15 s a page on one core); in this process otherwise."""
+    (cropping is CPU-bound); in this process otherwise."""
     workers = min(workers, len(paths))
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         yield from map(job, paths)
@@ -539,40 +412,32 @@ def map_pages(job, paths: list[Path], workers: int):
 
 
 class XmlRecords(LineRecords):
-    """The lines of a split of ALTO / PAGE XML pages (see the module docstring), cropped in
-    `workers` processes."""
+    """The lines of the ALTO / PAGE files `paths` (module docstring), cropped in `workers` processes."""
 
-    def __init__(self, spec: str, key: str, band: tuple[float, float], cache_dir: str = "",
+    def __init__(self, paths: list[Path], name: str, key: str, band: tuple[float, float], cache_dir: str = "",
                  show_progress: bool = True, workers: int = 0, image_root: str = ""):
-        self.name, self.problems, self.texts, self.ids = spec, [], [], []
-        self._images: list[bytes | Path] = []  # a crop as PNG bytes, or its file in the cache
+        self.name, self.problems, self.texts, self.ids, self.pages = name, [], [], [], 0
+        self._crops: list[bytes | Path] = []
         self._sizes: list[tuple[int, int]] = []
-        self.pages = 0
-        paths = xml_files(spec, key)
         job = functools.partial(page_lines, band=band, cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
                                 image_root=Path(image_root).expanduser() if image_root else None)
-        for lines in progress(map_pages(job, paths, workers), f"{key}: cropping lines", show_progress, len(paths)):
+        pages = progress(map_pages(job, paths, workers), f"{key}: cropping lines", show_progress, len(paths))
+        for path, lines in zip(paths, pages, strict=True):
             self.pages += lines.read
-            self.ids += lines.ids
+            self.ids += [f"{path}:{i}" for i in lines.ids]
             self.texts += lines.texts
-            self._images += lines.images
+            self._crops += lines.crops
             self._sizes += lines.sizes
             self.problems += lines.problems
         if not self.texts:
-            raise DataError(f"{key}: no usable text lines in {spec} ({len(self.problems)} problem(s); first: "
+            raise DataError(f"{key}: no usable text lines in {name} ({len(self.problems)} problem(s); first: "
                             f"{' | '.join(self.problems[:3]) or '-'})")
 
     def image(self, index: int) -> Image.Image:
-        return decode_image(self._images[index], self.ids[index])
+        return decode_image(self._crops[index], self.ids[index])
 
-    def sizes(self) -> list[tuple[int, int]]:
-        return list(self._sizes)
-
-
-def _namespaces(path: Path) -> dict[str, str]:
-    """The prefixes a file declares, so that writing it back keeps them (ElementTree would invent
-    ns0, ns1, ...)."""
-    return dict(node for _, node in ET.iterparse(path, events=("start-ns",)))
+    def size_array(self) -> np.ndarray:
+        return np.asarray(self._sizes, dtype=np.int64).reshape(-1, 2)
 
 
 @dataclass
@@ -582,30 +447,22 @@ class LineConfidence:
     line: float
     characters: list[float]
 
-    def alto_cc(self) -> str:
-        """ALTO `CC`: per character 0 (sure) to 9 (unsure), space-separated."""
-        return " ".join(str(min(9, max(0, round((1.0 - c) * 9)))) for c in self.characters)
-
 
 def write_page(page: XmlPage, texts: dict[str, str], out_path: Path,
                confidences: dict[str, LineConfidence] | None = None) -> int:
     """Write `page` to `out_path` with `texts` (line id -> recognised text) as the transcription of
     those lines: ALTO, one `String` per line (with the line's box, and with `confidences` its `WC`
-    and `CC`); PAGE, the line's `TextEquiv` (with its `conf`).
-    The lines' former words and transcriptions are replaced; the file is written whole or not at
-    all (`atomic_write`). Returns the lines written."""
-    for prefix, uri in _namespaces(page.path).items():
+    and `CC`); PAGE, the line's `TextEquiv` (with its `conf`). The lines' former words and
+    transcriptions are replaced; the namespace prefixes of the file are kept; the file is written
+    whole or not at all. Returns the lines written."""
+    for prefix, uri in (node for _, node in ET.iterparse(page.path, events=("start-ns",))):
         ET.register_namespace(prefix, uri)
     written = 0
     for line in page.lines:
-        if line.id not in texts:
-            continue
-        confidence = (confidences or {}).get(line.id)
-        if page.kind == "alto":
-            _set_alto_text(line.element, texts[line.id], confidence)
-        else:
-            _set_page_text(line.element, texts[line.id], confidence)
-        written += 1
+        if line.id in texts:
+            setter = _set_alto_text if page.kind == "alto" else _set_page_text
+            setter(line.element, texts[line.id], (confidences or {}).get(line.id))
+            written += 1
     atomic_write(out_path, lambda stream: page.tree.write(stream, encoding="UTF-8", xml_declaration=True))
     return written
 
@@ -620,8 +477,8 @@ def _set_alto_text(line: ET.Element, text: str, confidence: LineConfidence | Non
     string.set("CONTENT", text)
     if confidence is not None:
         string.set("WC", f"{confidence.line:.4f}")
-        if len(confidence.characters) == len(text) and text:
-            string.set("CC", confidence.alto_cc())
+        if len(confidence.characters) == len(text) and text:  # per character 0 (sure) to 9 (unsure)
+            string.set("CC", " ".join(str(min(9, max(0, round((1.0 - c) * 9)))) for c in confidence.characters))
 
 
 def _set_page_text(line: ET.Element, text: str, confidence: LineConfidence | None) -> None:

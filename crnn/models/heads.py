@@ -1,9 +1,6 @@
-"""Sequence heads on the encoder's column features `(T, N, C)`: BiLSTM + linear, the shortcut, and
-the training-only attention decoder."""
+"""Sequence heads on the encoder's column features `(T, N, C)`: BiLSTM + linear, and the shortcut."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -89,59 +86,3 @@ class ShortcutHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features `(T, N, C)` -> logits `(T, N, classes)`."""
         return self.conv(self.dropout(features).permute(1, 2, 0)).permute(2, 0, 1)
-
-
-def sinusoids(length: int, dim: int, device: torch.device) -> torch.Tensor:
-    """`(length, dim)` sinusoidal position encodings (Vaswani et al. 2017)."""
-    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    rate = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim, device=device)
-    table[:, 0::2] = torch.sin(position * rate)
-    table[:, 1::2] = torch.cos(position * rate)[:, : dim // 2]
-    return table
-
-
-class AttentionDecoder(nn.Module):
-    """A Transformer decoder taught the text from the sequence head's features, for training only
-    (joint CTC-attention training, Kim et al. 2017; the training-only attention heads of recent
-    OCR recipes): its cross-entropy reaches the shared BiLSTM and encoder, whose features must then
-    serve an autoregressive reader as well as CTC. The blank class (0) is its start and end token.
-
-    `targets` `(N, L)`: each line's classes, right-padded with 0. The decoder reads `[0, c1 .. cL]`
-    (teacher forcing, causal) and is taught `[c1 .. cL, 0]`; positions after a line's end token
-    see only earlier ones, so they need no mask (`labels` marks them ignored).
-    """
-
-    IGNORE = -100  # label of positions after a line's end token (cross-entropy's ignore_index)
-
-    def __init__(self, in_channels: int, num_classes: int, dim: int, layers: int, heads: int,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.dim = dim
-        self.memory = nn.Linear(in_channels, dim)
-        self.embed = nn.Embedding(num_classes, dim)
-        layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout, norm_first=True)
-        self.layers = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(dim))
-        self.classifier = nn.Linear(dim, num_classes)
-
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """features `(T, N, C)`, lengths `(N,)` (valid frames), targets `(N, L)` -> logits
-        `(L + 1, N, classes)`."""
-        device = features.device
-        inputs = nn.functional.pad(targets.to(device), (1, 0)).T  # (L + 1, N): the start token, then the text
-        steps = inputs.shape[0]
-        queries = self.embed(inputs) * math.sqrt(self.dim) + sinusoids(steps, self.dim, device)[:, None]
-        padding = torch.arange(features.shape[0], device=device)[None] >= lengths.to(device)[:, None]  # (N, T)
-        causal = nn.Transformer.generate_square_subsequent_mask(steps, device=device)
-        hidden = self.layers(queries, self.memory(features), tgt_mask=causal, tgt_is_causal=True,
-                             memory_key_padding_mask=padding)
-        return self.classifier(hidden)
-
-    @classmethod
-    def labels(cls, targets: torch.Tensor) -> torch.Tensor:
-        """What the decoder is taught at each of its `L + 1` positions, `(N, L + 1)`: the text, the
-        end token (0), then IGNORE."""
-        lengths = (targets != 0).sum(1, keepdim=True)
-        labels = nn.functional.pad(targets, (0, 1))
-        position = torch.arange(labels.shape[1], device=targets.device)[None]
-        return labels.masked_fill(position > lengths, cls.IGNORE)
