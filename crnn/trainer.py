@@ -139,10 +139,7 @@ class EpochStats:
 
     def read(self) -> dict:
         """Everything as plain numbers (one device sync), with the mean losses and the speed."""
-        values = dict(zip(self.SUMS, self.device.tolist(), strict=True))
-        lines = max(values["lines"], 1.0)
-        return {**values, "loss": values["loss_sum"] / lines, "shortcut_loss": values["shortcut_loss_sum"] / lines,
-                "lines_per_s": values["lines"] / max(self.seconds, 1e-9)}
+        return with_means(dict(zip(self.SUMS, self.device.tolist(), strict=True)), self.seconds)
 
     def to_dict(self) -> dict:
         """The loss sums, lines and skipped lines summed over the ranks; the non-finite steps (every
@@ -152,6 +149,13 @@ class EpochStats:
         values = dict(zip(self.SUMS, totals[:3] + self.device[3:].tolist(), strict=True))
         return {**values, "unreadable": int(totals[3]), "too_long": int(totals[4]), "batches": self.batches,
                 "steps": self.steps, "seconds": self.seconds, "problems": self.problems}
+
+
+def with_means(values: dict, seconds: float) -> dict:
+    """`values` (EpochStats sums) with the mean losses per line and the lines per second."""
+    lines = max(values["lines"], 1.0)
+    return {**values, "loss": values["loss_sum"] / lines, "shortcut_loss": values["shortcut_loss_sum"] / lines,
+            "lines_per_s": values["lines"] / max(seconds, 1e-9)}
 
 
 def train(run: Run, deadline: float | None = None) -> RunState:
@@ -286,13 +290,12 @@ def minutes_out(max_minutes: float, train_seconds: float) -> bool:
 def end_epoch(run: Run, epoch: int, stats: EpochStats) -> bool:
     """Validate, log, checkpoint, decide on early stopping. Returns True to stop."""
     state, cfg = run.state, run.cfg
-    values = stats.to_dict()  # summed over ranks
+    values = with_means(stats.to_dict(), stats.seconds)  # summed over ranks
     result = validate(run)
-    lines = max(values["lines"], 1.0)
-    record = {"epoch": epoch, "step": state.step, "train_loss": values["loss_sum"] / lines,
-              "train_shortcut_loss": values["shortcut_loss_sum"] / lines, "val_loss": result.loss,
+    record = {"epoch": epoch, "step": state.step, "train_loss": values["loss"],
+              "train_shortcut_loss": values["shortcut_loss"], "val_loss": result.loss,
               "val_cer": result.counts["greedy"].cer, "val_wer": result.counts["greedy"].wer,
-              "lr": run.scheduler.get_last_lr()[0], "lines_per_s": values["lines"] / max(stats.seconds, 1e-9),
+              "lr": run.scheduler.get_last_lr()[0], "lines_per_s": values["lines_per_s"],
               "epoch_seconds": stats.seconds, "skipped_unreadable": values["unreadable"], "skipped_too_long": values["too_long"],
               "bad_steps": int(values["bad_steps"])}
     best = record["val_cer"] < state.best_cer
