@@ -24,12 +24,12 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnn.config import Config, load_config
-from crnn.data import Vocab, build_dataset, build_loader, load_records, shut_down
+from crnn.data import Vocab, build_dataset, build_loader, load_records
 from crnn.data.collate import Batch, collate
 from crnn.data.samplers import WidthBatchSampler
 from crnn.data.samples import Preprocess, make_sample
 from crnn.data.synthetic import render_line, sample_text
-from crnn.decoding import DECODER_NAMES, GreedyDecoder, build_decoders
+from crnn.decoding import DECODER_NAMES, build_decoders
 from crnn.device import AMP_NAMES, autocast, memory_format, resolve_amp, resolve_device
 from crnn.distributed import DistInfo, unwrap
 from crnn.engine import ctc_line_losses, submit_decoding
@@ -40,14 +40,15 @@ from crnn.models import build_model
 from crnn.optim import build_optimizer, build_scheduler
 from crnn.outputs import atomic_write, atomic_write_text
 from crnn.runlog import log, process_memory
-from crnn.trainer import build_run, configure_torch, train
+from crnn.trainer import build_run, configure_torch, shut_down_at_exit, train
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train.py"  # run by --startup
 
 
 @dataclass
 class TrainStep:
-    """One optimizer step with the operations of `crnn.trainer.train`'s: autocast forward, CTC of
-    the main head + shortcut_weight x the shortcut head's, scaled backward, unscale and clip,
-    optimizer, scaler and schedule step."""
+    """One optimizer step as `crnn.trainer.train` takes it: autocast forward, CTC of the main head +
+    shortcut_weight x the shortcut head's, scaled backward, unscale and clip, step and schedule."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -55,12 +56,6 @@ class TrainStep:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     cfg: Config
-
-    @classmethod
-    def build(cls, cfg: Config, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> TrainStep:
-        optimizer = build_optimizer(cfg.train, model, device)
-        return cls(model, optimizer, build_scheduler(cfg.train, optimizer, 10**6),
-                   torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype, cfg)
 
     def __call__(self, batch: Batch) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -91,7 +86,7 @@ def prepare(batch: Batch, device: torch.device, model: nn.Module, augmenter=None
 
 def median_seconds(work, repeats: int, warmup: int, device: torch.device) -> float:
     """Median wall time of `work()` over `repeats` passes after `warmup` untimed ones."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    synchronize = torch.get_device_module(device).synchronize  # torch.cpu's does nothing
     times = []
     for _ in range(warmup + repeats):
         synchronize(device)
@@ -169,11 +164,12 @@ def speed_row(cfg_path: str, lines: list[tuple], device: torch.device, batch_siz
     row = {"config": Path(cfg_path).stem, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
            "gflops_per_line": flops.get_total_flops() / 1e9 / len(middle),
            "mean_width": sum(int(batch.widths.sum()) for batch in batches) / count}
-    decoders = {"greedy": GreedyDecoder(vocab)}
-    if beam:
-        decoders.update(build_decoders(["beam"], vocab, dataclasses.replace(cfg.decode, workers=1)))
+    names = ["greedy", "beam"] if beam else ["greedy"]
+    decoders = build_decoders(names, vocab, dataclasses.replace(cfg.decode, workers=1))
     for dtype in dict.fromkeys([None, resolve_amp(amp, device, key="--amp")]):
-        precision, step = AMP_NAMES[dtype], TrainStep.build(cfg, model, device, dtype)
+        precision, optimizer = AMP_NAMES[dtype], build_optimizer(cfg.train, model, device)
+        step = TrainStep(model, optimizer, build_scheduler(cfg.train, optimizer, 10**6),
+                         torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), dtype, cfg)
         model.train()
         seconds = median_seconds(lambda s=step: [s(batch) for batch in batches], repeats, warmup, device)
         row[f"train_{precision}_lines_per_s"] = count / seconds
@@ -186,10 +182,9 @@ def speed_row(cfg_path: str, lines: list[tuple], device: torch.device, batch_siz
 
 
 def loop_row(cfg_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    """`crnn.trainer.train` for `steps` steps on the config's data, in a temporary run directory,
-    after `warmup` untimed steps (which start the loader's workers): lines/s as the loop measures
-    itself (metrics.jsonl; validation not counted), then `TrainStep` alone, timed on the batches
-    those steps took, prepared (on the device, augmented) beforehand."""
+    """`crnn.trainer.train` for `steps` steps in a temporary run directory, after `warmup` untimed
+    steps (which start the loader's workers): lines/s as the loop logs them (validation not counted),
+    then `TrainStep` alone on the same batches, prepared beforehand."""
     with tempfile.TemporaryDirectory(prefix="crnn-loop-") as output_dir:
         cfg = load_config(cfg_path, [*overrides, f"train.output_dir={output_dir}", f"train.max_steps={steps}",
                                      f"train.epochs={steps}", "train.resume=", "train.checkpoint_every_steps=0",
@@ -198,12 +193,11 @@ def loop_row(cfg_path: str, overrides: list[str], steps: int, warmup: int) -> di
         run = build_run(cfg, DistInfo(0, 0, 1, resolve_device(cfg.train.device)))
         device = run.dist.device
         step = TrainStep(run.model, run.optimizer, run.scheduler, run.scaler, run.amp_dtype, cfg)
-        try:
+        with shut_down_at_exit(run.train_loader, run.val_loader):
             run.model.train()
             for batch in itertools.islice(run.train_loader, warmup):
                 step(prepare(batch, device, run.model, run.augmenter))
-            cache = run.train_loader.dataset.cache
-            cached = cache.lines_filled if cache is not None else 0
+            cached = getattr(run.train_loader.dataset.cache, "lines_filled", 0)  # 0 without a cache (None)
             train(run)
             epochs = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
             kept, epoch = [], 1
@@ -211,9 +205,6 @@ def loop_row(cfg_path: str, overrides: list[str], steps: int, warmup: int) -> di
                 run.train_loader.batch_sampler.set_epoch(epoch)
                 kept += itertools.islice(run.train_loader, steps - len(kept))
                 epoch += 1
-        finally:
-            shut_down(run.train_loader)
-            shut_down(run.val_loader)
     kept = [batch for batch in (prepare(b, device, run.model, run.augmenter) for b in kept) if len(batch)]
     run.model.train()
     model_seconds = median_seconds(lambda: [step(batch) for batch in kept], 1, 0, device)
@@ -229,9 +220,8 @@ def loop_row(cfg_path: str, overrides: list[str], steps: int, warmup: int) -> di
 
 
 def decoding_rows(checkpoint: str, overrides: list[str], split: str, worker_counts: list[int]) -> list[dict]:
-    """Each decoder's lines/s and CER on a trained checkpoint's log-probs for `split`, per number of
-    worker processes: the forward pass runs once (timed too, as "forward + greedy"), then each
-    decoder alone."""
+    """Each decoder's lines/s and CER on a checkpoint's log-probs for `split`, per number of worker
+    processes, after one forward pass (timed too, as "forward + greedy")."""
     trained = load_trained_model(checkpoint, overrides)
     cfg, start = trained.config, time.perf_counter()
     dataset = build_dataset(cfg.data, load_records(cfg.data, split), trained.vocab, False)
@@ -258,23 +248,16 @@ def decoding_rows(checkpoint: str, overrides: list[str], split: str, worker_coun
     return rows
 
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train.py"
-
-
 def repeated_parquet(source: Path, lines: int, out: Path) -> Path:
-    """The parquet split `source` repeated to `lines` rows at `out` (reused if it has that many)."""
+    """The parquet split `source` repeated to `lines` rows at `out`, one row group per repetition
+    (reused if it has that many rows)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if out.is_file() and pq.ParquetFile(out).metadata.num_rows == lines:
-        return out
-    table = pq.read_table(source, columns=["image", "text"])
-
-    def write(stream) -> None:
-        with pq.ParquetWriter(stream, table.schema) as writer:
-            for start in range(0, lines, len(table)):
-                writer.write_table(table.slice(0, min(len(table), lines - start)))
-
-    atomic_write(out, write)
+    if not (out.is_file() and pq.ParquetFile(out).metadata.num_rows == lines):
+        table = pq.read_table(source, columns=["image", "text"])
+        repeated = pa.concat_tables([table] * math.ceil(lines / len(table))).slice(0, lines)
+        atomic_write(out, lambda stream: pq.write_table(repeated, stream, row_group_size=len(table)))
     return out
 
 

@@ -1,15 +1,13 @@
 """CTC decoding: greedy (best path), beam search, beam search + character language model.
 
 Every decoder is a `Decoder`: a callable `(log_probs (T, N, C) float32, lengths (N,)) -> N
-strings`, as `crnn.engine.evaluate` runs them; decoders also give the n best with `.nbest()`.
-`build_decoders(names, vocab, cfg.decode, lm_texts)` builds them by name: greedy, beam, beam_lm.
+strings`, which also gives the n best with `.nbest()`; `build_decoders` builds them by name.
 
 Beam search is flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`, CPU), with
 `log_add` on, so a labelling's probability sums over its alignments, and the 16 most probable
-classes considered per frame. Blank is class 0 and the vocab's characters follow. The space is
-the decoder's silence token, i.e. its word boundary: `decode.word_score` is added on every frame
-labelled space. A vocab without a space gets a silence token past the last class, which no frame
-can take (then `word_score` has no effect).
+classes considered per frame. The space is the decoder's silence token, i.e. its word boundary:
+`decode.word_score` is added on every frame labelled space. A vocab without a space gets a
+silence token past the last class, which no frame can take (then `word_score` has no effect).
 
 beam_lm's language model is run by flashlight's KenLM: `decode.lm_path` (an ARPA file or a
 KenLM binary), else a character n-gram of order `decode.lm_order` (`crnn.lm.NgramLM`) estimated
@@ -69,10 +67,9 @@ def char_spans(log_probs: torch.Tensor, labels: Sequence[int], frames: Sequence[
         return []
     probs = log_probs.float().exp()
     best, argmax = probs.max(dim=-1)
-    change = argmax[1:] != argmax[:-1]
-    run = torch.cat([change.new_zeros(1, dtype=torch.long), change.cumsum(0)])  # each frame's run of one class
-    starts = torch.cat([run.new_zeros(1), change.nonzero().flatten() + 1])
-    ends = torch.cat([starts[1:] - 1, run.new_tensor([len(argmax) - 1])])
+    _, run, counts = torch.unique_consecutive(argmax, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0) - 1
+    starts = ends - counts + 1
     run_best = best.new_zeros(len(starts)).scatter_reduce(0, run, best, "amax")
     frames, labels = torch.tensor(frames), torch.tensor(labels)
     inside, own = argmax[frames] == labels, run[frames]
@@ -114,22 +111,17 @@ def decoder_tokens(vocab: Vocab) -> tuple[list[str], str]:
 
 
 class BeamDecoder:
-    """Flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`), on the CPU. `lm`:
-    None or flashlight's KenLM (`load_kenlm`), its log10 scores weighted by `lm_weight` per
-    natural log; `word_score` is added on every frame labelled space."""
+    """The beam search of the module docstring; `lm`: None or flashlight's KenLM (`load_kenlm`)."""
 
     def __init__(self, vocab: Vocab, beam_size: int = 10, beam_threshold: float = 25.0, nbest: int = 1,
                  lm=None, lm_weight: float = 0.0, word_score: float = 0.0):
         tokens, sil_token = decoder_tokens(vocab)
         self.vocab = vocab
-        try:
-            self.decoder = ctc_decoder(
-                lexicon=None, tokens=tokens, lm=lm, nbest=nbest, beam_size=beam_size,
-                beam_size_token=min(BEAM_SIZE_TOKEN, len(tokens)), beam_threshold=beam_threshold,
-                lm_weight=lm_weight * math.log(10.0), sil_score=word_score, log_add=True,
-                blank_token=BLANK_TOKEN, sil_token=sil_token)
-        except RuntimeError as err:
-            raise ConfigError(f"cannot build the beam search decoder: {str(err).splitlines()[0]}") from None
+        self.decoder = ctc_decoder(
+            lexicon=None, tokens=tokens, lm=lm, nbest=nbest, beam_size=beam_size,
+            beam_size_token=min(BEAM_SIZE_TOKEN, len(tokens)), beam_threshold=beam_threshold,
+            lm_weight=lm_weight * math.log(10.0), sil_score=word_score, log_add=True,
+            blank_token=BLANK_TOKEN, sil_token=sil_token)
 
     def nbest(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
         """log_probs `(T, N, C)`, lengths `(N,)` -> per line, its best hypotheses, best first."""
@@ -221,16 +213,14 @@ def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
         raise ConfigError(f"unknown decoder '{unknown[0]}'; choose from {', '.join(DECODER_NAMES)}")
     beams = [name for name in names if name != "greedy"]
     local = build_local_decoders(beams, vocab, decode_cfg, lm_texts)  # its errors here, not in a worker
-    pool = None
-    if beams and decoder_workers(decode_cfg) > 1:
-        pool, local = DecoderPool(beams, vocab, decode_cfg, lm_texts, decoder_workers(decode_cfg)), {}
-    return {name: GreedyDecoder(vocab) if name == "greedy" else (PooledDecoder(pool, name) if pool else local[name])
-            for name in names}
+    if beams and (workers := decoder_workers(decode_cfg)) > 1:
+        pool = DecoderPool(beams, vocab, decode_cfg, lm_texts, workers)
+        local = {name: PooledDecoder(pool, name) for name in beams}
+    return {name: GreedyDecoder(vocab) if name == "greedy" else local[name] for name in names}
 
 
 def build_local_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
                          lm_texts: Sequence[str] | None) -> dict[str, BeamDecoder]:
-    """The beam decoders of `names` in this process."""
     options = {"beam_size": decode_cfg.beam_size, "beam_threshold": decode_cfg.beam_threshold, "nbest": decode_cfg.nbest}
     return {name: BeamDecoder(vocab, **options) if name == "beam" else
             BeamDecoder(vocab, **options, lm=build_language_model(vocab, decode_cfg, lm_texts),
@@ -245,9 +235,9 @@ def build_local_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeC
 _WORKER_DECODERS: dict[str, BeamDecoder] = {}
 
 
-def _start_worker(names: list[str], chars: list[str], decode_cfg: DecodeConfig, lm_texts) -> None:
+def _start_worker(names: list[str], vocab: Vocab, decode_cfg: DecodeConfig, lm_texts) -> None:
     torch.set_num_threads(1)
-    _WORKER_DECODERS.update(build_local_decoders(names, Vocab(chars), decode_cfg, lm_texts))
+    _WORKER_DECODERS.update(build_local_decoders(names, vocab, decode_cfg, lm_texts))
 
 
 def _worker_ready() -> int:
@@ -269,8 +259,7 @@ class DecoderPool:
         self.workers = workers
         self.executor = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(names, list(vocab.chars), dataclasses.replace(decode_cfg, workers=1),
-                      list(lm_texts) if lm_texts is not None else None))
+            initargs=(names, vocab, dataclasses.replace(decode_cfg, workers=1), lm_texts))
         atexit.register(self.close)
         ready: set[int] = set()  # every worker started, its decoders (and LM) built, before any line
         while len(ready) < workers:
@@ -279,9 +268,8 @@ class DecoderPool:
     def submit(self, name: str, log_probs: torch.Tensor, lengths: torch.Tensor) -> Callable[[], list[list[Hypothesis]]]:
         emissions = log_probs.detach().float().cpu().transpose(0, 1).contiguous().numpy()  # (N, T, C)
         lengths = lengths.detach().cpu().numpy()
-        chunks = [chunk for chunk in np.array_split(np.arange(len(lengths)), self.workers) if len(chunk)]
-        futures = [self.executor.submit(_decode_chunk, name, emissions[chunk[0]: chunk[-1] + 1],
-                                        lengths[chunk[0]: chunk[-1] + 1]) for chunk in chunks]
+        chunks = zip(*(np.array_split(array, self.workers) for array in (emissions, lengths)), strict=True)
+        futures = [self.executor.submit(_decode_chunk, name, *chunk) for chunk in chunks if len(chunk[1])]
         return lambda: [line for future in futures for line in future.result()]
 
     def close(self) -> None:

@@ -1,19 +1,13 @@
-"""Which device and which precision: the one home of both decisions.
-
-- `resolve_device`: `train.device` (or a tool's `--device`) -> a torch.device.
-- `check_device_options`: what a run's config asks of its device (SyncBatchNorm, DataParallel,
-  the precision), refused before any work is done.
-- `resolve_amp`: the one meaning of `train.amp` (and of the tools' `--amp`) -> the autocast dtype;
-  training, validation, evaluation and the benchmark all use it. `autocast` wraps a forward pass
-  (and its loss) in it.
-- `memory_format`: the layout a training model's convolutions take (channels_last on a CPU).
-"""
+"""Which device and which precision: the one home of both decisions. `train.device` (or a tool's
+`--device`) -> `resolve_device`; `train.amp` (or a tool's `--amp`) -> `resolve_amp`, the one meaning
+of both for training, validation, evaluation and the benchmark."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import time
 from contextlib import nullcontext
 from functools import cache
@@ -29,6 +23,7 @@ from crnn.outputs import atomic_write_text
 from crnn.runlog import log
 
 AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+BF16_MIN_SPEEDUP = 1.2  # below it float32 keeps its precision for little or no time lost (auto, CPU)
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
@@ -39,17 +34,14 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"'{key}' must be {DEVICES}, got '{name}'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"'{key}' asks for CUDA, but no CUDA device is available; use {key}=cpu"
-                              if key.startswith("train.") else
-                              f"{key} {name}: no CUDA device is available here; use {key} cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"'{key}' must be {DEVICES}, got '{name}'")
-    return device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'{key}' asks for CUDA, but no CUDA device is available; use {key}=cpu"
+                          if key.startswith("train.") else
+                          f"{key} {name}: no CUDA device is available here; use {key} cpu")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def check_device_options(train: TrainConfig, device: torch.device) -> None:
@@ -65,14 +57,9 @@ def check_device_options(train: TrainConfig, device: torch.device) -> None:
 
 
 def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
-    """`train.amp` -> the autocast dtype (None: full float32), the same everywhere.
-
-    auto: on CUDA, bf16 where the GPU supports it, else fp16. On a CPU, from what it reports
-    (`cpu_amp`): bf16 with AMX, float32 without bf16 kernels (PyTorch would emulate bf16, many
-    times slower); with AVX-512 BF16 but no AMX, bf16 pays on some CPUs and not on others, so it is
-    measured once per machine and the answer kept. fp16 needs CUDA (its GradScaler); bf16 runs
-    anywhere, emulated (with a warning) on a CPU without bf16 kernels.
-    """
+    """`train.amp` -> the autocast dtype (None: full float32). auto: on CUDA, bf16 where the GPU
+    supports it, else fp16; on a CPU, `cpu_amp`. fp16 needs CUDA (its GradScaler); bf16 runs
+    anywhere, emulated (with a warning) on a CPU without bf16 kernels."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -100,27 +87,18 @@ def cpu_runs_bf16_natively() -> bool | None:
         return None
 
 
-BF16_MIN_SPEEDUP = 1.2  # below it float32 keeps its precision for little or no time lost
-
-
 @cache
 def cpu_amp() -> torch.dtype | None:
-    """`train.amp=auto` on this CPU, with the reason logged. Without AMX but with bf16 kernels the
-    answer is a measurement (`bf16_speedup`), taken once per machine and kept in
-    `amp_cache_path()`; under torch.distributed the ranks agree (bf16 only if all say so)."""
+    """`train.amp=auto` on this CPU, with the reason logged: bf16 with AMX, float32 without bf16
+    kernels (PyTorch would emulate bf16, many times slower); with AVX-512 BF16 but no AMX, bf16 pays
+    on some CPUs only, so `kept_bf16_speedup` decides. Under torch.distributed the ranks agree."""
     if cpu_runs_bf16_natively() is not True:
         log.info("train.amp=auto: float32 (this CPU has no bf16 kernels)")
         return None
     if torch.cpu._is_amx_tile_supported():
         log.info("train.amp=auto: bf16 (this CPU has AMX)")
         return torch.bfloat16
-    path, key = amp_cache_path(), f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    known = read_json(path)
-    if key in known:
-        speedup, how = float(known[key]), f"measured earlier on this machine, kept in {path}"
-    else:
-        speedup, how = bf16_speedup(), "measured now, once for this machine"
-        write_json(path, {**read_json(path), key: round(speedup, 3)})
+    speedup, how = kept_bf16_speedup()
     pays = speedup >= BF16_MIN_SPEEDUP
     if dist.is_available() and dist.is_initialized():
         vote = torch.tensor([int(pays)])
@@ -131,36 +109,36 @@ def cpu_amp() -> torch.dtype | None:
     return torch.bfloat16 if pays else None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def kept_bf16_speedup() -> tuple[float, str]:
+    """`bf16_speedup()` and how it was had: measured once per machine (CPU, torch version, threads)
+    and kept in the user's cache folder; a cache that cannot be written is measured again next time."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crnn/cpu_bf16_speedup.json"
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
-
-def amp_cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "crnn" / "cpu_bf16_speedup.json"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    def known() -> dict:  # read again before writing: another process may have kept its own meanwhile
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
-
-def write_json(path: Path, data: dict) -> None:
-    """Best effort: a cache that cannot be written is measured again next time."""
+    if key in (kept := known()):
+        return float(kept[key]), f"measured earlier on this machine, kept in {path}"
+    speedup = bf16_speedup()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps({**known(), key: round(speedup, 3)}, indent=1, sort_keys=True))
     except OSError as err:
         log.warning("cannot keep the bf16 measurement in %s: %s", path, err)
+    return speedup, "measured now, once for this machine"
+
+
+def cpu_name() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return re.search(r"^model name[ \t]*:[ \t]*(.*\S)", cpuinfo, re.MULTILINE)[1]
+    except (OSError, TypeError):  # no /proc (not Linux), or no model name in it (ARM)
+        return platform.processor() or platform.machine()
 
 
 def bf16_speedup(repeats: int = 2) -> float:
@@ -198,6 +176,4 @@ def warn_once(message: str) -> None:
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """Autocast to `amp_dtype` on `device`'s type; a no-op context for float32 (None)."""
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    return nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel.scatter_gather import gather
 
 from crnn.device import resolve_device
 
@@ -37,18 +38,17 @@ class DistInfo:
 
 
 def setup(device_name: str = "auto") -> DistInfo:
-    """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun), join the process group, pick the device.
-
-    Under torchrun the process group is joined whatever the number of processes, one included."""
+    """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun), pick the device and, under torchrun
+    (whatever the number of processes, one included), join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        options = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **options)
+        cuda = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if cuda else None)
     return DistInfo(rank, local_rank, world_size, device, dist.get_backend() if dist.is_initialized() else "")
 
 
@@ -57,39 +57,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-class _BatchFirst(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.module = model
-
-    def forward(self, *args, **kwargs):
-        output = self.module(*args, **kwargs)
-        return _transpose_output(output)
-
-
-def _transpose_output(output):
-    """Swap the first two axes (T and N) of a CRNNOutput's per-frame outputs."""
-    def swapped(tensor):
-        return None if tensor is None else tensor.transpose(0, 1)
-
-    return output._replace(log_probs=swapped(output.log_probs), shortcut_log_probs=swapped(output.shortcut_log_probs))
-
-
-class DataParallelCRNN(torch.nn.Module):
+class DataParallelCRNN(torch.nn.DataParallel):
     """`nn.DataParallel` for the CRNN: one process, the batch split over the visible GPUs.
 
-    DataParallel splits inputs and gathers outputs along dim 0, but the log-probs are `(T, N, C)`:
-    each replica returns them batch-first and they are turned back here. All replicas see the
-    same padded width, so their T agree.
+    DataParallel gathers outputs along dim 0, but the log-probs are `(T, N, C)`: they are gathered
+    along N here. All replicas see the same padded width, so their T agree.
     """
 
-    def __init__(self, model: torch.nn.Module, device_ids: list[int] | None = None):
-        super().__init__()
-        self.module = model
-        self.parallel = torch.nn.DataParallel(_BatchFirst(model), device_ids)
-
-    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None):
-        return _transpose_output(self.parallel(images, widths, with_shortcut))
+    def gather(self, outputs, output_device):
+        log_probs, lengths, shortcut_log_probs = zip(*outputs, strict=True)  # one CRNNOutput per replica
+        return outputs[0]._make([gather(log_probs, output_device, dim=1), gather(lengths, output_device),
+                                 gather(shortcut_log_probs, output_device, dim=1)])  # None stays None
 
 
 class StopRequest:
@@ -130,34 +108,28 @@ class StopRequest:
 
 def max_over_ranks(values: list[float]) -> list[float]:
     """Elementwise max of `values` over ranks: decisions (stop, early stop) that every rank must
-    take together. All ranks must call it at the same point; in one process it returns `values`."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+    take together. All ranks must call it at the same point."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.MAX).tolist()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op in one process) and return the tensor."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl" and not tensor.is_cuda:  # NCCL reduces GPU tensors only
-            on_device = tensor.cuda()
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-            tensor.copy_(on_device.cpu())
-        else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        nccl_needs_gpu = dist.get_backend() == "nccl" and not tensor.is_cuda  # NCCL reduces GPU tensors only
+        reduced = tensor.cuda() if nccl_needs_gpu else tensor
+        dist.all_reduce(reduced, op=op)
+        tensor.copy_(reduced)  # a no-op where `reduced` is `tensor`
     return tensor
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
-
-    DDP broadcasts them at the start of each forward, but the last training forward updates them
-    locally; without this, ranks would validate with slightly different statistics than the ones
-    rank 0 saves in the checkpoint."""
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank: DDP broadcasts them at
+    the start of each forward, but the last training forward updates them locally, and every rank
+    must validate with the statistics rank 0 saves in the checkpoint."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer.data, src=0)

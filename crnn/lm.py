@@ -78,24 +78,21 @@ def count_ngrams(sentences: Iterable[list[str]], order: int) -> list[Counter]:
 def kneser_ney_counts(raw: list[Counter]) -> list[dict]:
     """Raw counts at the highest order; below it, the number of distinct tokens seen before the
     gram (continuation count), except for grams starting with `<s>`, which keep their raw count."""
-    adjusted: list[dict] = [dict(counter) for counter in raw]
-    for k in range(len(raw) - 1, 0, -1):
-        continuation = Counter(gram[1:] for gram in raw[k])
-        adjusted[k - 1] = {gram: count if gram[0] == BOS else continuation[gram] for gram, count in raw[k - 1].items()}
-    return adjusted
+    continuations = [Counter(gram[1:] for gram in higher) for higher in raw[1:]]
+    return [{gram: count if gram[0] == BOS else continuation[gram] for gram, count in counts.items()}
+            for counts, continuation in zip(raw[:-1], continuations, strict=True)] + [dict(raw[-1])]
 
 
 def kneser_ney_discounts(counts: dict) -> tuple[float, float, float]:
     """Modified Kneser-Ney discounts D1, D2, D3+ of one order from its counts of counts."""
     count_of_counts = Counter(count for count in counts.values() if count <= 4)
     n1, n2, n3, n4 = (count_of_counts[i] for i in range(1, 5))
-    if min(n1, n2, n3) == 0:
-        return KN_FALLBACK_DISCOUNTS
-    y = n1 / (n1 + 2 * n2)
-    discounts = (1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
-    if not all(0 < discount < limit for discount, limit in zip(discounts, (1, 2, 3), strict=True)):
-        return KN_FALLBACK_DISCOUNTS
-    return discounts
+    if min(n1, n2, n3) > 0:
+        y = n1 / (n1 + 2 * n2)
+        discounts = (1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
+        if all(0 < discount < limit for discount, limit in zip(discounts, (1, 2, 3), strict=True)):
+            return discounts
+    return KN_FALLBACK_DISCOUNTS
 
 
 class NgramLM:
@@ -110,8 +107,6 @@ class NgramLM:
     @classmethod
     def estimate(cls, texts: Iterable[str], order: int = 6) -> NgramLM:
         """Estimate from transcriptions (one sentence each), interpolating order 1 up to `order`."""
-        if order < 1:
-            raise DataError(f"LM order must be >= 1, got {order}")
         raw = count_ngrams((text_to_tokens(text) for text in texts), order)
         if not raw[0]:
             raise DataError("cannot estimate a language model from no text")
@@ -141,7 +136,7 @@ class NgramLM:
         """log P(token | context), backing off to shorter contexts; unknown tokens score as <unk>."""
         if (token,) not in self.log_probs:
             token = UNK
-        context = context[max(0, len(context) - self.order + 1):] if self.order > 1 else ()
+        context = context[max(0, len(context) - self.order + 1):]
         penalty = 0.0
         while True:
             found = self.log_probs.get((*context, token))
@@ -152,9 +147,7 @@ class NgramLM:
 
     def write_arpa(self, path: str | Path) -> None:
         """Write a standard ARPA file (log10 probabilities and backoff weights)."""
-        by_order: list[list[tuple[str, ...]]] = [[] for _ in range(self.order)]
-        for gram in self.log_probs:
-            by_order[len(gram) - 1].append(gram)
+        by_order = [[gram for gram in self.log_probs if len(gram) == k] for k in range(1, self.order + 1)]
         lines = ["\\data\\"] + [f"ngram {k}={len(grams)}" for k, grams in enumerate(by_order, 1)]
         for k, grams in enumerate(by_order, start=1):
             lines += ["", f"\\{k}-grams:"]

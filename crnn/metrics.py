@@ -78,20 +78,16 @@ def worst_lines_first(lines: Iterable[tuple[str, str, str]]) -> list[LineErrors]
 def aligned_hits(reference: str, hypothesis: str) -> list[bool]:
     """For each character of `hypothesis`, whether a minimum edit alignment to `reference` matches it
     with the same character (False: substituted or inserted)."""
-    rows, cols = len(reference) + 1, len(hypothesis) + 1
-    cost = [[0] * cols for _ in range(rows)]
-    for i in range(rows):
-        cost[i][0] = i
-    for j in range(cols):
-        cost[0][j] = j
-    for i in range(1, rows):
-        for j in range(1, cols):
-            same = reference[i - 1] == hypothesis[j - 1]
-            cost[i][j] = min(cost[i - 1][j] + 1, cost[i][j - 1] + 1, cost[i - 1][j - 1] + (0 if same else 1))
+    cost = [list(range(len(hypothesis) + 1))]  # cost[i][j]: edits from reference[:i] to hypothesis[:j]
+    for i, ref_char in enumerate(reference, start=1):
+        row = [i]
+        for j, hyp_char in enumerate(hypothesis, start=1):
+            row.append(min(cost[i - 1][j] + 1, row[j - 1] + 1, cost[i - 1][j - 1] + (ref_char != hyp_char)))
+        cost.append(row)
     hits, i, j = [False] * len(hypothesis), len(reference), len(hypothesis)
     while i > 0 and j > 0:
         same = reference[i - 1] == hypothesis[j - 1]
-        if cost[i][j] == cost[i - 1][j - 1] + (0 if same else 1):
+        if cost[i][j] == cost[i - 1][j - 1] + (not same):
             hits[j - 1] = same
             i, j = i - 1, j - 1
         elif cost[i][j] == cost[i][j - 1] + 1:

@@ -1,13 +1,10 @@
 """Train-only augmentation of a padded batch, on the device the batch trains on.
 
 Per line, each op fires with probability `data.augment.prob`: a warp (shear, rotation, scale never
-taller, a smooth grid distortion; one sampling grid, the line's width follows), erosion or dilation
-(square kernel of 3 to 1 + 2 * round(morphology * height / 64) px), contrast and brightness.
-
-A line's parameters come from its seed (the sampler's, from train.seed, epoch and line), so it is
-augmented the same way in any batch, on any rank and after a resume. The warp uses counter-based
-uniforms (hash of seed and slot), so `augmented_widths` gives many lines' new widths in a few array
-ops; the rest comes from a `torch.Generator` seeded with it. Nothing is read back from the device.
+taller, a smooth grid distortion; one sampling grid, the line's width follows), erosion or dilation,
+contrast and brightness. A line's parameters come from its seed (the sampler's, from train.seed,
+epoch and line), so it is augmented the same way in any batch, on any rank and after a resume, and
+`augmented_widths` gives many lines' new widths in a few array ops. Nothing is read from the device.
 """
 
 from __future__ import annotations
@@ -72,8 +69,7 @@ def draw_warps(cfg: AugmentConfig, height: int, seeds: np.ndarray) -> Warps:
 
 
 def augmented_widths(cfg: AugmentConfig, height: int, widths: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """The widths that lines of `widths` px at `height` will have once augmented with `seeds`: the
-    widths `BatchAugmenter` returns for them."""
+    """The widths `BatchAugmenter` returns for lines of `widths` px at `height` augmented with `seeds`."""
     return draw_warps(cfg, height, seeds).out_widths(np.asarray(widths), height)
 
 
@@ -149,10 +145,8 @@ class BatchAugmenter:
     def _warp(images: torch.Tensor, params: list[LineParams], canvas: int) -> torch.Tensor:
         """Lines that warp are resampled on one grid each (one grid_sample for all of them); the
         others are copied onto the new canvas as they are."""
-        count, _, height, width = images.shape
-        out = images.new_zeros(count, 1, height, canvas)
-        keep = min(width, canvas)
-        out[..., :keep] = images[..., :keep]
+        height, width = images.shape[2:]
+        out = F.pad(images, (0, canvas - width))  # cropped where the canvas is narrower
         warped = [i for i, p in enumerate(params) if p.inverse is not None]
         if warped:
             lines = to_device(torch.tensor(warped), images.device)
@@ -182,39 +176,31 @@ class BatchAugmenter:
 def warp_grid(params: list[LineParams], height: int, width: int, canvas: int, device: torch.device) -> torch.Tensor:
     """`(n, H, canvas, 2)` sampling grid of warped lines: output pixel centres -> source positions,
     normalised for the padded input batch of `width` columns."""
-    out_widths = to_device(torch.tensor([p.out_width for p in params], dtype=torch.float32), device)
+    widths = to_device(torch.tensor([[p.width, p.out_width] for p in params], dtype=torch.float32), device)
     inverse = to_device(torch.stack([p.inverse for p in params]), device)  # (n, 2, 2)
-    xs = torch.arange(canvas, device=device) + 0.5 - out_widths[:, None] / 2  # (n, canvas), centred
-    ys = (torch.arange(height, device=device) + 0.5 - height / 2)[None, :, None]  # (1, H, 1)
-    source_x = inverse[:, 0, 0, None, None] * xs[:, None, :] + inverse[:, 0, 1, None, None] * ys
-    source_y = inverse[:, 1, 0, None, None] * xs[:, None, :] + inverse[:, 1, 1, None, None] * ys
+    xs = (torch.arange(canvas, device=device) + 0.5 - widths[:, 1, None] / 2)[:, None, None, :]  # centred
+    ys = (torch.arange(height, device=device) + 0.5 - height / 2)[:, None]  # (H, 1)
+    source = inverse[:, :, 0, None, None] * xs + inverse[:, :, 1, None, None] * ys  # (n, 2, H, canvas)
     if any(p.field is not None for p in params):
-        field = distortion_field(params, height, canvas, device)
-        source_x, source_y = source_x + field[:, 0], source_y + field[:, 1]
-    line_widths = to_device(torch.tensor([p.width for p in params], dtype=torch.float32), device)
+        source = source + distortion_field(params, height, canvas, device)
     # a source x, relative to its line's centre, -> the padded batch's normalised x
-    grid_x = (2 * source_x + line_widths[:, None, None]) / width - 1
-    return torch.stack([grid_x, 2 * source_y / height], dim=-1)
+    grid_x = (2 * source[:, 0] + widths[:, 0, None, None]) / width - 1
+    return torch.stack([grid_x, 2 * source[:, 1] / height], dim=-1)
 
 
 def distortion_field(params: list[LineParams], height: int, canvas: int, device: torch.device) -> torch.Tensor:
     """`(n, 2, H, canvas)` displacement in pixels: each line's coarse `(2, 2, cells)` field upsampled
-    bicubically (corners aligned) over its own output width, zero for lines without one. The coarse
+    bicubically (corners aligned) over its own output width; zero for lines without one. The coarse
     fields are padded to one width by repeating each line's last column, so that one grid_sample
     upsamples them all as `F.interpolate` would each one alone."""
-    cells = max(p.field.shape[-1] if p.field is not None else 2 for p in params)
-    coarse = torch.zeros(len(params), 2, 2, cells)
-    for i, p in enumerate(params):
-        if p.field is not None:
-            coarse[i] = F.pad(p.field, (0, cells - p.field.shape[-1]), mode="replicate")
-    coarse = to_device(coarse, device)
-    own_cells = to_device(torch.tensor([p.field.shape[-1] if p.field is not None else 2 for p in params]), device)
-    out_widths = to_device(torch.tensor([p.out_width for p in params]), device)
-    columns = torch.arange(canvas, device=device)[None, :]  # (1, canvas)
-    position = columns * (own_cells[:, None] - 1) / (out_widths[:, None] - 1).clamp(min=1)  # in cells
-    grid_x = (2 * position / max(cells - 1, 1) - 1)[:, None, :].expand(-1, height, -1)
+    fields = [torch.zeros(2, 2, 2) if p.field is None else p.field for p in params]
+    cells = max(field.shape[-1] for field in fields)
+    coarse = torch.stack([F.pad(field, (0, cells - field.shape[-1]), mode="replicate") for field in fields])
+    spans = to_device(torch.tensor([[field.shape[-1] - 1, max(p.out_width - 1, 1)]  # cells, columns
+                                    for field, p in zip(fields, params, strict=True)]), device)
+    position = torch.arange(canvas, device=device) * spans[:, :1] / spans[:, 1:]  # (n, canvas), in cells
+    grid_x = (2 * position / (cells - 1) - 1)[:, None, :].expand(-1, height, -1)
     grid_y = (2 * torch.arange(height, device=device) / max(height - 1, 1) - 1)[None, :, None].expand_as(grid_x)
-    field = F.grid_sample(coarse, torch.stack([grid_x, grid_y], dim=-1).float(), mode="bicubic",
-                          padding_mode="border", align_corners=True)
-    has_field = to_device(torch.tensor([p.field is not None for p in params]), device)
-    return field * has_field[:, None, None, None]
+    grid = torch.stack([grid_x, grid_y], dim=-1).float()
+    return F.grid_sample(to_device(coarse, device), grid, mode="bicubic", padding_mode="border",
+                         align_corners=True)

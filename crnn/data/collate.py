@@ -19,7 +19,6 @@ from crnn.data.vocab import Vocab
 
 
 def round_up(value: int, multiple: int) -> int:
-    """`value` rounded up to a multiple of `multiple` (a batch's padded width)."""
     return -(-value // multiple) * multiple
 
 
@@ -59,7 +58,7 @@ class Batch:
         lines = to_device(torch.tensor(kept, dtype=torch.long), self.images.device)
         return Batch(self.images[lines], self.widths[kept], targets, self.target_lengths[kept],
                      self.min_frames[kept], [self.texts[i] for i in kept], [self.indices[i] for i in kept],
-                     self.errors, [self.seeds[i] for i in kept] if self.seeds else [])
+                     self.errors, [self.seeds[i] for i in kept])
 
     def to(self, device: torch.device) -> Batch:
         """The batch as the model takes it: images on `device` as float ink in [0, 1] (they cross as
@@ -87,10 +86,9 @@ class LineDataset(torch.utils.data.Dataset):
     ("train" or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`).
     With a `LineCache`, a line is decoded once and read from shared memory afterwards."""
 
-    def __init__(self, records: LineRecords, vocab: Vocab, preprocess: Preprocess, purpose: str,
-                 cache: LineCache | None = None):
-        self.records, self.vocab, self.preprocess = records, vocab, preprocess
-        self.purpose, self.cache = purpose, cache
+    def __init__(self, records: LineRecords, vocab: Vocab, preprocess: Preprocess, purpose: str):
+        self.records, self.vocab, self.preprocess, self.purpose = records, vocab, preprocess, purpose
+        self.cache: LineCache | None = None  # build_dataset's, sized from `widths`
 
     def __len__(self) -> int:
         return len(self.records)

@@ -42,10 +42,8 @@ def batch_sizes(count: int, batch_size: int, batches: int) -> list[int]:
     """`count` lines in `batches` batches (count / batch_size <= batches <= count): as many full
     batches as leave at least one line for each of the others, which share the rest evenly."""
     full = batches if batch_size == 1 else min(batches, (count - batches) // (batch_size - 1))
-    if full == batches:
-        return [batch_size] * full
-    rest = [len(part) for part in np.array_split(np.arange(count - full * batch_size), batches - full)]
-    return [batch_size] * full + rest
+    rest = np.array_split(np.arange(count - full * batch_size), batches - full) if full < batches else []
+    return [batch_size] * full + [len(part) for part in rest]
 
 
 class WidthBatchSampler:
@@ -73,44 +71,31 @@ class WidthBatchSampler:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augmented_width, self.rank, self.world_size = augmented_width, rank, world_size
         self.epoch, self.start_batch = 0, 0
-        self._seeds: tuple[int, np.ndarray | None] = (-1, None)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order; `start_batch` skips this rank's first batches (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_seeds(self) -> np.ndarray | None:
-        """Each line's augmentation seed this epoch (None without augmentation), kept for the epoch."""
-        if self.augmented_width is None or not self.shuffle:
-            return None
-        if self._seeds[0] != self.epoch:
-            self._seeds = (self.epoch, augmentation_seeds(self.seed, self.epoch, len(self.widths)))
-        return self._seeds[1]
-
-    def epoch_widths(self) -> np.ndarray:
-        """The widths batches are grouped by: with augmentation, the widths the lines will have."""
-        seeds = self.epoch_seeds()
-        return self.widths if seeds is None else self.augmented_width(self.widths, seeds)
-
-    def global_batches(self) -> list[np.ndarray]:
-        """All batches of the epoch, over all ranks, in the order they are dealt out."""
+    def global_batches(self, seeds: np.ndarray | None) -> list[np.ndarray]:
+        """All batches of the epoch, over all ranks, in the order they are dealt out; `seeds`: the
+        lines' augmentation seeds this epoch, or None."""
         count = len(self.widths)
         if not self.shuffle:
             order = np.argsort(self.widths, kind="stable")
             return [order[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(count)
-        span, widths = WINDOW * self.batch_size, self.epoch_widths()
+        span = WINDOW * self.batch_size
+        widths = self.widths if seeds is None else self.augmented_width(self.widths, seeds)
         order = np.concatenate([chunk[np.argsort(widths[chunk], kind="stable")]
                                 for chunk in np.split(order, range(span, count, span))])
         batches = np.split(order, np.cumsum(batch_sizes(count, self.batch_size, self.num_global_batches()))[:-1])
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def num_global_batches(self) -> int:
-        count = len(self.widths)
-        total = -(-count // self.batch_size)
+        total = -(-len(self.widths) // self.batch_size)
         if self.shuffle:  # a multiple of world_size, so that all ranks step together
-            total = min(count, -(-total // self.world_size) * self.world_size)
+            total = min(len(self.widths), -(-total // self.world_size) * self.world_size)
         return total
 
     def __len__(self) -> int:
@@ -118,6 +103,7 @@ class WidthBatchSampler:
         return max(0, mine - self.start_batch)
 
     def __iter__(self) -> Iterator[list[Key]]:
-        seeds = self.epoch_seeds()
-        for batch in self.global_batches()[self.rank::self.world_size][self.start_batch:]:
+        augment = self.shuffle and self.augmented_width is not None
+        seeds = augmentation_seeds(self.seed, self.epoch, len(self.widths)) if augment else None
+        for batch in self.global_batches(seeds)[self.rank::self.world_size][self.start_batch:]:
             yield [(int(i), None if seeds is None else int(seeds[i])) for i in batch]

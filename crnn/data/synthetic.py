@@ -1,9 +1,8 @@
 """Synthetic handwriting-like text lines, so the demo trains with no downloads.
 
 `sample_text` draws a line of English-like text; `render_line` draws it with the stroke fonts of the
-`Hershey-Fonts` package as a random writer would (font, slant, proportions, spacing, wavy baseline,
-shaky strokes, ink and paper), every stroke point moved before Pillow draws it supersampled. All
-randomness comes from the caller's `random.Random`: a line is reproducible, pixel for pixel.
+`Hershey-Fonts` package as a random writer would, every stroke point moved before Pillow draws it
+supersampled. All randomness comes from the caller's `random.Random`: reproducible, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -132,21 +131,15 @@ def _word(rng: random.Random, capitalise: bool) -> str:
 
 
 def _trailing_punctuation(rng: random.Random, last: bool) -> str:
+    marks = ((".", 0.35), ("?", 0.42), ("!", 0.46)) if last else (  # (mark, cumulative probability)
+        (",", 0.1), (".", 0.14), (";", 0.155), (":", 0.165), ("!", 0.175), ("?", 0.19))
     roll = rng.random()
-    if last:
-        return "." if roll < 0.35 else "?" if roll < 0.42 else "!" if roll < 0.46 else ""
-    for mark, probability in ((",", 0.1), (".", 0.04), (";", 0.015), (":", 0.01), ("!", 0.01), ("?", 0.015)):
-        if roll < probability:
-            return mark
-        roll -= probability
-    return ""
+    return next((mark for mark, bound in marks if roll < bound), "")
 
 
 def sample_text(rng: random.Random, min_words: int = 2, max_words: int = 7) -> str:
     """A line of `min_words` to `max_words` words from WORDS, some capitalised, some numbers ('1987',
     '3.5', '12:30'), with punctuation ('word,' '(word)' '"word"' "it's" 'well-known')."""
-    if min_words < 1 or max_words < min_words:
-        raise ValueError(f"need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}")
     count = rng.randint(min_words, max_words)
     tokens: list[str] = []
     capitalise = rng.random() < 0.8  # most lines start a sentence, some continue one
@@ -170,7 +163,7 @@ def sample_text(rng: random.Random, min_words: int = 2, max_words: int = 7) -> s
 @dataclass(frozen=True)
 class _Glyph:
     points: np.ndarray  # (n, 2) float64, every stroke's points in order, x from the left side
-    stroke_ends: np.ndarray  # index one past each stroke's last point
+    stroke_lengths: np.ndarray  # points in each stroke
     advance: float
 
 
@@ -198,7 +191,7 @@ def _load_font(name: str) -> _Font:
             points[:, 0] *= 0.5
             points[:, 1] = (x_height_top + _BASE_LINE) / 2
             advance *= 0.5
-        glyphs[char] = _Glyph(points, np.cumsum([len(stroke) for stroke in strokes], dtype=np.int64), advance)
+        glyphs[char] = _Glyph(points, np.array([len(stroke) for stroke in strokes], dtype=np.int64), advance)
     return _Font(glyphs, x_height_top, float(max(y for stroke in raw["g"].strokes for _, y in stroke)))
 
 
@@ -277,28 +270,24 @@ def _stretch_x_height(y: np.ndarray, x_height_top: float, factor: float) -> np.n
 
 def _layout(text: str, font: _Font, style: _Style, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
     """Every point of the line, in font units, and the index one past each stroke's end."""
-    pieces, ends, placements, counts = [], [], [], []
-    cursor, total = 0.0, 0
+    glyphs, placements, cursor = [], [], 0.0
     for char in text:
         if char == " ":
             cursor += style.word_space * rng.uniform(0.8, 1.25)
             continue
         glyph = font.glyphs[char]
         scale = max(0.85, rng.gauss(1.0, style.char_scale_sd))
-        pieces.append(glyph.points)
-        ends.append(glyph.stroke_ends + total)
+        glyphs.append(glyph)
         placements.append((cursor, rng.gauss(0.0, style.char_shift_sd), scale,
                            rng.gauss(0.0, style.char_slant_sd)))
-        counts.append(len(glyph.points))
-        total += len(glyph.points)
         cursor += glyph.advance * scale * style.width_factor + style.letter_space
-    points = np.concatenate(pieces)
-    per_point = np.repeat(np.asarray(placements), counts, axis=0)
+    points = np.concatenate([glyph.points for glyph in glyphs])
+    per_point = np.repeat(np.asarray(placements), [len(glyph.points) for glyph in glyphs], axis=0)
     y = _stretch_x_height(points[:, 1], font.x_height_top, style.x_height_factor)
     points[:, 0] = (points[:, 0] * per_point[:, 2] * style.width_factor + per_point[:, 0]
                     + per_point[:, 3] * (_BASE_LINE - y))
     points[:, 1] = _BASE_LINE + (y - _BASE_LINE) * per_point[:, 2] + per_point[:, 1]
-    return points, np.concatenate(ends)
+    return points, np.cumsum(np.concatenate([glyph.stroke_lengths for glyph in glyphs]))
 
 
 def _distort(points: np.ndarray, style: _Style, noise: np.random.Generator) -> np.ndarray:
@@ -346,11 +335,8 @@ def _draw_strokes(pixels: np.ndarray, stroke_ends: np.ndarray, pen: float, width
     draw = ImageDraw.Draw(canvas)
     pen_pixels = max(1, round(pen * supersample))
     pixels = pixels * supersample
-    flat = pixels.ravel().tolist()
-    start = 0
-    for end in stroke_ends.tolist():
-        draw.line(flat[2 * start:2 * end], fill=255, width=pen_pixels)
-        start = end
+    for stroke in np.split(pixels, stroke_ends[:-1]):
+        draw.line(stroke.ravel().tolist(), fill=255, width=pen_pixels)
     if pen_pixels >= 3:
         # Pillow draws wide polylines as separate quads: round off the ends and the corners
         # (not every point: that would double the cost for an invisible difference)
@@ -392,16 +378,12 @@ def _ink_on_paper(coverage_image: Image.Image, style: _Style, noise: np.random.G
 
 
 def render_line(text: str, rng: random.Random, height: int = 64) -> Image.Image:
-    """Render `text` as one handwriting-like line: a mode 'L' image exactly `height` pixels
-    high, as wide as the text needs, dark ink (~0-90) on white-ish paper (~200-255). All style
-    randomness comes from `rng`: the same text and rng state give the same image, pixel for
-    pixel. ValueError for empty text, a character the fonts cannot draw or a height under 12."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"render_line needs text with at least one visible character, got {text!r}")
-    undrawable = next((char for char in text if char not in _DRAWABLE), None)
-    if undrawable is not None:
-        raise ValueError(f"render_line cannot draw the character {undrawable!r} (U+{ord(undrawable):04X}) in "
-                         f"{text!r}: the Hershey fonts draw printable ASCII only")
+    """`text` as one handwriting-like line: a mode 'L' image exactly `height` pixels high, as wide
+    as the text needs, dark ink (~0-90) on white-ish paper (~200-255); the same text and `rng` state
+    give the same image. ValueError for text without a visible character or with one that is not
+    printable ASCII (all the Hershey fonts draw), or a height under 12."""
+    if not text.strip() or not _DRAWABLE.issuperset(text):
+        raise ValueError(f"render_line draws printable ASCII with a visible character, got {text!r}")
     if height < 12:
         raise ValueError(f"render_line needs height >= 12 pixels, got {height}")
     style = _sample_style(rng)
