@@ -1,24 +1,20 @@
-"""Calibration: probabilities a user can take at their word, fitted on labelled lines.
+"""Calibration: probabilities a user can take at their word, fitted on a labelled split in two
+parts (`fit_calibration`; docs/calibration.md):
 
-Two parts, fitted in this order on a labelled split (`fit_calibration`):
-
-1. **A temperature** `T` on the log-probs: the posteriors become `softmax(log_probs / T)`, `T`
-   chosen to minimise the CTC loss of the references.
-2. **A line model** on a few features of each line's calibrated posteriors and greedy reading
-   (`LINE_MODEL`, each clipped to the range it had on the lines fitted on): the probability that
-   the line is read exactly (`p_exact`, a logistic regression) and its expected number of
-   character errors (a Poisson regression, which counts the dropped characters the character
-   confidences miss). A collection's estimated CER is the sum of its lines' expected errors over
-   their expected reference length, with an interval from the fitted dispersion of the errors.
-
-How well a calibration holds is measured on labelled lines (`CalibrationProbe`,
-`calibration_report`), or on lines it was not fitted on (`cross_fitted_report`).
+1. **A temperature** `T`: the posteriors become `softmax(log_probs / T)`, `T` minimising the CTC
+   loss of the references.
+2. **A line model** on features of each line's calibrated posteriors and greedy reading
+   (`LINE_MODEL`, each clipped to its range on the lines fitted on): the probability that the line
+   is read exactly (`p_exact`, logistic) and its expected character errors (Poisson, which counts
+   the dropped characters the character confidences miss). A collection's estimated CER: the sum
+   of its lines' expected errors over their expected reference length, with an interval from the
+   fitted dispersion of the errors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,10 +63,8 @@ class Calibration:
         return bool(self.error_weights)
 
     def to_dict(self) -> dict:
-        state = asdict(self)
-        for name in ("exact_weights", "error_weights", "features", "feature_low", "feature_high"):
-            state[name] = list(state[name])
-        return state
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, state: dict | None) -> Calibration:
@@ -93,30 +87,25 @@ class Calibration:
 
     def line_estimates(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_exact, expected character errors) of lines with `features` `(N, len(FEATURES))`."""
-        if not self.fitted:
-            raise ValueError("this calibration has no line model")
         x = features.double()[:, [FEATURES.index(name) for name in self.features]]
         if self.feature_low:
-            x = torch.clamp(x, torch.tensor(self.feature_low, dtype=torch.float64),
-                            torch.tensor(self.feature_high, dtype=torch.float64))
-        p_exact = torch.sigmoid(x @ torch.tensor(self.exact_weights, dtype=torch.float64))
-        errors = torch.exp((x @ torch.tensor(self.error_weights, dtype=torch.float64)).clamp(max=GLM_MAX_ETA))
-        return p_exact, errors
+            x = torch.clamp(x, x.new_tensor(self.feature_low), x.new_tensor(self.feature_high))
+        errors = torch.exp((x @ x.new_tensor(self.error_weights)).clamp(max=GLM_MAX_ETA))
+        return torch.sigmoid(x @ x.new_tensor(self.exact_weights)), errors
 
-    def estimate_cer(self, expected_errors: Sequence[float], read_chars: Sequence[int],
-                     z: float = 1.96) -> tuple[float, tuple[float, float]]:
+    def estimate_cer(self, expected_errors: Sequence[float],
+                     read_chars: Sequence[int]) -> tuple[float, tuple[float, float]]:
         """A collection's estimated CER from its lines' expected errors and the characters read in
         each, with an interval: (estimate, (low, high))."""
-        return cer_estimate(float(sum(expected_errors)), float(sum(read_chars)) * self.length_ratio,
-                            self.dispersion, z)
+        reference = float(sum(read_chars)) * self.length_ratio
+        return cer_estimate(float(sum(expected_errors)), reference, self.dispersion)
 
 
-def cer_estimate(errors: float, reference: float, dispersion: float,
-                 z: float = 1.96) -> tuple[float, tuple[float, float]]:
-    """(expected errors / expected reference characters, its interval): the errors' spread is
+def cer_estimate(errors: float, reference: float, dispersion: float) -> tuple[float, tuple[float, float]]:
+    """(expected errors / expected reference characters, its 95% interval): the errors' spread is
     Poisson's, widened by the fitted `dispersion` (never narrowed)."""
     reference = max(reference, 1.0)
-    spread = z * math.sqrt(max(dispersion, 1.0) * errors)
+    spread = 1.96 * math.sqrt(max(dispersion, 1.0) * errors)
     return errors / reference, (max(errors - spread, 0.0) / reference, (errors + spread) / reference)
 
 
@@ -169,12 +158,10 @@ def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequenc
     if not usable:
         raise DataError("no line to fit a temperature on (every reference longer than its frames)")
     usable.sort(key=lambda pair: len(pair[0]))  # batches of lines of similar lengths: little padding
-    batches = []
-    for start in range(0, len(usable), LINES_PER_BATCH):
-        chunk = usable[start: start + LINES_PER_BATCH]
-        batches.append((*padded([line for line, _ in chunk]),
-                        torch.tensor([c for _, target in chunk for c in target], dtype=torch.long),
-                        torch.tensor([len(target) for _, target in chunk])))
+    chunks = [usable[start: start + LINES_PER_BATCH] for start in range(0, len(usable), LINES_PER_BATCH)]
+    batches = [(*padded([line for line, _ in chunk]),
+                torch.tensor([c for _, target in chunk for c in target], dtype=torch.long),
+                torch.tensor([len(target) for _, target in chunk])) for chunk in chunks]
 
     def loss(log_t: float) -> float:
         return sum(float(F.ctc_loss(F.log_softmax(batch / math.exp(log_t), dim=-1), flat, lengths, target_lengths,
@@ -265,9 +252,8 @@ def check_enough(lines: int, where: str) -> None:
 
 
 class CalibrationProbe:
-    """The greedy decoder, keeping for each line it reads its FEATURES and its characters'
-    confidences under `calibration`'s temperature, in the order of the lines: what
-    `judgements` and `calibration_report` need. Use in place of the greedy decoder."""
+    """The greedy decoder, keeping for each line it reads, in order, its FEATURES and its
+    characters' confidences under `calibration`'s temperature (for `judgements`)."""
 
     def __init__(self, calibration: Calibration, vocab: Vocab):
         self.calibration, self.vocab = calibration, vocab
@@ -288,8 +274,7 @@ class CalibrationProbe:
                 for text in self(*padded(lines[start: start + LINES_PER_BATCH]))]
 
     def judgements(self, hypotheses: Sequence[str]) -> dict[str, list]:
-        """Per line read so far (`hypotheses`, its readings): p_exact, expected errors, expected
-        reference characters, the calibration's dispersion, the characters' confidences."""
+        """Per line read so far (`hypotheses`, its readings), what `calibration_report` takes."""
         calibration = self.calibration
         p_exact, expected = calibration.line_estimates(torch.cat(self.features))
         return {"p_exact": p_exact.tolist(), "expected_errors": expected.tolist(),
@@ -298,27 +283,30 @@ class CalibrationProbe:
 
 
 def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab,
-                    where: str, features: Sequence[str] = LINE_MODEL) -> Calibration:
-    """The temperature, then the line model (on the `features` named), on labelled lines (each
-    line's raw log-probs `(T_i, C)` and its reference); DataError naming `where` with fewer than
-    MIN_LINES lines."""
+                    where: str) -> Calibration:
+    """The temperature, then the line model, on labelled lines (each line's raw log-probs `(T_i, C)`
+    and its reference; the temperature on those whose characters are all in `vocab`); DataError
+    naming `where` with fewer than MIN_LINES lines."""
     check_enough(len(log_probs), where)
-    targets = [[vocab.index[char] for char in reference if char in vocab.index] for reference in references]
-    temperature = fit_temperature(log_probs, targets)
+    # a reference with a character the model has no class for would fit the temperature to a text
+    # without it (flatter posteriors): those lines are left out of the temperature, not of the line model
+    known = [(line, [vocab.index[char] for char in reference]) for line, reference in
+             zip(log_probs, references, strict=True) if not vocab.unknown_in([reference])]
+    temperature = fit_temperature([line for line, _ in known], [target for _, target in known])
     probe = CalibrationProbe(Calibration(temperature=temperature), vocab)
     texts = probe.read_lines(log_probs)
     fields = fit_line_model(torch.cat(probe.features),
                             [char_errors(reference, text) for reference, text in zip(references, texts, strict=True)],
-                            [len(reference) for reference in references], [len(text) for text in texts], features)
+                            [len(reference) for reference in references], [len(text) for text in texts])
     return Calibration(temperature=temperature, **fields, lines=len(log_probs), fitted_on=where)
 
 
 # --- how well calibrated: measured on labelled lines -------------------------------------------
 
-def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> float:
-    """ECE: over equal-width bins of the predicted probability, the mean |accuracy - confidence|
-    weighted by the share of predictions in each bin."""
-    rows = reliability(probabilities, outcomes, bins)
+def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool]) -> float:
+    """ECE: over the `reliability` bins, the mean |accuracy - confidence| weighted by the share of
+    predictions in each bin."""
+    rows = reliability(probabilities, outcomes)
     return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(len(probabilities), 1)
 
 
@@ -349,23 +337,19 @@ def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
     return (float(ranks[positive].sum()) - count * (count + 1) / 2) / (count * others)
 
 
-def errors_in_least_confident(order_scores: Sequence[float], errors: Sequence[int], share: float = 0.2) -> float:
-    """The share of all character errors held by the `share` of lines with the highest
-    `order_scores` (e.g. expected errors: the lines a reviewer would look at first)."""
+def errors_in_least_confident(order_scores: Sequence[float], errors: Sequence[int]) -> float:
+    """The share of all character errors held by the 20% of lines with the highest `order_scores`
+    (e.g. expected errors: the lines a reviewer would look at first)."""
     total = sum(errors)
     if not total:
         return float("nan")
     ranked = sorted(zip(order_scores, errors, strict=True), key=lambda pair: -pair[0])
-    return sum(e for _, e in ranked[: max(1, round(share * len(ranked)))]) / total
+    return sum(e for _, e in ranked[: max(1, round(0.2 * len(ranked)))]) / total
 
 
-def calibration_report(judged: dict[str, list], references: Sequence[str], hypotheses: Sequence[str],
-                       bins: int = 10) -> dict:
+def calibration_report(judged: dict[str, list], references: Sequence[str], hypotheses: Sequence[str]) -> dict:
     """How well a calibration holds on labelled lines it judged (`CalibrationProbe.judgements`,
-    perhaps pooled over several calibrations): ECE of p_exact and of the character confidences,
-    the estimated against the true CER, the AUROC of finding the lines with errors (by 1 -
-    p_exact), the share of the errors in the 20% of lines with the most expected errors (and in the
-    20% with the most errors: what a perfect order would find), and the reliability bins of both."""
+    perhaps pooled over several calibrations), against their references."""
     p_exact, expected = judged["p_exact"], judged["expected_errors"]
     errors = [char_errors(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
     exact = [e == 0 for e in errors]
@@ -377,45 +361,57 @@ def calibration_report(judged: dict[str, list], references: Sequence[str], hypot
     return {
         "lines": len(errors), "true_cer": true_cer, "estimated_cer": estimate, "interval": [low, high],
         "estimate_relative_error": (estimate - true_cer) / true_cer if true_cer else float("nan"),
-        "ece_p_exact": expected_calibration_error(p_exact, exact, bins),
-        "ece_characters": expected_calibration_error(char_p, char_hit, bins),
+        "ece_p_exact": expected_calibration_error(p_exact, exact),
+        "ece_characters": expected_calibration_error(char_p, char_hit),
         "auroc_lines_with_errors": auroc([1 - p for p in p_exact], [not e for e in exact]),
         "errors_in_least_confident_20pct": errors_in_least_confident(expected, errors),
         "errors_in_most_errors_20pct": errors_in_least_confident(errors, errors),  # a perfect order's share
-        "reliability_p_exact": reliability(p_exact, exact, bins),
-        "reliability_characters": reliability(char_p, char_hit, bins),
+        "reliability_p_exact": reliability(p_exact, exact),
+        "reliability_characters": reliability(char_p, char_hit),
     }
 
 
+def fold_blocks(lines: int, folds: int, where: str) -> list[tuple[int, int]]:
+    """`lines` cut into `folds` contiguous blocks (low, high), as `cross_fitted_report` reads them;
+    DataError naming `where` and the --folds that work unless each block holds a line and each fit
+    (the other blocks) MIN_LINES lines. Known from the number of lines alone: checked before any work."""
+    def blocks(count: int) -> list[tuple[int, int]]:
+        bounds = [round(k * lines / count) for k in range(count + 1)]
+        return list(zip(bounds, bounds[1:], strict=False))
+
+    def usable(count: int) -> bool:
+        sizes = [high - low for low, high in blocks(count)]
+        return min(sizes) >= 1 and lines - max(sizes) >= MIN_LINES
+
+    if folds >= 2 and usable(folds):
+        return blocks(folds)
+    fewest = next((count for count in range(2, lines + 1) if usable(count)), None)
+    what = f"{fewest} to {lines} folds can" if fewest else "no number of folds can: give more lines"
+    raise DataError(f"{where}: {lines} labelled line(s) cannot be cut into {folds} folds with a line in each and "
+                    f"{MIN_LINES} in each fit (the other folds); {what}")
+
+
 def cross_fitted_report(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab, folds: int,
-                        where: str, features: Sequence[str] = LINE_MODEL, bins: int = 10) -> dict:
-    """How well a calibration fitted on labelled lines like these holds on lines it was not fitted
-    on: the lines (raw log-probs `(T_i, C)`, references) cut into `folds` contiguous blocks (rows
-    of a page stay together), each block read by the calibration fitted on the others, the
-    judgements pooled. `calibration_report`'s measures, plus "folds" and each fold's fitted
-    temperature. DataError naming `where` when a fit would have under MIN_LINES lines."""
-    count = len(log_probs)
-    if folds < 2:
-        raise ValueError(f"cross-fitting needs at least 2 folds, not {folds}")
-    bounds = [round(k * count / folds) for k in range(folds + 1)]
-    blocks = list(zip(bounds, bounds[1:], strict=False))
-    fewest = count - max(high - low for low, high in blocks)
-    if fewest < MIN_LINES or min(high - low for low, high in blocks) < 1:
-        raise DataError(f"{where}: {count} labelled line(s) in {folds} folds leave {fewest} line(s) to fit a "
-                        f"calibration on; it needs at least {MIN_LINES}")
+                        where: str, progress: Callable[[str], None] = lambda line: None) -> dict:
+    """`calibration_report`, plus "folds" and each fold's "temperatures", of lines (raw log-probs
+    `(T_i, C)`, references) cut into `folds` contiguous blocks (`fold_blocks`: a page's rows stay
+    together), each block read by the calibration fitted on the others; `progress` hears of each fold."""
     judged: dict[str, list] = {}
     hypotheses: list[str] = []
     temperatures = []
-    for low, high in blocks:
+    for fold, (low, high) in enumerate(fold_blocks(len(log_probs), folds, where), start=1):
         fitted = fit_calibration([*log_probs[:low], *log_probs[high:]], [*references[:low], *references[high:]],
-                                 vocab, where, features)
+                                 vocab, where)
         probe = CalibrationProbe(fitted, vocab)
         texts = probe.read_lines(log_probs[low:high])
         for key, values in probe.judgements(texts).items():
             judged.setdefault(key, []).extend(values)
         hypotheses += texts
         temperatures.append(fitted.temperature)
-    return {**calibration_report(judged, references, hypotheses, bins), "folds": folds, "temperatures": temperatures}
+        progress(f"fold {fold} of {folds}: fitted on {fitted.lines} lines (temperature {fitted.temperature:.3f}), "
+                 f"read lines {low + 1}-{high}")
+    report = calibration_report(judged, references, hypotheses)
+    return {**report, "folds": folds, "temperatures": temperatures}
 
 
 def describe_report(report: dict) -> list[str]:

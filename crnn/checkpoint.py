@@ -73,9 +73,11 @@ def _test_fault_point() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False,
+                    what: str = "train.output_dir") -> None:
     """Atomically write `state` (plus the format marker) to `path`; with `keep_previous` the file
-    it replaces is kept as `previous_path(path)`, a fallback should the new one be damaged."""
+    it replaces is kept as `previous_path(path)`, a fallback should the new one be damaged. `what`:
+    the setting that chose `path`, which the message of a failed write names."""
     path = Path(path)
 
     def keep() -> None:
@@ -89,7 +91,7 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Fal
     except OSError as err:
         raise CheckpointError(
             f"could not write checkpoint {path} ({err.strerror or err}); the previous checkpoint "
-            f"there, if any, is intact. Free disk space or set train.output_dir elsewhere."
+            f"there, if any, is intact. Free disk space or give another {what}."
         ) from err
 
 
@@ -265,9 +267,9 @@ def read_model_file(path: Path, what: str = "") -> ModelFile:
                      state.get("calibration") or {})
 
 
-def store_calibration(path: Path, calibration: dict) -> None:
-    """Put `calibration` into a checkpoint (rewritten atomically, the rest of it unchanged) or a
-    bundle (its calibration.json, listed in bundle.json)."""
+def store_calibration(path: Path, calibration: dict, what: str = "train.output_dir") -> None:
+    """Put `calibration` into a checkpoint (rewritten atomically, the rest of it unchanged; `what`:
+    as for `save_checkpoint`) or a bundle (its calibration.json, listed in bundle.json)."""
     path = Path(path)
     if is_bundle(path):
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
@@ -278,4 +280,4 @@ def store_calibration(path: Path, calibration: dict) -> None:
     state = load_checkpoint(path)
     state["calibration"] = calibration
     state = {key: value for key, value in state.items() if key not in ("format", "version")}
-    save_checkpoint(state, path)
+    save_checkpoint(state, path, what=what)

@@ -24,6 +24,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,8 @@ def _check_field(value: Any, spec: dataclasses.Field, key: str, where: str) -> N
         pattern, description = spec.metadata["pattern"]
         if not pattern.fullmatch(value):
             raise ConfigError(f"{where}: '{key}' must be {description}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
     if "range" in spec.metadata:
         low, high, low_open = spec.metadata["range"]
         if value < low or (low_open and value == low) or value > high:
@@ -295,13 +298,14 @@ def _check_field(value: Any, spec: dataclasses.Field, key: str, where: str) -> N
 
 
 def _unknown_key(key: str, prefix: str, valid: list[str], where: str) -> ConfigError:
-    full = f"{prefix}{key}"
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    odd = [f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}" for char in key if not char.isascii()]
+    if odd:  # a look-alike (a Cyrillic letter, a zero-width space) reads like a valid key
+        hint = f" It holds {', '.join(odd)}.{hint}"
     section = f"'{prefix[:-1]}'" if prefix else "the top level"
-    return ConfigError(
-        f"{where}: unknown config key '{full}'.{hint} Valid keys in {section}: {', '.join(valid)}"
-    )
+    return ConfigError(f"{where}: unknown config key {prefix + key!r}.{hint} Valid keys in {section}: "
+                       f"{', '.join(valid)}")
 
 
 def _build(cls: type, data: dict, prefix: str, where: Any) -> Any:
@@ -357,6 +361,9 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = f"{prefix}{key_node.value}"
+                if key in lines:  # YAML keeps the last silently: a second `data:` would drop the first
+                    raise ConfigError(f"{path} line {key_node.start_mark.line + 1}: '{key}' is set twice (lines "
+                                      f"{lines[key]} and {key_node.start_mark.line + 1}); keep one of them")
                 lines[key] = key_node.start_mark.line + 1
                 visit(value_node, f"{key}.")
 

@@ -35,7 +35,7 @@ from crnn.checkpoint import BUNDLE_FORMAT, BUNDLE_VERSION, CALIBRATION_FILE, MAN
 from crnn.config import config_yaml
 from crnn.errors import CrnnError
 from crnn.lm import NgramLM
-from crnn.outputs import atomic_write_text
+from crnn.outputs import atomic_write, atomic_write_text
 
 ONNX_TOLERANCE = 1e-4  # max |log-prob difference| between ONNX and PyTorch on valid frames
 OPSET = 17
@@ -90,13 +90,14 @@ def export_onnx(model: nn.Module, path: Path, height: int) -> float:
 def export_bundle(trained, out: Path, lm_texts: Sequence[str] | None) -> dict:
     """Write the bundle of `trained` (a `crnn.inference.TrainedModel`) to `out`; returns the manifest.
     `lm_texts`: the training texts for lm.arpa (else decode.lm_path's file is copied, if any)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # not save_file: it writes the file 0600, whatever the umask
 
     out.mkdir(parents=True, exist_ok=True)
     model = trained.model.cpu().eval()
     config = trained.config
     files = {"weights": "model.safetensors", "config": "config.yaml", "vocab": "vocab.json", "onnx": "model.onnx"}
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, out / files["weights"])
+    weights = save({name: tensor.contiguous() for name, tensor in model.state_dict().items()})
+    atomic_write(out / files["weights"], lambda stream: stream.write(weights))
     atomic_write_text(out / files["vocab"], json.dumps({"blank": 0, "chars": trained.vocab.chars}, ensure_ascii=False))
     lm_file = ""
     if config.decode.lm_path:  # an ARPA file or a KenLM binary: its suffix kept

@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from crnn.calibration import Calibration, check_enough, line_features
+from crnn.calibration import Calibration, check_enough, fold_blocks, line_features
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
@@ -35,8 +35,8 @@ class Reading:
     """What `TrainedModel.read` gives for a line (see `reading`)."""
 
     text: str
-    confidence_mean: float
-    confidence_min: float
+    confidence_mean: float | None  # None: too narrow for one frame of the model, nothing read
+    confidence_min: float | None
     characters: list[dict]  # {"char", "confidence", "x0", "x1"}, left to right
     nbest: list[dict]  # {"text", "score"}, best first
     # with a fitted calibration: the probability the line is read exactly, its expected character
@@ -44,14 +44,19 @@ class Reading:
     p_exact: float | None = None
     expected_errors: float | None = None
     expected_cer: float | None = None
+    width: int = 0  # at data.height, before data.max_width (`squeezed`: wider, so squeezed to it)
+    squeezed: bool = False
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "confidence": {"mean": self.confidence_mean, "min": self.confidence_min},
-                "p_exact": self.p_exact, "expected_cer": self.expected_cer, "expected_errors": self.expected_errors,
+        confidence = {"mean": self.confidence_mean, "min": self.confidence_min}
+        return {"text": self.text, "confidence": None if self.confidence_mean is None else confidence,
+                "p_exact": self.p_exact, "expected_cer": self.expected_cer,
+                "expected_errors": self.expected_errors,
+                "squeezed_from": self.width if self.squeezed else None,
                 "characters": self.characters, "nbest": self.nbest}
 
     @property
-    def line_confidence(self) -> float:
+    def line_confidence(self) -> float | None:
         """One number for the line (ALTO `WC`, PAGE `conf`): one minus its expected CER with a
         calibration, else the mean of its characters' confidences."""
         if self.expected_cer is not None:
@@ -63,9 +68,11 @@ def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab,
     """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses: each
     character with its confidence and span (`crnn.decoding.char_spans`; frame t covers the
     columns t/T to (t+1)/T of the image), the line's confidence the mean and the minimum over its
-    characters (a line read as empty: the mean posterior of its best path)."""
+    characters (a line read as empty: the mean posterior of its best path; without a frame: None)."""
+    if not len(log_probs):
+        return Reading("", None, None, [], [])
     best = hypotheses[0] if hypotheses else Hypothesis("", 0.0)
-    frames = max(len(log_probs), 1)
+    frames = len(log_probs)
     spans = char_spans(log_probs, [vocab.index[char] for char in best.text], best.frames)
     characters = [{"char": char, "confidence": round(confidence, 4), "x0": round(min(first / frames, 1) * image_width, 1),
                    "x1": round(min((last + 1) / frames, 1) * image_width, 1)}
@@ -112,19 +119,25 @@ class TrainedModel:
         """Grayscale PIL line images, run as one padded batch -> what the model reads in each
         (`Reading`, with the decoder's `decode.nbest` readings). The decoder reads the network's
         log-probs; the confidences come from the calibrated ones, and with a fitted calibration
-        each line gets its p_exact and expected errors."""
+        each line with a frame gets its p_exact and expected errors. Each line's width at
+        data.height is kept, and whether it was over data.max_width, so squeezed to it."""
         preprocess = Preprocess.from_config(self.config.data)
         samples = [make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)]
         batch = collate(samples, self.config.data.width_multiple).to(self.device)
         output = self.model(batch.images, batch.widths)
         log_probs, lengths = output.log_probs.float().cpu(), output.lengths.cpu()
-        calibrated = self.calibration.scale(log_probs)
+        calibrated, uncapped = self.calibration.scale(log_probs), Preprocess(preprocess.height, 2**31)
         readings = [reading(calibrated[:length, i], hypotheses, self.vocab, image.width)
                     for i, (image, hypotheses, length) in enumerate(zip(images, decoder.nbest(log_probs, lengths),
                                                                         lengths.tolist(), strict=True))]
+        for line, image in zip(readings, images, strict=True):
+            line.width = uncapped.scaled_width(*image.size)
+            line.squeezed = line.width > preprocess.max_width
         if self.calibration.fitted:
             p_exact, errors = self.calibration.line_estimates(line_features(calibrated, lengths))
             for line, p, expected in zip(readings, p_exact.tolist(), errors.tolist(), strict=True):
+                if line.confidence_mean is None:  # no frame: nothing the calibration could judge
+                    continue
                 line.p_exact, line.expected_errors = round(p, 4), round(expected, 3)
                 line.expected_cer = round(expected / max(len(line.text) * self.calibration.length_ratio, 1.0), 4)
         return readings
@@ -192,13 +205,16 @@ class Emissions:
 
 
 def labelled_lines(trained: TrainedModel, split: str, amp_dtype: torch.dtype | None = None,
-                   check: bool = True) -> Emissions:
+                   check: bool = True, folds: int = 0) -> Emissions:
     """One forward pass (under autocast to `amp_dtype`, if given) over a labelled split of
-    `trained`'s config's data; with `check`, DataError if it has too few lines to fit a calibration on."""
+    `trained`'s config's data; with `check`, DataError first if it has too few lines to fit a
+    calibration on (or to cross-fit one over `folds` folds: `fold_blocks`)."""
     data = trained.config.data
     records = load_records(data, split)
     if check:
         check_enough(len(records), f"data.{split}")
+        if folds:
+            fold_blocks(len(records), folds, f"data.{split}")
     loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
     return collect_emissions(trained, loader, amp_dtype, f"{split} split of {records.name}")
 

@@ -1,19 +1,15 @@
-"""Where the package writes: output paths checked before any work, files and folders replaced
-whole, and the one file lock (a run directory's, a data index's build).
-
-- `check_output_dir` / `check_output_file`: a path a tool will write is usable, checked before
-  the model or the data is read, so a mistyped path costs one error line and nothing else.
-- `atomic_write`: a file written beside its destination, synced and renamed over it, so readers
-  and crashes see the old file or the new one, never a partial one.
-- `replace_folder`: the same for a folder (an export bundle, a page's crops).
-- `lock_file`: an exclusive OS lock, released by the OS on any exit (SIGKILL included);
-  `RunLock` uses it for one writer per run directory.
+"""Where the package writes: output paths checked before the model or the data is read (a
+mistyped path costs one error line and nothing else), files and folders replaced whole (readers
+and crashes see the old one or the new one, never a partial one), and the one file lock (a run
+directory's, a data index's build).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -62,7 +58,6 @@ def replace_folder(out: Path, write: Callable[[Path], None], keep_existing: bool
     `out`, if any, is moved aside first and removed after, or with `keep_existing` kept (ours is
     dropped: of several processes writing the same folder, the first one's stays, as others may be
     reading it). On any error the partial folder is removed and `out` is as it was."""
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fresh = out.with_name(f".{out.name}.{os.getpid()}.new")
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
@@ -96,11 +91,9 @@ def lock_file(path: Path, wait: bool = True) -> IO[str] | None:
         except BlockingIOError:
             stream.close()
             return None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(stream.fileno()), os.stat(path)):
                 return stream
-        except FileNotFoundError:
-            pass
         stream.close()
 
 
@@ -159,8 +152,7 @@ class RunLock:
             raise CrnnError(f"{self.what}: {self.folder} is in use by another run ({described}); wait for it "
                             f"to end, stop it, or give another {self.what}")
         self.taken_over = _read_holder(self.path) or None
-        stream.seek(0)
-        stream.truncate()
+        stream.truncate(0)
         stream.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         stream.flush()
@@ -176,10 +168,8 @@ class RunLock:
         self._stream.close()
         self._stream = None
         if self._created_folder:
-            try:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something
                 self.folder.rmdir()
-            except OSError:
-                pass
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -194,3 +184,16 @@ def _read_holder(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def json_text(value, **options) -> str:
+    """`json.dumps(value, **options)` with NaN and infinities (in dicts, lists, tuples) as null:
+    JSON has no such numbers, and strict parsers refuse the file."""
+    def finite(item):
+        if isinstance(item, dict):
+            return {key: finite(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(inner) for inner in item]
+        return None if isinstance(item, float) and not math.isfinite(item) else item
+
+    return json.dumps(finite(value), allow_nan=False, **options)

@@ -6,22 +6,23 @@ resumed run will redo) is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from crnn.outputs import atomic_write_text
+from crnn.outputs import atomic_write_text, json_text
 
 log = logging.getLogger("crnn")
 
 
-def process_memory(pid: int | str = "self") -> dict[str, int]:
+def process_memory(pid: int) -> dict[str, int]:
     """A process's resident memory in bytes, by kind (Linux; {} elsewhere): `private` (pages it
     alone has written: what it costs the machine), `anonymous` (heap, including pages still shared
     with the process it was forked from), `mapped_files` (memory-mapped files: page cache, shared
@@ -30,15 +31,11 @@ def process_memory(pid: int | str = "self") -> dict[str, int]:
              "RssShmem": "shared_memory"}
     memory = {}
     for name in ("smaps_rollup", "status"):
-        try:
-            with open(f"/proc/{pid}/{name}") as source:
-                lines = source.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            key, _, value = line.partition(":")
-            if key in kinds:
-                memory[kinds[key]] = int(value.split()[0]) * 1024
+        with contextlib.suppress(OSError):  # not Linux, or the process has ended
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in kinds:
+                    memory[kinds[key]] = int(value.split()[0]) * 1024
     return {kind: memory[kind] for kind in kinds.values() if kind in memory}
 
 
@@ -54,7 +51,7 @@ class LogProgress:
 
     def __init__(self, iterable: Iterable, desc: str, total: int | None = None, interval: float = 30.0):
         self.iterable, self.desc, self.interval = iterable, desc, interval
-        self.total = total if total is not None else _length(iterable)
+        self.total = total if total is not None or not isinstance(iterable, Sized) else len(iterable)
         self.done, self.postfix = 0, {}
         self._started = self._last = time.monotonic()
 
@@ -77,13 +74,6 @@ class LogProgress:
 
     def close(self) -> None:
         pass
-
-
-def _length(iterable: Iterable) -> int | None:
-    try:
-        return len(iterable)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
@@ -130,7 +120,7 @@ class RunLogger:
         if not self.enabled:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
+            stream.write(json_text(record) + "\n")
         self.scalars(step, {f"val/{key[4:]}": value for key, value in record.items()
                             if key.startswith("val_") and isinstance(value, (int, float))})
         self.scalars(step, {"epoch/train_loss": record["train_loss"], "epoch/lines_per_s": record["lines_per_s"]})
@@ -158,6 +148,6 @@ class RunLogger:
         if self.enabled:
             log.warning(message, *args)
 
-    def close(self, _: object | None = None) -> None:
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -50,6 +50,7 @@ from crnn.config import Config, architecture_changes, config_from_dict, config_y
 from crnn.data import (
     BatchAugmenter,
     LineRecords,
+    Preprocess,
     Vocab,
     build_augmenter,
     build_dataset,
@@ -59,7 +60,7 @@ from crnn.data import (
 )
 from crnn.data.check import check_records
 from crnn.data.collate import Batch
-from crnn.data.records import problem_summary
+from crnn.data.records import problem_summary, require_lines
 from crnn.decoding import GreedyDecoder
 from crnn.device import AMP_NAMES, autocast, check_device_options, memory_format, resolve_amp
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
@@ -238,7 +239,8 @@ def train(run: Run, deadline: float | None = None) -> RunState:
                 break
             if end_epoch(run, epoch, stats):
                 break
-    run.logger.info("done: best validation CER %.4f; run directory %s", state.best_cer, cfg.train.output_dir)
+    best = f"best validation CER {state.best_cer:.4f}" if math.isfinite(state.best_cer) else "no validation yet"
+    run.logger.info("done: %s; run directory %s", best, cfg.train.output_dir)
     run.logger.close()
     return state
 
@@ -292,6 +294,12 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> bool:
     state, cfg = run.state, run.cfg
     values = with_means(stats.to_dict(), stats.seconds)  # summed over ranks
     result = validate(run)
+    for split, lines in (("training", values["lines"]), ("validation", result.counts["greedy"].lines)):
+        if not lines:  # not a 0% CER or a finished run: nothing was read
+            unreadable = stats.problems if split == "training" else result.problems
+            first = f"; first unreadable: {unreadable[0]}" if unreadable else ""
+            raise TrainingError(f"epoch {epoch}: no {split} line could be used (unreadable, or more characters "
+                                f"than CTC frames){first}")
     record = {"epoch": epoch, "step": state.step, "train_loss": values["loss"],
               "train_shortcut_loss": values["shortcut_loss"], "val_loss": result.loss,
               "val_cer": result.counts["greedy"].cer, "val_wer": result.counts["greedy"].wer,
@@ -437,6 +445,10 @@ def load_data(cfg: Config, dist: DistInfo, logger: RunLogger, resume: TrainingCh
         if unknown:
             effect = "left out of the CTC targets" if split == "train" else "counted as errors"
             logger.warning("%s: characters not in the vocabulary (%s): %r", split, effect, "".join(sorted(unknown)))
+        require_lines(records, f"data.{split}")
+        squeezed = Preprocess.from_config(cfg.data).squeeze_warning(records.size_array(), f"data.{split}")
+        if squeezed and dist.is_main:
+            logger.warning(squeezed)
     return train_records, validation, vocab
 
 

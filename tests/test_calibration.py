@@ -173,8 +173,8 @@ def test_cross_fitting_measures_every_line_out_of_fold():
     assert 0.0 <= report["ece_p_exact"] < 0.1 and 0.5 < report["auroc_lines_with_errors"] <= 1.0
     assert abs(report["estimate_relative_error"]) < 0.25
     assert report["errors_in_least_confident_20pct"] <= report["errors_in_most_errors_20pct"] <= 1.0
-    with pytest.raises(DataError, match=f"validation: 60 labelled line\\(s\\) in 3 folds leave 40 line\\(s\\) .* "
-                                        f"at least {MIN_LINES}"):
+    with pytest.raises(DataError, match=f"validation: 60 labelled line\\(s\\) cannot be cut into 3 folds with a "
+                                        f"line in each and {MIN_LINES} in each fit .* 6 to 60 folds can"):
         cross_fitted_report(log_probs[:60], references[:60], vocab, 3, "validation")
 
 

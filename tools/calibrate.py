@@ -10,14 +10,17 @@ estimated CER speak for that collection.
         data.source=folder data.validation=lines/new
 
 The calibration is stored in the checkpoint (rewritten atomically, everything else in it
-unchanged) or the bundle (its calibration.json), or with --out in a copy of either. The split
-needs at least 50 labelled lines.
+unchanged) or the bundle (its calibration.json), or with --out in a copy of either; where it
+goes is checked before any work. The split needs at least 50 labelled lines; lines holding
+characters outside the model's vocabulary are left out of the temperature's fit, with a warning
+(a CTC target cannot hold them).
 
 How well it holds on lines it was not fitted on: `--folds 5` cuts the split into 5 blocks of
 consecutive lines, fits on four and measures on the fifth, each in turn, and reports the measures
 of evaluate.py (estimated against true CER, ECE of p_exact and of the character confidences,
-AUROC, errors in the least confident fifth) over every line (`--json FILE` writes them); the
-calibration stored is still the one fitted on all lines.
+AUROC, errors in the least confident fifth) over every line (`--json FILE` writes them, NaN as
+null); the calibration stored is still the one fitted on all lines. Each fit needs 50 lines and
+each fold one: a --folds the split's lines do not allow is refused before the forward pass.
 
     python tools/calibrate.py --ckpt runs/copiste/checkpoints/best.pt --folds 5 --json crossfit.json
 """
@@ -25,7 +28,6 @@ calibration stored is still the one fitted on all lines.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ from crnn.checkpoint import is_bundle, store_calibration
 from crnn.config import SPLITS
 from crnn.errors import CrnnError, tool_main
 from crnn.inference import labelled_lines, load_trained_model
-from crnn.outputs import atomic_write_text, check_output_dir, check_output_file
+from crnn.outputs import atomic_write_text, check_output_dir, check_output_file, json_text
 
 
 @tool_main
@@ -51,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     parser.add_argument("overrides", nargs="*", help="data.* overrides pointing at the labelled data")
     args = parser.parse_args(argv)
-    bundle = is_bundle(args.ckpt)
-    if args.out is not None:
-        if args.out.exists():
-            raise CrnnError(f"--out {args.out}: already exists; give a new path")
-        (check_output_dir if bundle else check_output_file)(args.out, "--out")
+    bundle, target = is_bundle(args.ckpt), args.out or args.ckpt
+    if args.out is not None and args.out.exists():
+        raise CrnnError(f"--out {args.out}: already exists; give a new path")
+    written = "--out" if args.out else "--ckpt (written in place: give --out NEW_PATH for a calibrated copy)"
+    (check_output_dir if bundle else check_output_file)(target, written)
     if args.folds == 1 or args.folds < 0:
         raise CrnnError(f"--folds {args.folds}: give 0 (no cross-fitting) or at least 2 folds")
     if args.json is not None:
@@ -64,19 +66,27 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.json, "--json")
     trained = load_trained_model(args.ckpt, args.overrides, args.device)
     before = trained.calibration
-    lines = labelled_lines(trained, args.split)
+    lines = labelled_lines(trained, args.split, folds=args.folds)
+    log_probs, references = lines.log_probs, lines.references
+    unknown = trained.vocab.unknown_in(references)
+    if unknown:
+        held = sum(1 for reference in references if not unknown.isdisjoint(reference))
+        print(f"warning: {held} line(s) of the {lines.where} hold characters not in the model's vocabulary "
+              f"({''.join(sorted(unknown))!r}): left out of the temperature's fit (a CTC target cannot hold "
+              f"them); their errors still count in the line model", file=sys.stderr)
     if args.folds:
-        report = cross_fitted_report(lines.log_probs, lines.references, trained.vocab, args.folds, f"data.{args.split}")
+        report = cross_fitted_report(log_probs, references, trained.vocab, args.folds, f"data.{args.split}",
+                                     progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"cross-fitted over {args.folds} folds of the {lines.where} (temperatures "
               f"{', '.join(f'{t:.3f}' for t in report['temperatures'])}), measured on {report['lines']} lines:")
         print("\n".join(describe_report(report)))
         if args.json is not None:
-            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-    calibration = fit_calibration(lines.log_probs, lines.references, trained.vocab, lines.where)
-    target = args.out or args.ckpt
+            atomic_write_text(args.json, json_text(report, indent=2) + "\n")
+    calibration = fit_calibration(log_probs, references, trained.vocab, lines.where)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if bundle else shutil.copyfile)(args.ckpt, args.out)
-    store_calibration(target, calibration.to_dict())
+    store_calibration(target, calibration.to_dict(), "--out")
     previous = f" (it had temperature {before.temperature:.3f} from {before.lines} lines)" if before.fitted else ""
     print(f"{target}: calibration fitted on {calibration.lines} lines of the {calibration.fitted_on}: temperature "
           f"{calibration.temperature:.3f}, reference/read length {calibration.length_ratio:.3f}{previous}",

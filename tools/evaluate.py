@@ -44,21 +44,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 from crnn.calibration import CalibrationProbe, calibration_report, describe_report, reliability_diagram
 from crnn.config import AMP_MODES, SPLITS
-from crnn.data import build_dataset, build_loader, load_records
-from crnn.data.records import problem_summary
+from crnn.data import Preprocess, build_dataset, build_loader, load_records
+from crnn.data.records import problem_summary, require_lines
 from crnn.decoding import DECODER_NAMES
 from crnn.device import resolve_amp
 from crnn.engine import EvalResult, evaluate
-from crnn.errors import ConfigError, tool_main
+from crnn.errors import ConfigError, DataError, tool_main
 from crnn.inference import TrainedModel, labelled_lines, load_trained_model, save_tuned, tune_language_model
 from crnn.metrics import worst_lines_first
-from crnn.outputs import check_output_file
+from crnn.outputs import check_output_file, json_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,9 +110,16 @@ def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
     unknown = trained.vocab.unknown_in(records.texts)
     if unknown:
         warn(f"characters not in the checkpoint's vocab (counted as errors): {''.join(sorted(unknown))!r}")
+    require_lines(records, f"data.{split}")
+    squeezed = Preprocess.from_config(cfg.data).squeeze_warning(records.size_array(), f"data.{split}")
+    if squeezed:
+        warn(squeezed)
     loader = build_loader(cfg.data, build_dataset(cfg.data, records, trained.vocab, train=False), train=False)
     result = evaluate(trained.model, loader, trained.device, decoders, amp_dtype, keep_predictions=True,
                       desc=f"evaluate {split}")
+    if not any(counts.lines for counts in result.counts.values()):  # not a 0% CER: nothing was read
+        raise DataError(f"data.{split}: no line of {records.name} could be read ({result.unreadable} unreadable); "
+                        f"first: {(result.problems or ['-'])[0]}")
     if result.unreadable:
         warn(f"{result.unreadable} unreadable line(s) left out ({problem_summary(result.problems)}); first: "
              f"{result.problems[0]} (tools/check_data.py lists them all)")
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reliability and not probe:
         warn(f"{args.ckpt} has no calibration: no reliability diagram (fit one with tools/calibrate.py)")
     if args.json:
-        args.json.write_text(json.dumps({**rows, **({"calibration": report} if report else {})}, indent=2) + "\n",
+        args.json.write_text(json_text({**rows, **({"calibration": report} if report else {})}, indent=2) + "\n",
                              encoding="utf-8")
     if args.errors:
         write_errors(args.errors, result, ids)

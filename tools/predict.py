@@ -19,19 +19,28 @@ text and is reported on stderr. Input pages are never overwritten, except with -
 first copies each to NAME.xml.bak (NAME.xml.bak.1, ... if that exists). A page image named in the
 XML must lie in the XML's folder (or --image-root DIR).
 
---json prints one JSON object per line instead: {"path", "text", "confidence": {"mean", "min"},
-"p_exact", "expected_cer", "expected_errors", "characters": [{"char", "confidence", "x0", "x1"},
-...]} and, with --nbest K (beam decoders), "nbest": [{"text", "score"}, ...] best first. A
-character's confidence is its calibrated posterior at its strongest frame in the run of frames
-where CTC places it; x0..x1 is that run in the input image's pixels. The line's confidence is the
-mean and the minimum over its characters. With the model's calibration (fitted at the end of
-training, or by tools/calibrate.py): p_exact, the probability that the line is read exactly, and
-its expected character errors and CER (null without one). ALTO pages get the line's confidence as
-the String's WC (one minus its expected CER, else the mean character confidence) and each
-character's as CC (0 sure .. 9 unsure); PAGE pages as the TextEquiv's conf.
+--json prints one JSON object per line instead (strict JSON: no NaN): {"path", "text",
+"confidence": {"mean", "min"}, "p_exact", "expected_cer", "expected_errors", "squeezed_from",
+"characters": [{"char", "confidence", "x0", "x1"}, ...]} and, with --nbest K (beam decoders),
+"nbest": [{"text", "score"}, ...] best first. A character's confidence is its calibrated
+posterior at its strongest frame in the run of frames where CTC places it; x0..x1 is that run in
+the input image's pixels. The line's confidence is the mean and the minimum over its characters.
+With the model's calibration (fitted at the end of training, or by tools/calibrate.py): p_exact,
+the probability that the line is read exactly, and its expected character errors and CER (null
+without one). ALTO pages get the line's confidence as the String's WC (one minus its expected CER,
+else the mean character confidence) and each character's as CC (0 sure .. 9 unsure); PAGE pages
+as the TextEquiv's conf.
 
---summary ends with the estimated CER of everything read and a 95% interval, without any ground
-truth (with --json a last line {"summary": {"lines", "estimated_cer", "interval": [low, high]}});
+A line wider than data.max_width once scaled to data.height is squeezed to it, and reads worse:
+a warning names it and its scaled width, and "squeezed_from" is that width (else null). A line
+too narrow to give the model one frame is read as "" with a warning; its confidence, p_exact and
+expected errors are null.
+
+--summary ends with the estimated CER of the lines read and a 95% interval, without any ground
+truth (with --json a last line {"summary": {"lines", "estimated_cer", "interval": [low, high],
+"squeezed", "too_narrow"}}). Squeezed lines and lines without a frame are left out of it (the
+calibration never saw their like) and counted ("lines": those in the estimate; with none, the
+estimate is null); if no line could be read at all it is an error (exit 2).
 --review N lists the N lines with the most expected errors, the ones to check first (with --json
 a line {"review": [...]}). Both need a calibrated model.
 
@@ -48,6 +57,7 @@ import sys
 from pathlib import Path
 
 from crnn.calibration import MIN_LINES, Calibration
+from crnn.config import DataConfig
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
 from crnn.data.xml_pages import LineConfidence, read_page, write_page
 from crnn.decoding import DECODER_NAMES, Decoder
@@ -164,27 +174,36 @@ class Printer:
     """Prints each line's reading as it comes (text or JSON) and keeps what --summary and --review
     need of it."""
 
-    def __init__(self, args: argparse.Namespace, calibration: Calibration):
-        self.as_json, self.nbest, self.calibration = args.json, bool(args.nbest), calibration
+    def __init__(self, args: argparse.Namespace, calibration: Calibration, data: DataConfig):
+        self.as_json, self.nbest = args.json, bool(args.nbest)
+        self.calibration, self.data = calibration, data
         self.lines: list[tuple[str, Reading]] = []
 
     def __call__(self, name: str, reading: Reading) -> None:
         self.lines.append((name, reading))
+        size = f"{name}: {reading.width} px wide at data.height {self.data.height}"
+        if reading.squeezed:
+            print(f"warning: {size}, over data.max_width {self.data.max_width}: squeezed to "
+                  f"{self.data.max_width} px, which reads it worse (not in --summary's estimate); "
+                  f"cut it into shorter lines", file=sys.stderr)
+        if reading.confidence_mean is None:
+            print(f"warning: {size}, too narrow for one frame of the model: nothing read", file=sys.stderr)
         if not self.as_json:
             print(f"{name}\t{reading.text}", flush=True)
             return
         fields = reading.to_dict()
         if not self.nbest:
             del fields["nbest"]
-        print(json.dumps({"path": name, **fields}, ensure_ascii=False), flush=True)
+        print(json.dumps({"path": name, **fields}, ensure_ascii=False, allow_nan=False), flush=True)
 
     def review(self, count: int) -> None:
         """The `count` lines with the most expected character errors, most first."""
-        ranked = sorted(self.lines, key=lambda line: -line[1].expected_errors)[:count]
+        judged = [line for line in self.lines if line[1].expected_errors is not None]
+        ranked = sorted(judged, key=lambda line: -line[1].expected_errors)[:count]
         if self.as_json:
             print(json.dumps({"review": [{"path": name, "expected_errors": r.expected_errors,
                                           "expected_cer": r.expected_cer, "p_exact": r.p_exact, "text": r.text}
-                                         for name, r in ranked]}, ensure_ascii=False))
+                                         for name, r in ranked]}, ensure_ascii=False, allow_nan=False))
             return
         print(f"review: the {len(ranked)} line(s) with the most expected errors (expected errors, expected CER, "
               f"path, text):", file=sys.stderr)
@@ -192,15 +211,30 @@ class Printer:
             print(f"{r.expected_errors:8.2f}  {r.expected_cer:7.1%}  {name}\t{r.text}", file=sys.stderr)
 
     def summary(self) -> None:
-        """The estimated CER of everything read, with its interval, without any ground truth."""
-        estimate, (low, high) = self.calibration.estimate_cer(
-            [r.expected_errors for _, r in self.lines], [len(r.text) for _, r in self.lines])
+        """The estimated CER of the lines read, with its interval, without any ground truth; lines
+        squeezed to data.max_width or without a frame are left out of it and counted. CrnnError if
+        no line was read."""
+        if not self.lines:
+            raise CrnnError("--summary: no line was read, so there is no estimate")
+        estimated = [r for _, r in self.lines if not r.squeezed and r.expected_errors is not None]
+        squeezed = sum(r.squeezed for _, r in self.lines)
+        narrow = len(self.lines) - len(estimated) - squeezed
+        errors, read = [r.expected_errors for r in estimated], [len(r.text) for r in estimated]
+        estimate, (low, high) = self.calibration.estimate_cer(errors, read)
         if self.as_json:
-            print(json.dumps({"summary": {"lines": len(self.lines), "estimated_cer": round(estimate, 4),
-                                          "interval": [round(low, 4), round(high, 4)]}}))
-        else:
-            print(f"summary: {len(self.lines)} line(s), estimated CER {estimate:.1%} ({low:.1%} to {high:.1%}, "
-                  f"95% interval)", file=sys.stderr)
+            found = {"estimated_cer": None, "interval": None}
+            if estimated:
+                found = {"estimated_cer": round(estimate, 4), "interval": [round(low, 4), round(high, 4)]}
+            print(json.dumps({"summary": {"lines": len(estimated), **found, "squeezed": squeezed,
+                                          "too_narrow": narrow}}, allow_nan=False))
+            return
+        said = (f"estimated CER {estimate:.1%} ({low:.1%} to {high:.1%}, 95% interval)" if estimated
+                else "no estimate")
+        if squeezed:
+            said += f"; {squeezed} line(s) squeezed to data.max_width are not in the estimate"
+        if narrow:
+            said += f"; {narrow} line(s) too narrow for one frame are not in it"
+        print(f"summary: {len(estimated)} line(s), {said}", file=sys.stderr)
 
 
 def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], args: argparse.Namespace,
@@ -240,7 +274,7 @@ def transcribe_pages(trained: TrainedModel, decoder: Decoder, targets: dict[Path
             show(f"{path}:{line_id}", line_reading)
         saved = f", the original kept as {backup(path)}" if target == path else ""
         confidences = {line_id: LineConfidence(r.line_confidence, [c["confidence"] for c in r.characters])
-                       for line_id, r in readings.items()}
+                       for line_id, r in readings.items() if r.line_confidence is not None}
         written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, target, confidences)
         print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {target}{saved}", file=sys.stderr)
     return failed
@@ -264,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"with python tools/calibrate.py --ckpt {args.ckpt} (on a labelled split of at least "
                         f"{MIN_LINES} lines)")
     decoder = trained.decoders([args.decoder])[args.decoder]
-    show = Printer(args, trained.calibration)
+    show = Printer(args, trained.calibration, trained.config.data)
     unreadable = transcribe_all(trained, decoder, paths, args, show)
     unreadable += transcribe_pages(trained, decoder, targets, args, show) if targets else 0
     if args.review:

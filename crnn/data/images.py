@@ -56,7 +56,8 @@ def _opened(source: bytes | str | Path, where: str) -> Iterator[Image.Image]:
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{where}: image file not found") from None
+        named = "" if str(source) == where else f" {source}"  # the path tried, as resolved
+        raise DataError(f"{where}: image file{named} not found") from None
     except UnidentifiedImageError:
         raise DataError(f"{where}: unreadable image (not an image format Pillow knows)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -3,19 +3,22 @@
 A parquet file's index is an Arrow copy of its `image` and `text` plus each line's `width`, `height`
 and header `error`, memory-mapped (no process holds a copy of the images); a folder's or a hub
 dataset's is a table of its lines' sizes. The schema's metadata holds the identity of the source
-(paths, sizes and modification times): a changed source gets a new index, a damaged one is rebuilt
-with a warning. One process builds it under a file lock while the others wait; where the folder
-cannot be written, it is built in memory with a warning.
+(paths, sizes and modification times): a changed source gets a new index. A last, empty batch holds
+the CRC-32 of the bytes before it: a damaged index, wherever the damage, is rebuilt with a warning.
+One process builds it under a file lock while the others wait (removing the temporary file of a
+killed build); where the folder cannot be written, it is built in memory with a warning.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +32,7 @@ from crnn.outputs import atomic_write, lock_file
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 METADATA_KEY = b"crnn.index"
 SIZE_FIELDS = [pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("error", pa.string())]
 BATCH_ROWS = 4096  # rows per record batch of an index (and per parquet read)
@@ -113,6 +116,8 @@ def line_size(source: bytes | memoryview | Path, where: str) -> tuple[int, int, 
         if size is None or min(size) <= 0:
             size = image_size(bytes(source) if isinstance(source, memoryview) else source, where)
         return int(size[0]), int(size[1]), None
+    except FileNotFoundError:
+        return 0, 0, f"{where}: image file {source} not found"
     except OSError as err:
         return 0, 0, f"{where}: unreadable image ({type(err).__name__}: {err})"
     except DataError as err:
@@ -148,11 +153,17 @@ def stored_table(path: Path, identity: dict, schema: pa.Schema,
                 log.info("%s: index reused (%s), built by another process while this one waited", what, path)
             else:
                 started = time.monotonic()
+                # atomic_write's temporary files of this index, left by a killed build
+                for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+                    stale.unlink(missing_ok=True)
 
                 def write(stream) -> None:
+                    stream = _Checksummed(stream)
                     with pa.ipc.new_file(stream, schema.with_metadata({METADATA_KEY: json.dumps(identity)})) as writer:
                         for batch in batches():
                             writer.write_batch(batch)
+                        checksum = {"crc32": str(stream.crc), "bytes": str(stream.size)}
+                        writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema), custom_metadata=checksum)
 
                 atomic_write(path, write)
                 pa.default_memory_pool().release_unused()  # the buffers of the source read to build it
@@ -171,19 +182,40 @@ def _open_index(path: Path, identity: dict, what: str, quiet: bool = False) -> p
     if not path.is_file():
         return None
     try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        source = pa.memory_map(str(path), "r")
+        reader = pa.ipc.open_file(source)
         stored = json.loads((reader.schema.metadata or {}).get(METADATA_KEY, b"{}"))
         if stored != identity:
             if not quiet:
                 log.info("%s: its index was built from another version of the data; building it again", what)
             return None
+        check = reader.get_batch_with_custom_metadata(reader.num_record_batches - 1).custom_metadata or {}
+        source.seek(0)  # the checksum covers the bytes before that last batch
+        if zlib.crc32(source.read_buffer(int(check[b"bytes"]))) != int(check[b"crc32"]):
+            raise ValueError("its content does not match its checksum")
         table = reader.read_all()
         table.validate()
         return table
-    except (pa.ArrowException, OSError, ValueError) as err:
+    except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as err:
         if not quiet:
             log.warning("%s: index %s is damaged (%s); building it again", what, path, err)
         return None
+
+
+class _Checksummed:
+    """A binary stream that keeps the CRC-32 and the count of the bytes written through it."""
+
+    closed = False
+
+    def __init__(self, stream):
+        self.stream, self.crc, self.size = stream, 0, 0
+
+    def write(self, data) -> int:
+        self.crc, self.size = zlib.crc32(data, self.crc), self.size + len(data)
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def check_columns(columns: list[str], name: str) -> None:
@@ -206,6 +238,10 @@ def parquet_index(file: Path, root: Path, name: str) -> pa.Table:
         raise DataError(f"{name}: cannot read parquet {file}: {err}") from None
     check_columns(parquet.schema_arrow.names, name)
     source = parquet.schema_arrow
+    image_type = source.field("image").type
+    if not (_binary(image_type) or pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0):
+        raise DataError(f"{name}: column 'image' of {file} holds {image_type}; expected images: datasets' "
+                        f"Image() (a struct of bytes and path) or the image files' bytes (binary)")
     schema = pa.schema([source.field("image"), source.field("text"), *SIZE_FIELDS])
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -241,10 +277,11 @@ def size_index(path: Path, identity: dict, sources: Callable[[], tuple[list, lis
     return stored_table(path, identity, schema, batches, what)
 
 
-def image_sources(images: pa.StructArray, base_dir: Path | None) -> list[memoryview | Path]:
-    """Each Teklia/IAM-line `image` cell ({bytes, path}) as its bytes (a view into the Arrow
-    buffer, not a copy) or the file to read (relative paths from `base_dir`); b"" when neither."""
-    data = images.field("bytes")
+def image_sources(images: pa.StructArray | pa.BinaryArray, base_dir: Path | None) -> list[memoryview | Path]:
+    """Each Teklia/IAM-line `image` cell ({bytes, path}, or the image's bytes alone) as its bytes (a
+    view into the Arrow buffer, not a copy) or the file to read (relative paths from `base_dir`);
+    b"" when neither."""
+    data = images if _binary(images.type) else images.field("bytes")
     if data.null_count == len(data):
         views = [b""] * len(data)
     else:
@@ -254,7 +291,7 @@ def image_sources(images: pa.StructArray, base_dir: Path | None) -> list[memoryv
         buffer = memoryview(values).cast("B") if values is not None else memoryview(b"")  # unsigned bytes
         valid = data.is_valid().to_numpy(zero_copy_only=False)
         views = [buffer[start:end] if ok else b"" for start, end, ok in zip(ends, ends[1:], valid, strict=False)]
-    if all(len(view) for view in views):
+    if data is images or all(len(view) for view in views):
         return views
     paths = images.field("path").to_pylist()
     for row, view in enumerate(views):
@@ -262,6 +299,10 @@ def image_sources(images: pa.StructArray, base_dir: Path | None) -> list[memoryv
             path = Path(paths[row])
             views[row] = path if path.is_absolute() or base_dir is None else base_dir / path
     return views
+
+
+def _binary(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
 
 
 def column_sources(images: pa.ChunkedArray, base_dir: Path | None) -> list[memoryview | Path]:

@@ -9,6 +9,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from crnn.errors import DataError
+
 
 class LineRecords:
     """A split of text lines. Subclasses fill `name`, `texts`, `ids`, `problems` (entries left out
@@ -45,7 +47,6 @@ PROBLEM_REASONS = (
     ("has no entry in gt.tsv", "image without a gt.tsv line"),
     ("empty transcription", "empty transcription"),
     ("no transcription", "no transcription"),
-    ("not valid UTF-8", "gt.tsv line not UTF-8"),
     ("no TAB", "gt.tsv line without a TAB"),
     ("malformed XML", "XML that does not parse"),
     ("neither ALTO nor PAGE", "XML that does not parse"),
@@ -63,3 +64,16 @@ def problem_summary(problems: list[str]) -> str:
     counts = Counter(next((reason for text, reason in PROBLEM_REASONS if text in problem), "other")
                      for problem in problems)
     return ", ".join(f"{count} {reason}" for reason, count in counts.most_common())
+
+
+def require_lines(records: LineRecords, key: str) -> None:
+    """DataError unless at least one line of `records` can be read (its image header gave a size):
+    a split with none would be scored as a perfect 0% CER, or trained on nothing. `key`: the config
+    key or option that named the split."""
+    readable = int((records.size_array()[:, 1] > 0).sum()) if len(records) else 0
+    if readable:
+        return
+    first = f"; first: {records.problems[0]}" if records.problems else ""
+    summary = f" ({problem_summary(records.problems)})" if records.problems else ""
+    raise DataError(f"{key}: no line of {records.name} can be read; {len(records.problems)} left "
+                    f"out{summary}{first}")

@@ -64,6 +64,22 @@ class Preprocess:
         """The width `__call__` gives an image of this size (0 x 0: unknown, assume the widest)."""
         return int(self.scaled_widths(np.array([[width, height]]))[0])
 
+    def squeezed(self, sizes: np.ndarray) -> np.ndarray:
+        """The widths at `height` of the lines of `sizes` `(N, 2)` that `__call__` squeezes to
+        `max_width` (they lose detail, and read worse), widest first."""
+        sizes = np.asarray(sizes).reshape(-1, 2)
+        widths = np.rint(sizes[:, 0] * (self.height / np.maximum(sizes[:, 1], 1)))
+        return -np.sort(-widths[(sizes[:, 1] > 0) & (widths > self.max_width)]).astype(np.int64)
+
+    def squeeze_warning(self, sizes: np.ndarray, name: str) -> str:
+        """What `squeezed` finds in `sizes`, as a warning about `name`; "" when no line is squeezed."""
+        widths = self.squeezed(sizes)
+        if not len(widths):
+            return ""
+        return (f"{name}: {len(widths)} line(s) wider than data.max_width={self.max_width} px at height "
+                f"{self.height} (the widest {widths[0]} px) are squeezed to it and read worse; raise "
+                f"data.max_width to read them whole")
+
     def scaled_widths(self, sizes: np.ndarray) -> np.ndarray:
         """`scaled_width` of each row `(width, height)` of `sizes` `(N, 2)`, as an int64 array."""
         sizes = np.asarray(sizes).reshape(-1, 2)

@@ -5,6 +5,7 @@ that cannot be used are left out and described in `problems`: one bad line never
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import random
@@ -38,8 +39,9 @@ from crnn.errors import DataError
 
 
 class ArrowRecords(LineRecords):
-    """Rows of an Arrow table in the Teklia/IAM-line schema: `image` {bytes, path} and `text`. The
-    table may be memory-mapped (`crnn.data.index`): the records hold per line only its row number.
+    """Rows of an Arrow table in the Teklia/IAM-line schema: `image` {bytes, path} (or the image's
+    bytes alone) and `text`. The table may be memory-mapped (`crnn.data.index`): the records hold
+    per line only its row number.
     Sizes come from `sizes` (`width`, `height`, `error` per row), else from those columns of `table`."""
 
     def __init__(self, table: pa.Table, name: str, base_dir: Path | None = None, sizes: pa.Table | None = None):
@@ -59,6 +61,8 @@ class ArrowRecords(LineRecords):
 
     def image(self, index: int) -> Image.Image:
         cell = self.images[int(self.rows[index])].as_py()
+        if isinstance(cell, bytes):  # an image column of the images' bytes alone
+            return decode_image(cell, self.ids[index])
         if isinstance(cell, dict) and cell.get("bytes"):
             return decode_image(cell["bytes"], self.ids[index])
         if isinstance(cell, dict) and cell.get("path"):
@@ -164,6 +168,9 @@ def parquet_records(path_text: str, key: str, index_dir: str = "") -> ArrowRecor
         table = pa.concat_tables(tables)
     except pa.ArrowException as err:
         raise DataError(f"{key}: the parquet files of {path_text} do not share one schema: {err}") from None
+    if not table.num_rows:
+        raise DataError(f"{key}: {path_text} has no lines (0 rows in {len(files)} parquet file(s)); give "
+                        f"a split with lines")
     return ArrowRecords(table, str(path_text), base_dir=files[0].parent)
 
 
@@ -238,13 +245,9 @@ class FolderRecords(LineRecords):
         self.folder, self.index_dir, self._sizes = folder, index_dir, None
         named: dict[str, int] = {}  # file name -> the gt.tsv line naming it, used or skipped
         self._stamps: list[str] = []  # each used image's name, size and modification time: the index's key
-        for number, raw in enumerate(gt_path.read_bytes().splitlines(), start=1):
+        for number, raw in enumerate(_utf8_lines(gt_path), start=1):
             where = f"{gt_path} line {number}"
-            try:
-                line = raw.decode("utf-8").rstrip("\r")
-            except UnicodeDecodeError as err:
-                self.problems.append(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}), skipped")
-                continue
+            line = raw.decode("utf-8").rstrip("\r")
             name, tab, text = line.partition("\t")
             if not line.strip():
                 continue
@@ -295,6 +298,20 @@ class FolderRecords(LineRecords):
             self.problems += errors.filter(errors.is_valid()).to_pylist()
             self._sizes = size_array(table)
         return self._sizes
+
+
+def _utf8_lines(path: Path) -> list[bytes]:
+    """The lines of a text file that must be UTF-8 (a byte order mark at its start is dropped);
+    DataError at the first byte that is not, as such a file is in another encoding as a whole."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, start = data.count(b"\n", 0, err.start) + 1, data.rfind(b"\n", 0, err.start) + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at byte "
+                        f"{err.start - start + 1} of the line); save {path.name} as UTF-8 (e.g. iconv -f "
+                        f"latin1 -t utf-8), the one encoding it is read in") from None
+    return data.splitlines()
 
 
 class SyntheticRecords(LineRecords):

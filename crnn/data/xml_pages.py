@@ -14,14 +14,13 @@ with `data.xml.cache_dir`, in a folder keyed by the XML's and the image's conten
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import math
 import multiprocessing
-import os
-import shutil
 import unicodedata
 import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
@@ -34,11 +33,12 @@ from PIL import Image, ImageDraw
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
 from crnn.data.records import LineRecords
 from crnn.errors import DataError
-from crnn.outputs import atomic_write
+from crnn.outputs import atomic_write, atomic_write_text, replace_folder
 from crnn.runlog import progress
 
 OUTSIDE_TOLERANCE = 2.0  # pixels a point may lie outside its page (rounding) before the line is refused
 CROP_VERSION = 2  # part of the cache key: bump when the cropping changes
+ALTO_BOX = ("HPOS", "VPOS", "WIDTH", "HEIGHT")
 
 Point = tuple[float, float]
 
@@ -51,10 +51,8 @@ def _local(tag: str) -> str:
 def parse_points(text: str | None) -> list[Point] | None:
     """'x,y x,y ...' (PAGE, ALTO v2/v3) or 'x y x y ...' (ALTO v4) -> points; [] if not given,
     None if malformed (not numbers, an odd count, NaN or infinite)."""
-    if text is None or not text.strip():
-        return []
     try:
-        numbers = [float(value) for value in text.replace(",", " ").split()]
+        numbers = [float(value) for value in (text or "").replace(",", " ").split()]
     except ValueError:
         return None
     if len(numbers) % 2 or not all(math.isfinite(number) for number in numbers):
@@ -62,12 +60,11 @@ def parse_points(text: str | None) -> list[Point] | None:
     return list(zip(numbers[0::2], numbers[1::2], strict=True))
 
 
-def _geometry_problem(given: list[tuple[str, str | None, object]]) -> str | None:
+def _geometry_problem(given: list[tuple[str, str, object]]) -> str | None:
     """The XML's geometries in order of preference, as (what, raw text, parsed: None when malformed,
     falsy when absent): a malformed first choice is a problem, never a reason to fall back silently."""
     for what, raw, parsed in given:
         if parsed is None:
-            raw = raw or ""
             return f"malformed {what} {raw if len(raw) <= 60 else raw[:60] + '...'!r}"
         if parsed:
             return None
@@ -105,17 +102,13 @@ def _alto_line(line: ET.Element, number: int) -> XmlLine:
     parts, spaced = [], line.find("{*}SP") is not None
     for child in line:
         name = _local(child.tag)
+        if name == "SP" or (name == "String" and parts and not spaced):
+            parts.append(" ")  # Strings without SP between them are words
         if name in ("String", "HYP"):
-            if parts and not spaced and name == "String":
-                parts.append(" ")  # Strings without SP between them are words
             parts.append(child.get("CONTENT", ""))
-        elif name == "SP":
-            parts.append(" ")
-    polygon_element = line.find("{*}Shape/{*}Polygon")
-    points_text = polygon_element.get("POINTS") if polygon_element is not None else None
-    keys = ("HPOS", "VPOS", "WIDTH", "HEIGHT")
-    raw = [line.get(key) for key in keys]
-    box_text, box = " ".join(f"{key}={value}" for key, value in zip(keys, raw, strict=True)), []
+    points_text = next((shape.get("POINTS") for shape in line.iterfind("{*}Shape/{*}Polygon")), None)
+    raw = [line.get(key) for key in ALTO_BOX]
+    box_text, box = " ".join(f"{key}={value}" for key, value in zip(ALTO_BOX, raw, strict=True)), []
     if any(value is not None for value in raw):  # a box must be 4 finite numbers of non-negative size
         try:
             x, y, w, h = (float(value) for value in raw)
@@ -130,15 +123,16 @@ def _alto_line(line: ET.Element, number: int) -> XmlLine:
                    line, problem)
 
 
-def _page_points(element: ET.Element | None) -> tuple[str, list[Point] | None]:
-    """PAGE Coords/Baseline: (the points as written, the points) from a `points` attribute (2013+)
-    or Point children (2010); the points are None if malformed, [] if not given."""
+def _page_points(line: ET.Element, name: str) -> tuple[str, str, list[Point] | None]:
+    """PAGE Coords or Baseline as `_geometry_problem` takes it: (name, the points as written, the
+    points) from a `points` attribute (2013+) or Point children (2010, a missing x or y: malformed)."""
+    element = line.find("{*}" + name)
     if element is None:
-        return "", []
-    if element.get("points") is not None:
-        return element.get("points"), parse_points(element.get("points"))
-    text = " ".join(f"{p.get('x')},{p.get('y')}" for p in element.iterfind("{*}Point"))
-    return text, parse_points(text.replace("None", "?"))
+        return name, "", []
+    points = element.get("points")
+    if points is None:
+        points = " ".join(f"{p.get('x')},{p.get('y')}" for p in element.iterfind("{*}Point"))
+    return name, points, parse_points(points)
 
 
 def _page_text(element: ET.Element) -> str | None:
@@ -154,10 +148,9 @@ def _page_line(line: ET.Element, number: int) -> XmlLine:
     text = _page_text(line)
     if text is None:
         text = _nfc(" ".join(word for word in map(_page_text, line.iterfind("{*}Word")) if word))
-    (coords_text, coords), (baseline_text, baseline) = map(_page_points, (line.find("{*}Coords"),
-                                                                          line.find("{*}Baseline")))
-    problem = _geometry_problem([("Coords", coords_text, coords), ("Baseline", baseline_text, baseline)])
-    return XmlLine(line.get("id") or f"line {number}", text, coords or [], baseline or [], line, problem)
+    coords, baseline = _page_points(line, "Coords"), _page_points(line, "Baseline")
+    return XmlLine(line.get("id") or f"line {number}", text, coords[2] or [], baseline[2] or [], line,
+                   _geometry_problem([coords, baseline]))
 
 
 def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
@@ -171,14 +164,13 @@ def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     root = tree.getroot()
     if _local(root.tag) == "alto":
-        unit = next((node.text for node in root.iterfind(".//{*}MeasurementUnit")), "pixel") or "pixel"
-        if unit.strip() != "pixel":
-            raise DataError(f"{path}: ALTO MeasurementUnit '{unit.strip()}' is not supported; export in pixels")
-        names = [node.text or "" for node in root.iterfind(".//{*}fileName")]
+        unit = (root.findtext(".//{*}MeasurementUnit") or "pixel").strip()
+        if unit != "pixel":
+            raise DataError(f"{path}: ALTO MeasurementUnit '{unit}' is not supported; export in pixels")
         page = next(root.iterfind(".//{*}Page"), ET.Element(""))
         size = (page.get("WIDTH"), page.get("HEIGHT"))
         lines = [_alto_line(line, i + 1) for i, line in enumerate(root.iterfind(".//{*}TextLine"))]
-        kind, image_name = "alto", names[0].strip() if names else ""
+        kind, image_name = "alto", (root.findtext(".//{*}fileName") or "").strip()
     elif _local(root.tag) == "PcGts":
         page = root.find(".//{*}Page")
         if page is None:
@@ -188,7 +180,12 @@ def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
         kind, image_name = "page", page.get("imageFilename", "").strip()
     else:
         raise DataError(f"{path}: neither ALTO nor PAGE XML (root element <{_local(root.tag)}>)")
-    size = (float(size[0]), float(size[1])) if all(size) else None
+    try:
+        size = (float(size[0]), float(size[1])) if all(size) else None
+    except ValueError:
+        raise DataError(f"{path}: the page's size {size} is not a pair of numbers") from None
+    if size and not all(math.isfinite(side) and side > 0 for side in size):
+        raise DataError(f"{path}: the page's size {size} is not a pair of positive numbers")
     return XmlPage(path, kind, image_name, size, lines, tree, image_root)
 
 
@@ -199,34 +196,25 @@ def find_image(page: XmlPage) -> Path:
     file and line), as is a page without any image found."""
     folder = page.path.parent
     root = (page.image_root or folder).resolve()
-    tried, escaped = [], None
-    if page.image_name:
-        named = Path(page.image_name.replace("\\", "/"))
-        candidate = named if named.is_absolute() else folder / named
-        if candidate.resolve().is_relative_to(root):
-            tried.append(candidate)
-        else:
-            escaped = candidate
-        tried.append(folder / named.name)
-    tried += [page.path.with_suffix(suffix) for suffix in IMAGE_SUFFIXES]
-    for candidate in tried:
+    named = Path(page.image_name.replace("\\", "/"))
+    tried = [folder / named, folder / named.name] if page.image_name else []  # folder / absolute = absolute
+    for candidate in tried + [page.path.with_suffix(suffix) for suffix in IMAGE_SUFFIXES]:
         if candidate.is_file() and candidate.resolve().is_relative_to(root):
             return candidate
-    if escaped is not None:
+    if page.image_name and not (folder / named).resolve().is_relative_to(root):
         raise DataError(f"{page.path}{_xml_line_of(page.path, page.image_name)}: the page image path "
                         f"'{page.image_name}' leads outside {root}, refused; put the image beside the XML file "
                         f"or name the folder that holds it (data.xml.image_root, predict --image-root)")
-    named = f" (the XML names '{page.image_name}')" if page.image_name else ""
-    raise DataError(f"{page.path}: page image not found{named}; put it beside the XML file")
+    given = f" (the XML names '{page.image_name}')" if page.image_name else ""
+    raise DataError(f"{page.path}: page image not found{given}; put it beside the XML file")
 
 
 def _xml_line_of(path: Path, text: str) -> str:
     """' (line N)': where `text` first appears in the file, for messages ('' if not found)."""
-    try:
+    with contextlib.suppress(OSError):
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    return next((f" (line {number})" for number, line in enumerate(lines, start=1) if text in line), "")
+        return next((f" (line {number})" for number, line in enumerate(lines, start=1) if text in line), "")
+    return ""
 
 
 def line_region(line: XmlLine, band: tuple[float, float]) -> list[Point]:
@@ -290,9 +278,7 @@ def crop_lines(page: XmlPage, image: Image.Image, band: tuple[float, float], nee
     """Crop every line of `page` from its `image`. With `need_text`, lines without a transcription
     are problems too (training, evaluation); without, they are cropped (prediction)."""
     result = PageCrops()
-    scale_x, scale_y = 1.0, 1.0
-    if page.size and page.size != image.size:
-        scale_x, scale_y = image.width / page.size[0], image.height / page.size[1]
+    scale_x, scale_y = (image.width / page.size[0], image.height / page.size[1]) if page.size else (1.0, 1.0)
     for line in page.lines:
         region = [(x * scale_x, y * scale_y) for x, y in line_region(line, band)]
         problem = ("no transcription" if need_text and line.text is None else line.geometry_problem
@@ -317,7 +303,7 @@ def crop_page(page: XmlPage, band: tuple[float, float]) -> PageCrops:
 
 
 def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
-               image_root: Path | None = None) -> PageCrops:
+               image_root: Path | None) -> PageCrops:
     """Read one XML file and crop its lines, as PNG bytes; with `cache_dir`, as the files of the
     page's crops folder there, made once, and reused without parsing the XML while neither the XML
     nor its image changed (their size and modification time, remembered in `cache_dir`/pages)."""
@@ -343,30 +329,19 @@ def page_lines(path: Path, band: tuple[float, float], cache_dir: Path | None,
     for part in (path.read_bytes(), image.read_bytes(), json.dumps([band, CROP_VERSION]).encode()):
         digest.update(hashlib.sha256(part).digest())
     folder = cache_dir / digest.hexdigest()[:32]
-    if not (folder / "lines.json").is_file():
-        _save_crops(folder, crop_page(page, band))
+    if not (folder / "lines.json").is_file():  # a folder in place is complete; of two, the first stays
+        replace_folder(folder, functools.partial(_save_crops, crop_page(page, band)), keep_existing=True)
     memo = {**_memo(path, image, band, image_root), "folder": folder.name}
-    try:
-        atomic_write(_memo_path(path, cache_dir), lambda stream: stream.write(json.dumps(memo).encode()))
-    except OSError:
-        pass  # only a shortcut: the next start reads the files again
+    with contextlib.suppress(OSError):  # only a shortcut: the next start reads the files again
+        atomic_write_text(_memo_path(path, cache_dir), json.dumps(memo))
     return _cached_crops(folder)
 
 
-def _save_crops(folder: Path, crops: PageCrops) -> None:
-    """Write a page's crops and manifest into a fresh folder, then rename it into place: a folder
-    that exists is complete, and of two processes cropping the same page, the first one's stays."""
-    temporary = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+def _save_crops(crops: PageCrops, folder: Path) -> None:
     for i, crop in enumerate(crops.crops):
-        crop.save(temporary / f"{i}.png", compress_level=1)
+        crop.save(folder / f"{i}.png", compress_level=1)
     manifest = {"ids": crops.ids, "texts": crops.texts, "problems": crops.problems, "sizes": crops.sizes}
-    (temporary / "lines.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
-    try:
-        os.replace(temporary, folder)
-    except OSError:  # another process put it there first
-        shutil.rmtree(temporary, ignore_errors=True)
+    (folder / "lines.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
 
 
 def _cached_crops(folder: Path) -> PageCrops:
@@ -391,19 +366,18 @@ def _remembered_crops(xml_path: Path, cache_dir: Path, band: tuple[float, float]
     """The crops folder of an unchanged page, or None (then the page is read as the first time)."""
     try:
         memo = json.loads(_memo_path(xml_path, cache_dir).read_text(encoding="utf-8"))
-        if {**_memo(xml_path, Path(memo["image"][0]), band, image_root), "folder": memo["folder"]} != memo:
-            return None
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        folder = cache_dir / memo.pop("folder")
+        unchanged = memo == _memo(xml_path, Path(memo["image"][0]), band, image_root)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    folder = cache_dir / memo["folder"]
-    return folder if (folder / "lines.json").is_file() else None
+    return folder if unchanged and (folder / "lines.json").is_file() else None
 
 
 def map_pages(job, paths: list[Path], workers: int):
     """`job` over `paths` in order, in `workers` forked processes when there are several pages
     (cropping is CPU-bound); in this process otherwise."""
     workers = min(workers, len(paths))
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers < 2:
         yield from map(job, paths)
         return
     # fork: the children need no imports; they only read files and run PIL, no torch or threads
@@ -414,14 +388,14 @@ def map_pages(job, paths: list[Path], workers: int):
 class XmlRecords(LineRecords):
     """The lines of the ALTO / PAGE files `paths` (module docstring), cropped in `workers` processes."""
 
-    def __init__(self, paths: list[Path], name: str, key: str, band: tuple[float, float], cache_dir: str = "",
-                 show_progress: bool = True, workers: int = 0, image_root: str = ""):
+    def __init__(self, paths: list[Path], name: str, key: str, band: tuple[float, float], cache_dir: str,
+                 workers: int, image_root: str):
         self.name, self.problems, self.texts, self.ids, self.pages = name, [], [], [], 0
         self._crops: list[bytes | Path] = []
         self._sizes: list[tuple[int, int]] = []
         job = functools.partial(page_lines, band=band, cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
                                 image_root=Path(image_root).expanduser() if image_root else None)
-        pages = progress(map_pages(job, paths, workers), f"{key}: cropping lines", show_progress, len(paths))
+        pages = progress(map_pages(job, paths, workers), f"{key}: cropping lines", total=len(paths))
         for path, lines in zip(paths, pages, strict=True):
             self.pages += lines.read
             self.ids += [f"{path}:{i}" for i in lines.ids]
@@ -449,7 +423,7 @@ class LineConfidence:
 
 
 def write_page(page: XmlPage, texts: dict[str, str], out_path: Path,
-               confidences: dict[str, LineConfidence] | None = None) -> int:
+               confidences: dict[str, LineConfidence]) -> int:
     """Write `page` to `out_path` with `texts` (line id -> recognised text) as the transcription of
     those lines: ALTO, one `String` per line (with the line's box, and with `confidences` its `WC`
     and `CC`); PAGE, the line's `TextEquiv` (with its `conf`). The lines' former words and
@@ -457,24 +431,19 @@ def write_page(page: XmlPage, texts: dict[str, str], out_path: Path,
     whole or not at all. Returns the lines written."""
     for prefix, uri in (node for _, node in ET.iterparse(page.path, events=("start-ns",))):
         ET.register_namespace(prefix, uri)
-    written = 0
-    for line in page.lines:
-        if line.id in texts:
-            setter = _set_alto_text if page.kind == "alto" else _set_page_text
-            setter(line.element, texts[line.id], (confidences or {}).get(line.id))
-            written += 1
+    setter = _set_alto_text if page.kind == "alto" else _set_page_text
+    changed = [line for line in page.lines if line.id in texts]
+    for line in changed:
+        setter(line.element, texts[line.id], confidences.get(line.id))
     atomic_write(out_path, lambda stream: page.tree.write(stream, encoding="UTF-8", xml_declaration=True))
-    return written
+    return len(changed)
 
 
 def _set_alto_text(line: ET.Element, text: str, confidence: LineConfidence | None) -> None:
     for child in [c for c in line if _local(c.tag) in ("String", "SP", "HYP")]:
         line.remove(child)
-    string = ET.SubElement(line, line.tag[: -len("TextLine")] + "String")
-    for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT"):
-        if line.get(key) is not None:
-            string.set(key, line.get(key))
-    string.set("CONTENT", text)
+    box = {key: line.get(key) for key in ALTO_BOX if key in line.attrib}
+    string = ET.SubElement(line, line.tag[: -len("TextLine")] + "String", box, CONTENT=text)
     if confidence is not None:
         string.set("WC", f"{confidence.line:.4f}")
         if len(confidence.characters) == len(text) and text:  # per character 0 (sure) to 9 (unsure)
@@ -485,9 +454,8 @@ def _set_page_text(line: ET.Element, text: str, confidence: LineConfidence | Non
     namespace = line.tag[: -len("TextLine")]
     for child in [c for c in line if _local(c.tag) in ("Word", "TextEquiv")]:
         line.remove(child)
-    equiv = ET.Element(namespace + "TextEquiv")
-    if confidence is not None:
-        equiv.set("conf", f"{confidence.line:.4f}")
+    conf = {} if confidence is None else {"conf": f"{confidence.line:.4f}"}
+    equiv = ET.Element(namespace + "TextEquiv", conf)
     ET.SubElement(equiv, namespace + "Unicode").text = text
     later = [i for i, c in enumerate(line) if _local(c.tag) in ("TextStyle", "UserDefined", "Labels")]
     line.insert(later[0] if later else len(line), equiv)
