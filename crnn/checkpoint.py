@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import pickle
 import random
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ FORMAT = "crnn-checkpoint"
 VERSION = 1
 BUNDLE_FORMAT, BUNDLE_VERSION = "crnn-bundle", 1
 MANIFEST = "bundle.json"  # the file that makes a folder a bundle
+CALIBRATION_FILE = "calibration.json"  # in a bundle: crnn.calibration.Calibration.to_dict()
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,15 +63,13 @@ def previous_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-_saves = 0
+_saves = itertools.count(1)  # this process's saves
 
 
 def _test_fault_point() -> None:
     """Tests only: CRNN_TEST_KILL_IN_SAVE=K kills the process (SIGKILL) during the K-th save,
     after the new file is written and before it replaces the old one."""
-    global _saves
-    _saves += 1
-    if os.environ.get("CRNN_TEST_KILL_IN_SAVE") == str(_saves):
+    if os.environ.get("CRNN_TEST_KILL_IN_SAVE") == str(next(_saves)):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -95,7 +95,7 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Fal
         ) from err
 
 
-def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint safely; CheckpointError if missing, corrupt, unsafe or not ours."""
     path = Path(path)
     if not path.is_file():
@@ -104,7 +104,7 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
         if stream.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
             raise CheckpointError(f"{path}: not a crnn checkpoint (not a file written by torch.save)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain types, which "
@@ -120,9 +120,8 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
 
 
 def load_newest_valid(path: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
-    """Load `path`, or, if it is missing or damaged, the previous checkpoint kept beside it.
-
-    None if neither exists; CheckpointError if they exist but none can be read."""
+    """Load `path`, or, if it is missing or damaged, the previous checkpoint kept beside it. None if
+    neither exists; CheckpointError if they exist but none can be read."""
     candidates = [p for p in (path, previous_path(path)) if p.exists()]
     for candidate in candidates:
         try:
@@ -176,17 +175,14 @@ class TrainingCheckpoint:
     @classmethod
     def from_dict(cls, state: dict[str, Any], where: str) -> TrainingCheckpoint:
         """The checkpoint in `state` (from `load_checkpoint`); CheckpointError naming missing keys."""
-        required = [spec.name for spec in dataclasses.fields(cls)
-                    if spec.name != "progress" and spec.default is dataclasses.MISSING
-                    and spec.default_factory is dataclasses.MISSING]
-        missing = [name for name in required + ["epoch", "step"] if name not in state]
+        specs = [spec for spec in dataclasses.fields(cls) if spec.name != "progress"]
+        required = [spec.name for spec in specs if spec.default is spec.default_factory is MISSING]
+        missing = [name for name in [*required, "epoch", "step"] if name not in state]
         if missing:
             raise CheckpointError(f"{where}: not a training checkpoint, it lacks {', '.join(missing)}; "
                                   f"resume from checkpoints/last.pt of a run of tools/train.py")
         progress = RunState(**{name: state[name] for name in RunState.saved_fields() if name in state})
-        fields = {spec.name: state[spec.name] for spec in dataclasses.fields(cls)
-                  if spec.name != "progress" and spec.name in state}
-        return cls(**fields, progress=progress)
+        return cls(**{spec.name: state[spec.name] for spec in specs if spec.name in state}, progress=progress)
 
 
 def is_bundle(path: Path) -> bool:
@@ -200,9 +196,6 @@ def bundle_files(path: Path) -> set[str]:
         return {MANIFEST, *files.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
-
-
-CALIBRATION_FILE = "calibration.json"  # in a bundle: crnn.calibration.Calibration.to_dict()
 
 
 @dataclass(frozen=True)
@@ -278,6 +271,5 @@ def store_calibration(path: Path, calibration: dict, what: str = "train.output_d
         atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         return
     state = load_checkpoint(path)
-    state["calibration"] = calibration
-    state = {key: value for key, value in state.items() if key not in ("format", "version")}
+    state["calibration"] = calibration  # its format and version are those save_checkpoint writes
     save_checkpoint(state, path, what=what)

@@ -11,21 +11,20 @@ List values are stored as tuples: the Config is deeply frozen and can be hashed.
 
 A run that starts from trained weights (`train.init_from`) is loaded by
 `crnn.finetune.load_run_config`, which lays the starting model's keys under the YAML.
-
-Modules take plain arguments; the `build_*` functions and the `from_config` constructors are where
-a Config is read.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import re
-import types
 import typing
 import unicodedata
+from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,14 @@ import yaml
 
 from crnn.errors import ConfigError
 
-DATA_SOURCES = ("hf", "parquet", "folder", "synthetic", "xml")
 SPLITS = ("train", "validation", "test")
-LR_SCALINGS = ("none", "linear", "sqrt")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-INIT_VOCABS = ("union", "new", "keep")
-OPTIMIZERS = ("adamw", "muon")
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
+def _choice(*choices: str) -> Any:
+    """One of `choices`; the first is the default."""
+    return field(default=choices[0], metadata={"choices": choices})
 
 
 def _range(default: float, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Any:
@@ -56,16 +52,9 @@ def _pattern(default: str, pattern: str, description: str) -> Any:
     return field(default=default, metadata={"pattern": (re.compile(pattern), description)})
 
 
-def _positive(default: float) -> Any:
-    return _range(default, 0, low_open=True)
-
-
-def _non_negative(default: float) -> Any:
-    return _range(default, 0)
-
-
-def _fraction(default: float) -> Any:
-    return _range(default, 0, 1)
+_positive = partial(_range, low=0, low_open=True)
+_non_negative = partial(_range, low=0)
+_fraction = partial(_range, low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -100,13 +89,13 @@ class XmlConfig:
     cache_dir: str = ""  # "": crops kept in memory; a folder: crops kept there, keyed by file content
     baseline_above: float = _positive(60.0)  # a line given only by its baseline: band, in page pixels,
     baseline_below: float = _non_negative(20.0)  # above and below the baseline
-    # the folder page images must lie in ("": each XML file's own folder); a path leading outside it is refused
+    # the folder page images must lie in ("": each XML file's own folder); paths leading out are refused
     image_root: str = ""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _choice("hf", DATA_SOURCES)
+    source: str = _choice("hf", "parquet", "folder", "synthetic", "xml")
     name: str = "Teklia/IAM-line"  # hub id for source=hf
     train: str | None = None  # file or folder path for source=parquet|folder; folder, file or glob for xml
     validation: str | None = None
@@ -151,28 +140,28 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _positive(100)
-    max_steps: int = _non_negative(0)  # stop after this many optimizer steps; the LR schedule ends there (0: no limit)
-    max_minutes: float = _non_negative(0.0)  # a guard: stop (validate, checkpoint) after this many training minutes
+    max_steps: int = _non_negative(0)  # optimizer steps, then stop; the LR schedule ends there (0: no limit)
+    max_minutes: float = _non_negative(0.0)  # stop (validate, checkpoint) after this many training minutes
     # wall-clock minutes of this process, then a checkpoint and a stop as on a signal (exit code 142,
     # as for SIGALRM); train.resume=auto continues: for job time limits (0: no limit)
     stop_after_minutes: float = _non_negative(0.0)
-    lr: float = _positive(1e-3)  # peak LR; with lr_scaling it is the LR of one process (see docs/multi_gpu.md)
+    lr: float = _positive(1e-3)  # peak LR; with lr_scaling, the LR of one process (see docs/multi_gpu.md)
     # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
     # linear multiplies it by N, sqrt by sqrt(N)
-    lr_scaling: str = _choice("none", LR_SCALINGS)
+    lr_scaling: str = _choice("none", "linear", "sqrt")
     weight_decay: float = _non_negative(5e-5)
     # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest (crnn.optim.MuonAdamW)
-    optimizer: str = _choice("adamw", OPTIMIZERS)
+    optimizer: str = _choice("adamw", "muon")
     warmup_steps: int = _non_negative(500)
     min_lr_ratio: float = _fraction(0.02)  # the cosine's floor, as a share of the peak LR
     grad_clip: float = _non_negative(5.0)  # max gradient norm (0: off)
-    amp: str = _choice("auto", AMP_MODES)  # precision: crnn.device.resolve_amp
+    amp: str = _choice(*AMP_MODES)  # precision: crnn.device.resolve_amp
     output_dir: str = ""  # "" -> runs/<config file stem>
     resume: str = ""  # "" (new run), "auto" (continue from last.pt if present) or a path
     # a new run whose weights start from this checkpoint or export bundle (fine-tuning), and what
     # becomes of its alphabet: union (keep its characters, add the data's), new (the data's), keep
     init_from: str = ""
-    init_vocab: str = _choice("union", INIT_VOCABS)
+    init_vocab: str = _choice("union", "new", "keep")
     freeze_encoder_steps: int = _non_negative(0)  # the encoder (and its BatchNorm statistics) frozen so long
     seed: int = 0
     patience: int = _non_negative(0)  # early stopping: epochs without a better validation CER (0: off)
@@ -181,7 +170,7 @@ class TrainConfig:
     log_every: int = _positive(20)
     device: str = _pattern("auto", r"auto|cpu|cuda(:\d+)?", DEVICES)
     max_bad_steps: int = _non_negative(5)  # stop after this many non-finite steps in a row
-    checkpoint_every_steps: int = _non_negative(0)  # also write checkpoints/last.pt every N steps (0: epoch ends only)
+    checkpoint_every_steps: int = _non_negative(0)  # also write last.pt every N steps (0: at epoch ends only)
     data_parallel: bool = False
     sync_bn: bool = False
     cudnn_benchmark: bool = False  # cuDNN autotuning: one search per batch shape (see data.width_multiple)
@@ -230,30 +219,22 @@ class Config:
 def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
         return f"list of {_describe(typing.get_args(tp)[0])}"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    return tp.__name__
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check (and gently convert) one value against a field type; raise ConfigError otherwise.
 
     A list field (`tuple[T, ...]`) takes a YAML list, a tuple, or a string holding a YAML list."""
-    if _is_optional(tp):
+    if type(None) in typing.get_args(tp):  # `T | None`
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
         inner = [arg for arg in typing.get_args(tp) if arg is not type(None)][0]
         return _coerce(value, inner, key, where)
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
-            try:
+            with suppress(yaml.YAMLError):
                 value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: '{key}' must be a list ({_describe(tp)}), got {value!r}")
         item_type = typing.get_args(tp)[0]
@@ -265,10 +246,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
     elif tp in (int, float):
         if isinstance(value, str):
-            try:
+            with suppress(ValueError):
                 return tp(value)
-            except ValueError:
-                pass
         # an int is a valid float, but neither a float nor a bool is a valid int
         elif isinstance(value, tp if tp is int else (int, float)) and not isinstance(value, bool):
             return tp(value)
@@ -361,10 +340,11 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = f"{prefix}{key_node.value}"
+                line = key_node.start_mark.line + 1
                 if key in lines:  # YAML keeps the last silently: a second `data:` would drop the first
-                    raise ConfigError(f"{path} line {key_node.start_mark.line + 1}: '{key}' is set twice (lines "
-                                      f"{lines[key]} and {key_node.start_mark.line + 1}); keep one of them")
-                lines[key] = key_node.start_mark.line + 1
+                    raise ConfigError(f"{path} line {line}: '{key}' is set twice "
+                                      f"(lines {lines[key]} and {line}); keep one of them")
+                lines[key] = line
                 visit(value_node, f"{key}.")
 
     visit(root, "")
@@ -390,54 +370,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def merge_overrides(data: dict, overrides: list[str]) -> dict:
     """A plain config dict (e.g. a checkpoint's) with `key=value` overrides merged in."""
-    return _merge(data, parse_overrides(list(overrides)))
-
-
-def config_from_dict(data: dict, source: str = "config") -> Config:
-    """Rebuild and validate a Config from a plain dict (e.g. the one stored in a checkpoint; keys
-    of earlier versions are dropped by `drop_retired`)."""
-    cfg = _build(Config, drop_retired(data, source), "", lambda key: source)
-    validate(cfg, source)
-    return cfg
-
-
-def raw_value(path: str | Path | None, overrides: list[str], key: str) -> Any:
-    """The value the YAML file and the overrides give `key` (dotted), unchecked; None if neither
-    sets it. For what must be known before the config can be built (train.init_from)."""
-    data = {} if path is None else _yaml_with_lines(Path(path))[0]
-    node: Any = _merge(data, parse_overrides(list(overrides)))
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults <- `base` (e.g. a starting checkpoint's model) <- YAML file (optional) <- overrides.
-    `train.output_dir` defaults to runs/<stem>."""
-    data, lines = ({}, {}) if path is None else _yaml_with_lines(Path(path))
-
-    def where_in_file(key: str) -> str:
-        line = lines.get(key)
-        return f"{path} line {line}" if line else f"{path}"
-
-    _build(Config, data, "", where_in_file)  # errors in the file point at the file
-    override_data = parse_overrides(list(overrides))
-    _build(Config, override_data, "", lambda key: "command-line override")
-    merged = _merge(_merge(base or {}, data), override_data)
-    train = merged.setdefault("train", {})
-    if not train.get("output_dir"):
-        train["output_dir"] = str(Path("runs") / (Path(path).stem if path else "default"))
-    return config_from_dict(merged, f"{path}" if path else "config")
-
-
-def _check_all_fields(section: Any, prefix: str, where: str) -> None:
-    """Every field's declared choices and range, also for a Config built in code."""
-    for spec in dataclasses.fields(section):
-        value = getattr(section, spec.name)
-        if dataclasses.is_dataclass(value):
-            _check_all_fields(value, f"{prefix}{spec.name}.", where)
-        else:
-            _check_field(value, spec, f"{prefix}{spec.name}", where)
+    return _merge(data, parse_overrides(overrides))
 
 
 def _check_model_shape(model: ModelConfig, where: str) -> None:
@@ -456,15 +389,46 @@ def _check_model_shape(model: ModelConfig, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {list(value)}")
 
 
-def validate(cfg: Config, where: str = "config") -> None:
-    """Every value: declared choices and ranges, then what the fields say together."""
-    _check_all_fields(cfg, "", where)
-    _check_model_shape(cfg.model, where)
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Build and check a Config from a plain dict (e.g. the one stored in a checkpoint; keys of
+    earlier versions are dropped by `drop_retired`): every value, then what the fields say together."""
+    cfg = _build(Config, drop_retired(data, source), "", lambda key: source)
+    _check_model_shape(cfg.model, source)
     if cfg.train.resume and cfg.train.init_from:
-        raise ConfigError(f"{where}: 'train.resume' and 'train.init_from' together: resume continues this run "
-                          f"(its weights, optimizer, schedule and epochs); init_from starts a new run from "
-                          f"another run's weights. Set one of them (to continue a fine-tuning run: "
+        raise ConfigError(f"{source}: 'train.resume' and 'train.init_from' together: resume continues this "
+                          f"run (its weights, optimizer, schedule and epochs); init_from starts a new run "
+                          f"from another run's weights. Set one of them (to continue a fine-tuning run: "
                           f"--cfg <its train.output_dir>/config.yaml train.resume=auto train.init_from=)")
+    return cfg
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """A Config built in code, checked as a loaded one is."""
+    config_from_dict(cfg.to_dict(), where)
+
+
+def raw_value(path: str | Path | None, overrides: list[str], key: str) -> Any:
+    """The value the YAML file and the overrides give `key` (dotted), unchecked; None if neither
+    sets it. For what must be known before the config can be built (train.init_from)."""
+    node: Any = merge_overrides({} if path is None else _yaml_with_lines(Path(path))[0], overrides)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` (e.g. a starting checkpoint's model) <- YAML file (optional) <- overrides.
+    `train.output_dir` defaults to runs/<stem>."""
+    data, lines = ({}, {}) if path is None else _yaml_with_lines(Path(path))
+    # errors in the file point at the file
+    _build(Config, data, "", lambda key: f"{path} line {lines[key]}" if key in lines else f"{path}")
+    override_data = parse_overrides(overrides)
+    _build(Config, override_data, "", lambda key: "command-line override")
+    merged = _merge(_merge(base or {}, data), override_data)
+    train = merged.setdefault("train", {})
+    if not train.get("output_dir"):
+        train["output_dir"] = str(Path("runs") / (Path(path).stem if path else "default"))
+    return config_from_dict(merged, f"{path}" if path else "config")
 
 
 def config_yaml(cfg: Config) -> str:
@@ -474,8 +438,8 @@ def config_yaml(cfg: Config) -> str:
 
 # model keys that decide the network's structure or its weights' shapes: a resumed run or a
 # fine-tuning run must have the same (dropout and loss weights may change)
-ARCHITECTURE_KEYS = ("stem_channels", "stem_stride", "channels", "blocks", "strides", "lstm_layers", "lstm_hidden",
-                     "shortcut")
+ARCHITECTURE_KEYS = ("stem_channels", "stem_stride", "channels", "blocks", "strides", "lstm_layers",
+                     "lstm_hidden", "shortcut")
 
 
 def architecture_changes(mine: ModelConfig, theirs: ModelConfig) -> list[str]:
@@ -484,8 +448,8 @@ def architecture_changes(mine: ModelConfig, theirs: ModelConfig) -> list[str]:
     return [f"model.{key}" for key in ARCHITECTURE_KEYS if getattr(mine, key) != getattr(theirs, key)]
 
 
-# keys of models saved by earlier versions, with the one value the code now has built in: a saved
-# config holding that value loads (the key is dropped); any other value is refused by name
+# keys of models saved by earlier versions, by section, with the one value the code now has built
+# in: a saved config holding that value loads (the key is dropped); any other value is refused
 RETIRED = {
     "model": {"name": "crnn", "stem_kernel": [7, 7], "stem_pool": False, "downsample": "maxpool",
               "column_pool": "max", "frames": 0, "upsample": 1, "shortcut_kernel": 3, "span_mask": 0.0,
@@ -495,27 +459,24 @@ RETIRED = {
     "train": {"muon_precision": None, "ema": 0.0, "sam_rho": None, "compile": False, "memory_format": None,
               "oom_retry": None, "schedule": "cosine", "init_sha256": None},
     "decode": {"cuda": False, "lm_backend": None, "lm_smoothing": None, "beam_size_token": None},
+    "data.augment": {"enabled": True, "start_epoch": 1},
+    "data.synthetic": {"min_words": None},
 }
-RETIRED_NESTED = {("data", "augment"): {"enabled": True, "start_epoch": 1}, ("data", "synthetic"): {"min_words": None}}
 
 
 def drop_retired(data: dict, source: str) -> dict:
     """A saved config (checkpoint, bundle, config.yaml) without the keys this version no longer has;
     ConfigError naming the key where the saved value is one the code no longer builds (None: any
     value is fine)."""
-    data = {section: dict(value) if isinstance(value, dict) else value for section, value in data.items()}
-    places = [((section,), keys) for section, keys in RETIRED.items()] + list(RETIRED_NESTED.items())
-    for path, keys in places:
+    data = copy.deepcopy(data)
+    for section, keys in RETIRED.items():
         node = data
-        for part in path[:-1]:
-            node = node.get(part, {})
-        if not isinstance(node.get(path[-1]), dict):
-            continue
-        section = node[path[-1]] = dict(node[path[-1]])
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
         for key, built_in in keys.items():
-            if key in section:
-                value = section.pop(key)
+            if isinstance(node, dict) and key in node:
+                value = node.pop(key)
                 if built_in is not None and value != built_in:
-                    raise ConfigError(f"{source}: '{'.'.join(path)}.{key}={value!r}' is no longer supported "
+                    raise ConfigError(f"{source}: '{section}.{key}={value!r}' is no longer supported "
                                       f"(this version builds {built_in!r} only)")
     return data

@@ -30,9 +30,8 @@ class TrainingError(CrnnError):
 
 def ctc_line_losses(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                     target_lengths: torch.Tensor) -> torch.Tensor:
-    """Per-line CTC negative log-likelihood `(N,)`, computed in float32."""
-    return F.ctc_loss(log_probs.float(), targets, lengths, target_lengths, blank=BLANK,
-                      reduction="none", zero_infinity=False)
+    """Per-line CTC negative log-likelihood `(N,)`, in float32; inf for a line with too few frames."""
+    return F.ctc_loss(log_probs.float(), targets, lengths, target_lengths, blank=BLANK, reduction="none")
 
 
 @dataclass

@@ -2,21 +2,12 @@
 
     python tools/export.py --ckpt runs/base/checkpoints/best.pt --out bundle/
 
-A bundle is a folder:
-- `model.safetensors`: the weights (safetensors: tensors only, no code);
-- `config.yaml`: the model's config (data.* for the preprocessing, decode.* with the run's tuned LM
-  weights), `vocab.json`: `{"blank": 0, "chars": [...]}` (class i > 0 is chars[i - 1]);
-- `lm.arpa`: beam_lm's character n-gram (when the run has its training texts or an LM file);
-- `calibration.json`: the model's fitted calibration (crnn.calibration), when it has one;
-- `model.onnx`: the network for ONNX runtimes, batch and width dynamic. Inputs `images` float32
-  `(N, 1, H, W)`, ink in [0, 1] (255 - pixel, / 255) right-padded with zeros, and `widths` int64
-  `(N,)`, each line's unpadded width; outputs `log_probs` float32 `(T, N, classes)` and `lengths`
-  int64 `(N,)`, each line's valid frames. Decode with CTC (blank 0);
-- `bundle.json`: the format, the files, and the largest difference between the ONNX model's
-  log-probs and PyTorch's measured on export (refused above `ONNX_TOLERANCE`).
-
-`crnn.checkpoint.read_model_file` reads a bundle back: evaluate, predict, calibrate and
-`train.init_from` take a bundle wherever they take a checkpoint.
+A bundle is a folder (docs/export.md lists its files): the weights as safetensors, config.yaml,
+vocab.json, the LM and calibration when the model has them, bundle.json (the manifest) and
+model.onnx: inputs `images` float32 `(N, 1, H, W)`, ink `(255 - pixel) / 255` right-padded with
+zeros, and `widths` int64 `(N,)`; outputs `log_probs` float32 `(T, N, classes)` (CTC, blank 0) and
+`lengths` int64 `(N,)`; batch and width dynamic, checked against PyTorch on export (refused above
+`ONNX_TOLERANCE`). `crnn.checkpoint.read_model_file` reads a bundle wherever it takes a checkpoint.
 """
 
 from __future__ import annotations
@@ -99,19 +90,17 @@ def export_bundle(trained, out: Path, lm_texts: Sequence[str] | None) -> dict:
     weights = save({name: tensor.contiguous() for name, tensor in model.state_dict().items()})
     atomic_write(out / files["weights"], lambda stream: stream.write(weights))
     atomic_write_text(out / files["vocab"], json.dumps({"blank": 0, "chars": trained.vocab.chars}, ensure_ascii=False))
-    lm_file = ""
     if config.decode.lm_path:  # an ARPA file or a KenLM binary: its suffix kept
-        lm_file = "lm" + (Path(config.decode.lm_path).suffix or ".arpa")
-        shutil.copyfile(config.decode.lm_path, out / lm_file)
+        files["language_model"] = "lm" + (Path(config.decode.lm_path).suffix or ".arpa")
+        shutil.copyfile(config.decode.lm_path, out / files["language_model"])
     elif lm_texts:
-        lm_file = "lm.arpa"
-        NgramLM.estimate(lm_texts, config.decode.lm_order).write_arpa(out / lm_file)
-    if lm_file:
-        files["language_model"] = lm_file
+        files["language_model"] = "lm.arpa"
+        NgramLM.estimate(lm_texts, config.decode.lm_order).write_arpa(out / "lm.arpa")
     if trained.calibration.fitted:
         files["calibration"] = CALIBRATION_FILE
         atomic_write_text(out / CALIBRATION_FILE, json.dumps(trained.calibration.to_dict(), indent=2))
     # the LM file's path is kept relative to the bundle; crnn.checkpoint.read_bundle resolves it
+    lm_file = files.get("language_model", "")
     saved = dataclasses.replace(config, decode=dataclasses.replace(config.decode, lm_path=lm_file))
     atomic_write_text(out / files["config"], config_yaml(saved))
     difference = export_onnx(model, out / files["onnx"], config.data.height)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -31,10 +32,7 @@ from crnn.errors import ConfigError
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, ModelFile | None]:
-    """A training run's config, and the model `train.init_from` names (None without one).
-
-    The starting model's model.* keys and data.height lie under the YAML and the overrides;
-    ConfigError for an architecture key or a height set to another value."""
+    """A training run's config, and the model `train.init_from` names (None without one)."""
     init_from = raw_value(path, overrides, "train.init_from")
     if not init_from:
         return load_config(path, overrides), None
@@ -47,10 +45,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
         changed.append("data.height")
     if changed:
         key = changed[0]
-        section, name = key.split(".")
-        mine, their_value = getattr(getattr(cfg, section), name), getattr(getattr(theirs, section), name)
-        raise ConfigError(f"'{key}' is {mine!r} in the YAML or on the command line, but the model of "
-                          f"train.init_from ({start.path}) has {their_value!r}: it cannot start from those "
+        value = attrgetter(key)  # of the dotted key, in a Config
+        raise ConfigError(f"'{key}' is {value(cfg)!r} in the YAML or on the command line, but the model of "
+                          f"train.init_from ({start.path}) has {value(theirs)!r}: it cannot start from those "
                           f"weights. Remove {key} (its value then comes from the starting model)")
     return cfg, start
 
@@ -58,12 +55,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
 def initial_vocab(start: ModelFile, texts: list[str], mode: str) -> tuple[Vocab, str, str]:
     """The run's alphabet for `train.init_vocab`, and the characters added and dropped."""
     seen, old = Vocab.from_texts(texts), Vocab(start.chars)
-    if mode == "keep":
-        vocab = old
-    elif mode == "new":
-        vocab = seen
-    else:
-        vocab = Vocab(old.chars + [char for char in seen.chars if char not in old.index])
+    union = Vocab(old.chars + [char for char in seen.chars if char not in old.index])
+    vocab = {"union": union, "new": seen, "keep": old}[mode]
     added = "".join(char for char in vocab.chars if char not in old.index)
     dropped = "".join(char for char in old.chars if char not in vocab.index)
     return vocab, added, dropped
@@ -75,7 +68,8 @@ def starting_weights(start: ModelFile, vocab: Vocab, model: nn.Module) -> dict[s
     else zeros and a bias below every learned one (the new class starts improbable); the blank keeps
     row 0."""
     old_rows = Vocab(start.chars).index
-    rows = [0] + [old_rows.get(char, -1) for char in vocab.chars]  # old row of each new class
+    rows = torch.tensor([0] + [old_rows.get(char, -1) for char in vocab.chars])  # old row of each new class
+    known = rows >= 0
     weights = dict(start.weights)
     for name in model.CLASS_ROWS:
         if name not in weights:
@@ -84,8 +78,6 @@ def starting_weights(start: ModelFile, vocab: Vocab, model: nn.Module) -> dict[s
         new = torch.zeros((len(rows), *old.shape[1:]), dtype=old.dtype)
         if name.endswith("bias"):
             new.fill_(float(old.min()) - 10.0)
-        for row, old_row in enumerate(rows):
-            if old_row >= 0:
-                new[row] = old[old_row]
+        new[known] = old[rows[known]]
         weights[name] = new
     return weights

@@ -116,22 +116,20 @@ class TrainedModel:
 
     @torch.no_grad()
     def read(self, images: Sequence[Image.Image], decoder: Decoder) -> list[Reading]:
-        """Grayscale PIL line images, run as one padded batch -> what the model reads in each
-        (`Reading`, with the decoder's `decode.nbest` readings). The decoder reads the network's
-        log-probs; the confidences come from the calibrated ones, and with a fitted calibration
-        each line with a frame gets its p_exact and expected errors. Each line's width at
-        data.height is kept, and whether it was over data.max_width, so squeezed to it."""
+        """Grayscale PIL line images, run as one padded batch -> a `Reading` of each (with the
+        decoder's `decode.nbest` readings). The decoder reads the network's log-probs; the
+        confidences (and, with a fitted calibration, p_exact and expected errors) the calibrated ones."""
         preprocess = Preprocess.from_config(self.config.data)
         samples = [make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)]
         batch = collate(samples, self.config.data.width_multiple).to(self.device)
         output = self.model(batch.images, batch.widths)
         log_probs, lengths = output.log_probs.float().cpu(), output.lengths.cpu()
-        calibrated, uncapped = self.calibration.scale(log_probs), Preprocess(preprocess.height, 2**31)
+        calibrated = self.calibration.scale(log_probs)
         readings = [reading(calibrated[:length, i], hypotheses, self.vocab, image.width)
                     for i, (image, hypotheses, length) in enumerate(zip(images, decoder.nbest(log_probs, lengths),
                                                                         lengths.tolist(), strict=True))]
         for line, image in zip(readings, images, strict=True):
-            line.width = uncapped.scaled_width(*image.size)
+            line.width = int(preprocess.natural_widths([image.size])[0])
             line.squeezed = line.width > preprocess.max_width
         if self.calibration.fitted:
             p_exact, errors = self.calibration.line_estimates(line_features(calibrated, lengths))
@@ -204,11 +202,9 @@ class Emissions:
                 for i, length in enumerate(lengths.tolist())]
 
 
-def labelled_lines(trained: TrainedModel, split: str, amp_dtype: torch.dtype | None = None,
-                   check: bool = True, folds: int = 0) -> Emissions:
-    """One forward pass (under autocast to `amp_dtype`, if given) over a labelled split of
-    `trained`'s config's data; with `check`, DataError first if it has too few lines to fit a
-    calibration on (or to cross-fit one over `folds` folds: `fold_blocks`)."""
+def labelled_lines(trained: TrainedModel, split: str, check: bool = True, folds: int = 0) -> Emissions:
+    """One float32 forward pass over a labelled split of `trained`'s data; with `check`, DataError
+    first if it has too few lines to fit a calibration on (or to cross-fit one over `folds` folds)."""
     data = trained.config.data
     records = load_records(data, split)
     if check:
@@ -216,18 +212,18 @@ def labelled_lines(trained: TrainedModel, split: str, amp_dtype: torch.dtype | N
         if folds:
             fold_blocks(len(records), folds, f"data.{split}")
     loader = build_loader(data, build_dataset(data, records, trained.vocab, train=False), train=False)
-    return collect_emissions(trained, loader, amp_dtype, f"{split} split of {records.name}")
+    return collect_emissions(trained, loader, f"{split} split of {records.name}")
 
 
-def collect_emissions(trained: TrainedModel, loader, amp_dtype: torch.dtype | None = None, where: str = "") -> Emissions:
-    """One forward pass over `loader`: every batch's log-probs and the lines' references."""
+def collect_emissions(trained: TrainedModel, loader, where: str = "") -> Emissions:
+    """One float32 forward pass over `loader`: every batch's log-probs and the lines' references."""
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         batches.append((log_probs.float().cpu(), lengths.cpu()))
         return [""] * len(lengths)
 
-    result = evaluate(trained.model, loader, trained.device, {"keep": keep}, amp_dtype, keep_predictions=True,
+    result = evaluate(trained.model, loader, trained.device, {"keep": keep}, keep_predictions=True,
                       desc="forward pass")
     return Emissions(batches, [reference for _, reference, _ in result.predictions["keep"]], where)
 

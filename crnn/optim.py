@@ -38,11 +38,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
     groups = []
     for is_encoder in ([False, True] if encoder else [False]):  # the rest first: its LR is the one logged
         chosen = [p for p in model.parameters() if p.requires_grad and (id(p) in encoder) == is_encoder]
+        shared = {"weight_decay": cfg.weight_decay, "encoder": is_encoder}
         for blocks in sorted(set(muon.values())):
-            groups.append({"params": [p for p in chosen if muon.get(id(p)) == blocks], "weight_decay": cfg.weight_decay,
-                           "encoder": is_encoder, "muon": True, "row_blocks": blocks})
-        groups += [{"params": [p for p in chosen if p.ndim > 1 and id(p) not in muon], "weight_decay": cfg.weight_decay,
-                    "encoder": is_encoder},
+            groups.append({"params": [p for p in chosen if muon.get(id(p)) == blocks], **shared,
+                           "muon": True, "row_blocks": blocks})
+        groups += [{"params": [p for p in chosen if p.ndim > 1 and id(p) not in muon], **shared},
                    {"params": [p for p in chosen if p.ndim <= 1], "weight_decay": 0.0, "encoder": is_encoder}]
     if muon:
         return MuonAdamW(groups, lr=scaled_lr(cfg, world_size))
@@ -54,10 +54,9 @@ def hidden_matrices(model: nn.Module) -> dict[int, int]:
     first (the stem's convolution, which reads the pixels) and those whose rows are the classes (the
     model's CLASS_ROWS: the heads' outputs), as Muon is meant for hidden layers. An LSTM's weight
     stacks its four gates' matrices: 4 row blocks, each orthogonalised on its own; 1 for the rest."""
-    named = [(name, p) for name, p in model.named_parameters() if p.ndim > 1]
-    outputs = set(getattr(model, "CLASS_ROWS", ()))
-    blocks = {id(p): 4 for module in model.modules() if isinstance(module, nn.LSTM) for p in module.parameters()}
-    return {id(p): blocks.get(id(p), 1) for name, p in named[1:] if name not in outputs}
+    matrices = [(name, p) for name, p in model.named_parameters() if p.ndim > 1][1:]  # not the stem's
+    lstms = {id(p) for module in model.modules() if isinstance(module, nn.LSTM) for p in module.parameters()}
+    return {id(p): 4 if id(p) in lstms else 1 for name, p in matrices if name not in model.CLASS_ROWS}
 
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: fast to values in about [0.7, 1.2]
@@ -89,10 +88,9 @@ class MuonAdamW(torch.optim.Optimizer):
     AdamW apply as they are. A group's `"row_blocks": k` orthogonalises k blocks of rows apart (an
     LSTM's four gates). Weight decay is decoupled (multiplies the weights by 1 - lr * decay)."""
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 momentum: float = 0.95, ns_steps: int = 5):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "momentum": momentum,
-                                  "ns_steps": ns_steps, "muon": False})
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                                  "momentum": 0.95, "ns_steps": 5, "muon": False})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -116,28 +114,32 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
         momentum, blocks = group["momentum"], group.get("row_blocks", 1)
         state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
-        update = p.grad.lerp(state["momentum_buffer"], momentum).reshape(blocks, len(p) // blocks, -1)  # Nesterov
+        nesterov = p.grad.lerp(state["momentum_buffer"], momentum)
+        update = orthogonalised(nesterov.reshape(blocks, len(p) // blocks, -1), group["ns_steps"])
         scale = 0.2 * math.sqrt(max(update.shape[1:]))
-        p.add_(orthogonalised(update, group["ns_steps"]).reshape_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+        p.add_(update.reshape_as(p).to(p.dtype), alpha=-group["lr"] * scale)
 
     def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
         """torch's own AdamW step (`torch.optim.adamw.adamw`, batched over the group on a GPU)."""
         for p in params:
             if not self.state[p]:
-                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-              [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+              [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
+              beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+              maximize=False)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup, then the cosine to its floor at `total_steps`. The schedule is rebuilt from the
     config on resume (a checkpoint carries only the step), so a resumed run may change
-    `train.epochs` or the number of processes and get a matching schedule. The encoder's groups learn nothing (LR 0: its weights do not move, weight
-    decay included) for the first `train.freeze_encoder_steps` steps."""
+    `train.epochs` or the number of processes and get a matching schedule. The encoder's groups
+    learn nothing (LR 0: its weights do not move, weight decay included) for the first
+    `train.freeze_encoder_steps` steps."""
 
     def schedule(step: int) -> float:  # a plain function: LambdaLR does not save it
         return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -145,5 +147,5 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     def frozen_schedule(step: int) -> float:
         return 0.0 if step < cfg.freeze_encoder_steps else schedule(step)
 
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [frozen_schedule if group.get("encoder") else schedule for group in optimizer.param_groups])
+    schedules = [frozen_schedule if group.get("encoder") else schedule for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)

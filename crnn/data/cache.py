@@ -11,6 +11,7 @@ readers never see half a line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -21,11 +22,9 @@ class LineCache:
     """uint8 ink `(1, height, width)` per line index, in shared memory."""
 
     def __init__(self, widths: list[int], height: int, budget_bytes: int):
-        try:  # never fill /dev/shm (where shared tensors live): writing past it kills the workers (SIGBUS)
+        with contextlib.suppress(OSError):  # never fill /dev/shm: writing past it kills the workers (SIGBUS)
             stats = os.statvfs("/dev/shm")
             budget_bytes = min(budget_bytes, stats.f_bavail * stats.f_frsize // 2)
-        except OSError:
-            pass
         self.height = height
         self.widths = np.asarray(widths, dtype=np.int64)
         sizes = self.widths * height

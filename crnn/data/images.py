@@ -24,9 +24,7 @@ MAX_PIXELS = 50_000_000
 
 def to_grayscale(image: Image.Image) -> Image.Image:
     """Any PIL mode (RGB, RGBA, LA, P, I;16, I, F, 1) -> mode 'L'; transparency becomes white paper."""
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("P", "RGBA", "LA", "PA"):
         paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, image.convert("RGBA"))
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -42,19 +40,13 @@ def _opened(source: bytes | str | Path, where: str) -> Iterator[Image.Image]:
     """The PIL image of `source` (raw bytes or a path), not yet decoded; any failure, there or in the
     caller's block, as a DataError naming `where`."""
     try:
-        empty = len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0
-    except OSError:
-        empty = False  # missing: opening it says so
-    if empty:
-        raise DataError(f"{where}: empty file (0 bytes), not an image")
-    try:
+        if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
+            raise DataError(f"{where}: empty file (0 bytes), not an image")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
             with stream, Image.open(stream) as image:
                 yield image
-    except DataError:
-        raise
     except FileNotFoundError:
         named = "" if str(source) == where else f" {source}"  # the path tried, as resolved
         raise DataError(f"{where}: image file{named} not found") from None

@@ -41,10 +41,9 @@ HEADER_BYTES = 65536  # what is read of an image file to find its size
 
 def index_root(configured: str = "") -> Path:
     """The index folder: `data.index_dir`, else $CRNN_INDEX_DIR, else the user's cache folder."""
+    configured = configured or os.environ.get("CRNN_INDEX_DIR", "")
     if configured:
         return Path(configured).expanduser()
-    if os.environ.get("CRNN_INDEX_DIR"):
-        return Path(os.environ["CRNN_INDEX_DIR"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "crnn" / "index"
 
@@ -70,8 +69,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 def _webp_size(data: bytes) -> tuple[int, int] | None:
     chunk = data[12:16]
     if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
-        width, height = struct.unpack("<HH", data[26:30])
-        return width & 0x3FFF, height & 0x3FFF
+        return tuple(value & 0x3FFF for value in struct.unpack("<HH", data[26:30]))
     if chunk == b"VP8L" and data[20:21] == b"\x2f":
         bits = int.from_bytes(data[21:25], "little")
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
@@ -94,12 +92,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             at += 1
             continue
         if marker in _SOF_MARKERS:
-            height, width = struct.unpack(">HH", data[at + 5:at + 9])
-            return width, height
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            at += 2
-            continue
-        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+            return struct.unpack(">HH", data[at + 5:at + 9])[::-1]  # (height, width) in the frame header
+        standalone = marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7  # markers without a length
+        at += 2 if standalone else 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
     return None
 
 
@@ -112,7 +107,7 @@ def line_size(source: bytes | memoryview | Path, where: str) -> tuple[int, int, 
         else:
             with open(source, "rb") as stream:
                 head = stream.read(HEADER_BYTES)
-        size = header_size(head) if len(head) else None
+        size = header_size(head)
         if size is None or min(size) <= 0:
             size = image_size(bytes(source) if isinstance(source, memoryview) else source, where)
         return int(size[0]), int(size[1]), None
@@ -138,8 +133,7 @@ def size_columns(sources: list[bytes | memoryview | Path], wheres: list[str], th
 
 def stored_table(path: Path, identity: dict, schema: pa.Schema,
                  batches: Callable[[], Iterable[pa.RecordBatch]], what: str) -> pa.Table:
-    """The index at `path` built from `identity` (memory-mapped), built now if it is missing,
-    stale or damaged; in memory if the index folder cannot be written."""
+    """The index at `path` for `identity`, memory-mapped; built first if missing, stale or damaged."""
     identity = {"version": INDEX_VERSION, **identity}
     table = _open_index(path, identity, what)
     if table is not None:
@@ -296,18 +290,12 @@ def image_sources(images: pa.StructArray | pa.BinaryArray, base_dir: Path | None
     paths = images.field("path").to_pylist()
     for row, view in enumerate(views):
         if not len(view) and paths[row]:
-            path = Path(paths[row])
-            views[row] = path if path.is_absolute() or base_dir is None else base_dir / path
+            views[row] = (base_dir or Path()) / paths[row]  # `/` keeps an absolute path as it is
     return views
 
 
 def _binary(arrow_type: pa.DataType) -> bool:
     return pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
-
-
-def column_sources(images: pa.ChunkedArray, base_dir: Path | None) -> list[memoryview | Path]:
-    """`image_sources` of every chunk of an `image` column, in row order."""
-    return [source for chunk in images.chunks for source in image_sources(chunk, base_dir)]
 
 
 def digest(parts: Iterable[str]) -> str:

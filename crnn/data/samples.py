@@ -64,28 +64,29 @@ class Preprocess:
         """The width `__call__` gives an image of this size (0 x 0: unknown, assume the widest)."""
         return int(self.scaled_widths(np.array([[width, height]]))[0])
 
-    def squeezed(self, sizes: np.ndarray) -> np.ndarray:
-        """The widths at `height` of the lines of `sizes` `(N, 2)` that `__call__` squeezes to
-        `max_width` (they lose detail, and read worse), widest first."""
+    def natural_widths(self, sizes: np.ndarray) -> np.ndarray:
+        """The width at `height` of each row `(width, height)` of `sizes` `(N, 2)`, before
+        `max_width`, as an int64 array."""
         sizes = np.asarray(sizes).reshape(-1, 2)
-        widths = np.rint(sizes[:, 0] * (self.height / np.maximum(sizes[:, 1], 1)))
-        return -np.sort(-widths[(sizes[:, 1] > 0) & (widths > self.max_width)]).astype(np.int64)
-
-    def squeeze_warning(self, sizes: np.ndarray, name: str) -> str:
-        """What `squeezed` finds in `sizes`, as a warning about `name`; "" when no line is squeezed."""
-        widths = self.squeezed(sizes)
-        if not len(widths):
-            return ""
-        return (f"{name}: {len(widths)} line(s) wider than data.max_width={self.max_width} px at height "
-                f"{self.height} (the widest {widths[0]} px) are squeezed to it and read worse; raise "
-                f"data.max_width to read them whole")
+        scale = self.height / np.maximum(sizes[:, 1], 1).astype(np.float64)
+        return np.rint(sizes[:, 0] * scale).astype(np.int64)  # half to even
 
     def scaled_widths(self, sizes: np.ndarray) -> np.ndarray:
         """`scaled_width` of each row `(width, height)` of `sizes` `(N, 2)`, as an int64 array."""
         sizes = np.asarray(sizes).reshape(-1, 2)
-        width, height = sizes[:, 0], sizes[:, 1]
-        scaled = np.rint(width * (self.height / np.maximum(height, 1).astype(np.float64)))  # half to even
-        return np.where(height > 0, np.clip(scaled, 1, self.max_width), self.max_width).astype(np.int64)
+        widths = np.clip(self.natural_widths(sizes), 1, self.max_width)
+        return np.where(sizes[:, 1] > 0, widths, self.max_width)
+
+    def squeeze_warning(self, sizes: np.ndarray, name: str) -> str:
+        """A warning about the lines of `name` (their `sizes` `(N, 2)`) wider than `max_width` at
+        `height`, which `__call__` squeezes to it (they lose detail and read worse); "" if none is."""
+        widths = self.natural_widths(sizes)[np.asarray(sizes).reshape(-1, 2)[:, 1] > 0]
+        wide = widths[widths > self.max_width]
+        if not len(wide):
+            return ""
+        return (f"{name}: {len(wide)} line(s) wider than data.max_width={self.max_width} px at height "
+                f"{self.height} (the widest {wide.max()} px) are squeezed to it and read worse; raise "
+                f"data.max_width to read them whole")
 
 
 def unusable(index: int, error: str) -> Sample:

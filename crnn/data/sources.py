@@ -24,8 +24,8 @@ from crnn.config import SPLITS, DataConfig
 from crnn.data.images import IMAGE_SUFFIXES, decode_image, image_size
 from crnn.data.index import (
     check_columns,
-    column_sources,
     digest,
+    image_sources,
     index_path,
     index_root,
     parquet_index,
@@ -41,18 +41,15 @@ from crnn.errors import DataError
 class ArrowRecords(LineRecords):
     """Rows of an Arrow table in the Teklia/IAM-line schema: `image` {bytes, path} (or the image's
     bytes alone) and `text`. The table may be memory-mapped (`crnn.data.index`): the records hold
-    per line only its row number.
-    Sizes come from `sizes` (`width`, `height`, `error` per row), else from those columns of `table`."""
+    per line only its row number. `sizes`: `width`, `height` and `error` per row of `table`."""
 
-    def __init__(self, table: pa.Table, name: str, base_dir: Path | None = None, sizes: pa.Table | None = None):
+    def __init__(self, table: pa.Table, name: str, sizes: pa.Table, base_dir: Path | None = None):
         check_columns(table.column_names, name)
         texts = table.column("text")
-        if not any(check(texts.type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)):
+        if texts.type not in (pa.string(), pa.large_string(), pa.null()):
             raise DataError(f"{name}: column 'text' holds {texts.type}, not text (the Teklia/IAM-line schema "
                             f"has strings)")
         self.name, self.base_dir, self.images = name, base_dir, table.column("image")
-        if sizes is None and "width" in table.column_names:
-            sizes = table.select(["width", "height", "error"])
         self._size_table, self._sizes = sizes, None
         usable = _usable_texts(texts)
         self.rows = np.flatnonzero(usable)
@@ -60,27 +57,20 @@ class ArrowRecords(LineRecords):
         self.texts, self.ids = RowView(texts, self.rows), RowIds(name, self.rows)
 
     def image(self, index: int) -> Image.Image:
-        cell = self.images[int(self.rows[index])].as_py()
-        if isinstance(cell, bytes):  # an image column of the images' bytes alone
-            return decode_image(cell, self.ids[index])
-        if isinstance(cell, dict) and cell.get("bytes"):
-            return decode_image(cell["bytes"], self.ids[index])
-        if isinstance(cell, dict) and cell.get("path"):
-            path = Path(cell["path"])
-            return decode_image(path if path.is_absolute() or self.base_dir is None else self.base_dir / path,
-                                self.ids[index])
-        raise DataError(f"{self.ids[index]}: the image cell holds neither bytes nor a path")
+        cell = self.images[int(self.rows[index])].as_py()  # {bytes, path}, or the image's bytes alone
+        if isinstance(cell, dict):  # its bytes, else its file (`/` keeps an absolute path as it is)
+            cell = cell.get("bytes") or cell.get("path") and (self.base_dir or Path()) / cell["path"]
+        if not isinstance(cell, (bytes, Path)):
+            raise DataError(f"{self.ids[index]}: the image cell holds neither bytes nor a path")
+        return decode_image(cell, self.ids[index])
 
     def size_array(self) -> np.ndarray:
         if self._sizes is None:
             sizes, errors = size_array(self._size_table), self._size_table.column("error")
             every_row = len(self.rows) == len(sizes)  # rows ascend without repeats: then they are all rows
             self._sizes = sizes if every_row else sizes[self.rows]
-            if errors.null_count < len(errors):  # decoding will fail again later and be counted there
-                failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
-                used = np.zeros(len(sizes), dtype=bool)
-                used[self.rows] = True
-                self.problems += RowView(errors, failed[used[failed]])[:]
+            failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))  # unread headers
+            self.problems += RowView(errors, failed[np.isin(failed, self.rows, assume_unique=True)])[:]
         return self._sizes
 
 
@@ -118,13 +108,12 @@ class RowView(_LazyList):
             return self.column[int(self.rows[index])].as_py()
         rows = self.rows[index]
         chunks = np.searchsorted(self.starts, rows, side="right") - 1
-        values: list = [None] * len(rows)
+        values = np.empty(len(rows), dtype=object)
         for chunk in np.unique(chunks):
-            where = np.flatnonzero(chunks == chunk)
-            taken = self.column.chunk(int(chunk)).take(pa.array(rows[where] - self.starts[chunk])).to_pylist()
-            for at, value in zip(where.tolist(), taken, strict=True):
-                values[at] = value
-        return values
+            where = chunks == chunk
+            taken = self.column.chunk(int(chunk)).take(pa.array(rows[where] - self.starts[chunk]))
+            values[where] = taken.to_numpy(zero_copy_only=False)
+        return values.tolist()
 
     def __iter__(self) -> Iterator:
         for start in range(0, len(self.rows), 65536):
@@ -171,7 +160,7 @@ def parquet_records(path_text: str, key: str, index_dir: str = "") -> ArrowRecor
     if not table.num_rows:
         raise DataError(f"{key}: {path_text} has no lines (0 rows in {len(files)} parquet file(s)); give "
                         f"a split with lines")
-    return ArrowRecords(table, str(path_text), base_dir=files[0].parent)
+    return ArrowRecords(table, str(path_text), table.select(["width", "height", "error"]), files[0].parent)
 
 
 def parquet_texts(path_text: str, key: str) -> list[str]:
@@ -220,7 +209,8 @@ def dataset_records(dataset, name: str, index_dir: str = "") -> ArrowRecords:
     files = [Path(entry["filename"]) for entry in dataset.cache_files]
 
     def sources() -> tuple[list, Sequence[str]]:
-        return column_sources(table.column("image"), None), RowIds(name, np.arange(len(table)))
+        images = [source for chunk in table.column("image").chunks for source in image_sources(chunk, None)]
+        return images, RowIds(name, np.arange(len(table)))
 
     if not files:  # a dataset held in memory: nothing to key an index on, its headers read now
         return ArrowRecords(table, name, sizes=pa.table(size_columns(*sources()), names=["width", "height", "error"]))
@@ -245,9 +235,8 @@ class FolderRecords(LineRecords):
         self.folder, self.index_dir, self._sizes = folder, index_dir, None
         named: dict[str, int] = {}  # file name -> the gt.tsv line naming it, used or skipped
         self._stamps: list[str] = []  # each used image's name, size and modification time: the index's key
-        for number, raw in enumerate(_utf8_lines(gt_path), start=1):
+        for number, line in enumerate(_utf8_lines(gt_path), start=1):
             where = f"{gt_path} line {number}"
-            line = raw.decode("utf-8").rstrip("\r")
             name, tab, text = line.partition("\t")
             if not line.strip():
                 continue
@@ -283,8 +272,7 @@ class FolderRecords(LineRecords):
         return decode_image(path, str(path))
 
     def size_array(self) -> np.ndarray:
-        """The images' sizes, from the index (built once per version of the folder's images, their
-        headers read by 8 threads)."""
+        """The images' sizes, from the index built once per version of the folder's images."""
         if self._sizes is None:
             identity = {"source": str(self.folder.resolve()), "images": digest(self._stamps)}
 
@@ -300,9 +288,9 @@ class FolderRecords(LineRecords):
         return self._sizes
 
 
-def _utf8_lines(path: Path) -> list[bytes]:
-    """The lines of a text file that must be UTF-8 (a byte order mark at its start is dropped);
-    DataError at the first byte that is not, as such a file is in another encoding as a whole."""
+def _utf8_lines(path: Path) -> list[str]:
+    """The lines of a text file that must be UTF-8 (a byte order mark at its start is dropped), split
+    at CR and LF only; DataError at the first byte that is not UTF-8: the file is in another encoding."""
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         data.decode("utf-8")
@@ -311,7 +299,7 @@ def _utf8_lines(path: Path) -> list[bytes]:
         raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at byte "
                         f"{err.start - start + 1} of the line); save {path.name} as UTF-8 (e.g. iconv -f "
                         f"latin1 -t utf-8), the one encoding it is read in") from None
-    return data.splitlines()
+    return [line.decode("utf-8") for line in data.splitlines()]
 
 
 class SyntheticRecords(LineRecords):

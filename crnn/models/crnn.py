@@ -12,8 +12,6 @@ from crnn.config import ModelConfig
 from crnn.models.encoder import ResNetEncoder
 from crnn.models.heads import BiLSTMHead, ShortcutHead
 
-LEGACY_BLOCK_KEY = re.compile(r"^(encoder\.layers\.\d+)\.shortcut\.")
-
 
 class CRNNOutput(NamedTuple):
     log_probs: torch.Tensor  # (T, N, classes), float32
@@ -26,7 +24,8 @@ class CRNN(nn.Module):
     encoder's columns are max-pooled over the height."""
 
     # the parameters with one row (dim 0) per class: what a new alphabet resizes (crnn/finetune.py)
-    CLASS_ROWS = ("head.classifier.weight", "head.classifier.bias", "shortcut.conv.weight", "shortcut.conv.bias")
+    CLASS_ROWS = ("head.classifier.weight", "head.classifier.bias",
+                  "shortcut.conv.weight", "shortcut.conv.bias")
 
     def __init__(self, encoder: ResNetEncoder, head: BiLSTMHead, shortcut: ShortcutHead | None):
         super().__init__()
@@ -35,14 +34,18 @@ class CRNN(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes the weights of earlier versions, whose encoder blocks named their projection
         `shortcut` (torchvision's BasicBlock names it `downsample`)."""
-        state_dict = {LEGACY_BLOCK_KEY.sub(r"\1.downsample.", name): value for name, value in state_dict.items()}
+        state_dict = {re.sub(r"^(encoder\.layers\.\d+)\.shortcut\.", r"\1.downsample.", name): value
+                      for name, value in state_dict.items()}
         return super().load_state_dict(state_dict, strict, assign)
 
     def output_lengths(self, widths: torch.Tensor) -> torch.Tensor:
         """Frames of each line from its unpadded width, on `widths`' device."""
-        return self.encoder.output_widths(widths)
+        for kernel, stride, padding in self.encoder.width_ops:  # each one's output size, floor mode
+            widths = torch.div(widths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+        return widths
 
-    def forward(self, images: torch.Tensor, widths: torch.Tensor, with_shortcut: bool | None = None) -> CRNNOutput:
+    def forward(self, images: torch.Tensor, widths: torch.Tensor,
+                with_shortcut: bool | None = None) -> CRNNOutput:
         """The shortcut head runs in training mode, or when `with_shortcut=True`.
 
         `widths` may be on any device: they are moved to the images' here, the one place, so the
@@ -59,9 +62,8 @@ class CRNN(nn.Module):
 
 def build_model(cfg: ModelConfig, num_classes: int) -> CRNN:
     """The CRNN of `cfg` for `num_classes` classes (blank included)."""
-    encoder = ResNetEncoder(cfg.stem_channels, tuple(cfg.stem_stride), cfg.channels, cfg.blocks,
-                            [tuple(s) for s in cfg.strides])
+    encoder = ResNetEncoder(cfg.stem_channels, cfg.stem_stride, cfg.channels, cfg.blocks, cfg.strides)
     head = BiLSTMHead(encoder.out_channels, cfg.lstm_hidden, cfg.lstm_layers, num_classes,
                       cfg.lstm_dropout, cfg.head_dropout)
-    shortcut = ShortcutHead(encoder.out_channels, num_classes, 3, cfg.shortcut_dropout) if cfg.shortcut else None
+    shortcut = ShortcutHead(encoder.out_channels, num_classes, cfg.shortcut_dropout) if cfg.shortcut else None
     return CRNN(encoder, head, shortcut)

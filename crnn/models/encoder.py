@@ -6,12 +6,6 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-
-def conv_output_length(lengths: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
-    """Output size of a conv/pool along one axis (floor mode), elementwise."""
-    return torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
-
-
 STEM_KERNEL = 7
 
 
@@ -30,18 +24,18 @@ class ResNetEncoder(nn.Module):
             nn.Conv2d(1, stem_channels, STEM_KERNEL, stem_stride, padding, bias=False),
             nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),
         ]
-        # (kernel, stride, padding) along the width of every op that changes it
+        # (kernel, stride, padding) along the width of every op that changes it (CRNN.output_lengths)
         self.width_ops = [(STEM_KERNEL, stem_stride[1], padding)]
         previous = stem_channels
         for out_channels, count, stride in zip(channels, blocks, strides, strict=True):
-            stride = tuple(stride)
-            if stride != (1, 1):
+            if tuple(stride) != (1, 1):
                 layers.append(nn.MaxPool2d(stride, stride))
                 self.width_ops.append((stride[1], stride[1], 0))
             for _ in range(count):
                 block = BasicBlock(previous, out_channels)
-                if previous != out_channels:  # made after the block: the weights' random draws keep their order
-                    block.downsample = nn.Sequential(conv1x1(previous, out_channels), nn.BatchNorm2d(out_channels))
+                if previous != out_channels:  # made after the block: the random draws keep their order
+                    block.downsample = nn.Sequential(conv1x1(previous, out_channels),
+                                                     nn.BatchNorm2d(out_channels))
                 layers.append(block)
                 previous = out_channels
         self.layers = nn.Sequential(*layers)
@@ -49,9 +43,3 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images)
-
-    def output_widths(self, widths: torch.Tensor) -> torch.Tensor:
-        """Feature columns of each line from its own unpadded image width."""
-        for kernel, stride, padding in self.width_ops:
-            widths = conv_output_length(widths, kernel, stride, padding)
-        return widths

@@ -32,13 +32,12 @@ class BiLSTM(nn.Module):
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """features `(T, N, C)`, lengths `(N,)` -> `(T, N, 2 * hidden)`."""
         index = reversal_index(lengths.to(features.device), features.shape[0])[..., None]
-        for layer, (forward, backward) in enumerate(zip(self.forward_layers, self.backward_layers, strict=True)):
+        for layer, forward in enumerate(self.forward_layers):
             if layer:
                 features = self.dropout(features)
             ahead, _ = forward(features)
-            reversed_features = features.gather(0, index.expand_as(features))
-            behind, _ = backward(reversed_features)
-            behind = behind.gather(0, index.expand_as(behind))
+            behind, _ = self.backward_layers[layer](features.gather(0, index.expand_as(features)))
+            behind = behind.gather(0, index.expand_as(behind))  # back in the line's order
             features = torch.cat([ahead, behind], dim=-1)
         return features
 
@@ -57,31 +56,24 @@ class BiLSTMHead(nn.Module):
         if layers > 0:
             self.lstm = BiLSTM(in_channels, hidden, layers, dropout)
             in_channels = 2 * hidden
-        self.out_channels = in_channels  # of `encode`'s features
         self.dropout = nn.Dropout(output_dropout)
         self.classifier = nn.Linear(in_channels, num_classes)
 
-    def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """features `(T, N, C)`, lengths `(N,)` -> what the classifier reads `(T, N, out_channels)`."""
-        return features if self.lstm is None else self.lstm(features, lengths)
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """`encode`'s features -> logits `(T, N, classes)`."""
-        return self.classifier(self.dropout(features))
-
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """features `(T, N, C)`, lengths `(N,)` -> logits `(T, N, classes)`."""
-        return self.classify(self.encode(features, lengths))
+        if self.lstm is not None:
+            features = self.lstm(features, lengths)
+        return self.classifier(self.dropout(features))
 
 
 class ShortcutHead(nn.Module):
-    """Retsinas et al. 2022: a 1xK conv straight from the encoder columns to the classes, trained
+    """Retsinas et al. 2022: a 1x3 conv straight from the encoder columns to the classes, trained
     with its own CTC loss so the encoder learns character evidence early."""
 
-    def __init__(self, in_channels: int, num_classes: int, kernel: int = 3, dropout: float = 0.0):
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.conv = nn.Conv1d(in_channels, num_classes, kernel, padding=kernel // 2)
+        self.conv = nn.Conv1d(in_channels, num_classes, 3, padding=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features `(T, N, C)` -> logits `(T, N, classes)`."""
