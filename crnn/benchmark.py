@@ -1,7 +1,5 @@
-"""Speed measurements behind `tools/benchmark.py`, built from the trainer's own builders: one
-config on fixed batches (`speed_row`), the real training loop against the model step alone
-(`loop_row`), the decoders on a trained checkpoint (`decoding_rows`), and `tools/train.py`'s
-start-up time and memory on a large split (`startup_table`)."""
+"""Speed measurements behind `tools/benchmark.py` (its modes: docs/performance.md), built from the
+trainer's own builders: `speed_row`, `loop_row`, `decoding_rows`, `startup_table`."""
 
 from __future__ import annotations
 
@@ -47,8 +45,7 @@ TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train.py"  # 
 
 @dataclass
 class TrainStep:
-    """One optimizer step as `crnn.trainer.train` takes it: autocast forward, CTC of the main head +
-    shortcut_weight x the shortcut head's, scaled backward, unscale and clip, step and schedule."""
+    """One optimizer step as `crnn.trainer.train` takes it."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -113,9 +110,8 @@ def batches_for(cfg: Config, lines: list[tuple], vocab: Vocab, batch_size: int) 
 
 
 def training_memory_mb(step: TrainStep, batch: Batch) -> float:
-    """Memory of one training step: on CUDA the allocator's peak above what it held before (the
-    weights, the optimizer's state and every batch) plus the weights and the optimizer's state; on a
-    CPU the weights, gradients, AdamW's two moments and the activations saved for the backward pass."""
+    """MiB of one training step: on CUDA the allocator's peak above what it held before, plus the
+    weights and optimizer state; on a CPU weights, gradients, AdamW's two moments, saved activations."""
     device = batch.images.device
     if device.type == "cuda":
         step.optimizer.zero_grad(set_to_none=True)

@@ -1,14 +1,8 @@
-"""Calibration: probabilities a user can take at their word, fitted on a labelled split in two
-parts (`fit_calibration`; docs/calibration.md):
-
-1. **A temperature** `T`: the posteriors become `softmax(log_probs / T)`, `T` minimising the CTC
-   loss of the references.
-2. **A line model** on features of each line's calibrated posteriors and greedy reading
-   (`LINE_MODEL`, each clipped to its range on the lines fitted on): the probability that the line
-   is read exactly (`p_exact`, logistic) and its expected character errors (Poisson, which counts
-   the dropped characters the character confidences miss). A collection's estimated CER: the sum
-   of its lines' expected errors over their expected reference length, with an interval from the
-   fitted dispersion of the errors.
+"""Calibration: probabilities a user can take at their word, fitted on a labelled split
+(`fit_calibration`): a temperature `T` (posteriors `softmax(log_probs / T)`), then a line model
+giving each line's `p_exact` (logistic) and expected character errors (Poisson, which counts the
+dropped characters the character confidences miss). What each part is and how well it holds:
+docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -95,15 +89,13 @@ class Calibration:
 
     def estimate_cer(self, expected_errors: Sequence[float],
                      read_chars: Sequence[int]) -> tuple[float, tuple[float, float]]:
-        """A collection's estimated CER from its lines' expected errors and the characters read in
-        each, with an interval: (estimate, (low, high))."""
+        """(estimate, (low, high)) of the CER from its lines' expected errors and characters read."""
         reference = float(sum(read_chars)) * self.length_ratio
         return cer_estimate(float(sum(expected_errors)), reference, self.dispersion)
 
 
 def cer_estimate(errors: float, reference: float, dispersion: float) -> tuple[float, tuple[float, float]]:
-    """(expected errors / expected reference characters, its 95% interval): the errors' spread is
-    Poisson's, widened by the fitted `dispersion` (never narrowed)."""
+    """(errors / reference, its 95% interval): Poisson's spread, widened (never narrowed) by `dispersion`."""
     reference = max(reference, 1.0)
     spread = 1.96 * math.sqrt(max(dispersion, 1.0) * errors)
     return errors / reference, (max(errors - spread, 0.0) / reference, (errors + spread) / reference)
@@ -128,11 +120,8 @@ def reading_log_probs(log_probs: torch.Tensor, lengths: torch.Tensor, readings: 
 def line_features(log_probs: torch.Tensor, lengths: torch.Tensor,
                   paths: list[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
     """FEATURES `(N, len(FEATURES))` float64 of lines from their calibrated log-probs `(T, N, C)`
-    and greedy paths (`crnn.decoding.greedy_paths`): the sum of one minus each read character's
-    confidence (doubt), the non-blank mass of frames read as blank (characters it may have
-    dropped), the mean entropy per frame, log(1 + characters read), the logit of the weakest
-    character's confidence, the log-probability of the reading (`reading_log_probs`), and
-    log(1 + doubt), log(1 + missed)."""
+    and greedy paths (`crnn.decoding.greedy_paths`), in words in docs/calibration.md ("doubt": the
+    summed 1 - confidence of the characters read; "missed": the non-blank mass of blank frames)."""
     log_probs = log_probs.float()
     paths = greedy_paths(log_probs, lengths) if paths is None else paths
     probs = log_probs.exp()
@@ -151,9 +140,8 @@ def line_features(log_probs: torch.Tensor, lengths: torch.Tensor,
 
 
 def fit_temperature(log_probs: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> float:
-    """The temperature that minimises the CTC loss of `targets` (class indices) under
-    `softmax(log_probs / T)`, each line's log-probs `(T_i, C)`: a golden-section search on log T
-    within TEMPERATURE_RANGE (the loss is smooth and, in practice, unimodal in log T)."""
+    """The T minimising the CTC loss of `targets` (class indices) under `softmax(log_probs / T)`, lines
+    `(T_i, C)`: a golden-section search on log T (the loss is smooth and, in practice, unimodal there)."""
     usable = [(line, list(target)) for line, target in zip(log_probs, targets, strict=True) if len(target) <= len(line)]
     if not usable:
         raise DataError("no line to fit a temperature on (every reference longer than its frames)")
@@ -285,8 +273,7 @@ class CalibrationProbe:
 def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str], vocab: Vocab,
                     where: str) -> Calibration:
     """The temperature, then the line model, on labelled lines (each line's raw log-probs `(T_i, C)`
-    and its reference; the temperature on those whose characters are all in `vocab`); DataError
-    naming `where` with fewer than MIN_LINES lines."""
+    and its reference); DataError naming `where` with fewer than MIN_LINES lines."""
     check_enough(len(log_probs), where)
     # a reference with a character the model has no class for would fit the temperature to a text
     # without it (flatter posteriors): those lines are left out of the temperature, not of the line model
@@ -304,8 +291,7 @@ def fit_calibration(log_probs: Sequence[torch.Tensor], references: Sequence[str]
 # --- how well calibrated: measured on labelled lines -------------------------------------------
 
 def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool]) -> float:
-    """ECE: over the `reliability` bins, the mean |accuracy - confidence| weighted by the share of
-    predictions in each bin."""
+    """ECE: the mean |accuracy - confidence| over the `reliability` bins, weighted by their counts."""
     rows = reliability(probabilities, outcomes)
     return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(len(probabilities), 1)
 

@@ -1,9 +1,7 @@
 """Checkpoints: full training state, written atomically (`crnn.outputs.atomic_write`), read back
 with `weights_only=True`: a checkpoint holds only tensors and plain types (the config as a dict,
 the vocab as a list of characters, RNG states as tensors), so loading one cannot run code.
-
-`read_model_file` reads a trained model wherever it is stored: a checkpoint, or an export bundle
-(`crnn.export`: safetensors weights, config.yaml, vocab.json, bundle.json).
+`read_model_file` reads a trained model from a checkpoint or an export bundle (`crnn.export`).
 """
 
 from __future__ import annotations

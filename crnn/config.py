@@ -2,15 +2,10 @@
 
     cfg = load_config("experiments/base.yaml", ["train.epochs=5", "data.batch_size=8"])
 
-Every key is checked when the config is loaded, before any data is read: an unknown key, a value of
-the wrong type, a choice outside its list or a number outside its range is a ConfigError naming the
-key (and the YAML line), the valid keys or values and, where it helps, the closest match. Each
-field declares its own choices or range next to its default (`_choice`, `_range`), so there is one
-list per choice, used by the checks, the tools' argument parsers and the modules that act on it.
-List values are stored as tuples: the Config is deeply frozen and can be hashed.
-
-A run that starts from trained weights (`train.init_from`) is loaded by
-`crnn.finetune.load_run_config`, which lays the starting model's keys under the YAML.
+Every key is checked on load, before any data is read (docs/training.md). Each field declares its
+own choices or range next to its default (`_choice`, `_range`): one list per choice, shared by the
+checks, the tools' argument parsers and the modules that act on it. A `train.init_from` run loads
+through `crnn.finetune.load_run_config`, which lays the starting model's keys under the YAML.
 """
 
 from __future__ import annotations
@@ -103,8 +98,7 @@ class DataConfig:
     height: int = _positive(128)  # lines are scaled to this height, the aspect ratio kept
     max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
     batch_size: int = _positive(16)  # per process
-    # each batch is padded on the right to a multiple of this many pixels, so that cuDNN autotuning
-    # sees a bounded set of shapes; 1 pads to the widest line only
+    # each batch is padded to a multiple of this many pixels: few shapes for cuDNN autotuning (1: none)
     width_multiple: int = _positive(64)
     num_workers: int = _non_negative(2)  # DataLoader workers; also the processes cropping source=xml pages
     # decoded, resized lines kept in shared memory for later epochs, up to this many MB (0: off)
@@ -119,9 +113,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """ResNet encoder (a 7x7 stem, then stages of BasicBlocks, each stage's stride taken by a
-    max-pool before it; the height max-pooled into columns) -> BiLSTM -> linear, with the CTC
-    shortcut head (a 1x3 convolution on the columns) in training."""
+    """ResNet encoder -> BiLSTM -> linear, with the CTC shortcut head in training (docs/training.md)."""
 
     stem_channels: int = _positive(32)
     stem_stride: tuple[int, ...] = (2, 2)  # (height, width)
@@ -142,12 +134,10 @@ class TrainConfig:
     epochs: int = _positive(100)
     max_steps: int = _non_negative(0)  # optimizer steps, then stop; the LR schedule ends there (0: no limit)
     max_minutes: float = _non_negative(0.0)  # stop (validate, checkpoint) after this many training minutes
-    # wall-clock minutes of this process, then a checkpoint and a stop as on a signal (exit code 142,
-    # as for SIGALRM); train.resume=auto continues: for job time limits (0: no limit)
+    # wall-clock minutes of this process, then a checkpoint and exit code 142, as SIGALRM (0: no limit)
     stop_after_minutes: float = _non_negative(0.0)
     lr: float = _positive(1e-3)  # peak LR; with lr_scaling, the LR of one process (see docs/multi_gpu.md)
-    # LR under N processes (effective batch = N x data.batch_size): none keeps train.lr,
-    # linear multiplies it by N, sqrt by sqrt(N)
+    # LR under N processes: none keeps train.lr, linear multiplies it by N, sqrt by sqrt(N)
     lr_scaling: str = _choice("none", "linear", "sqrt")
     weight_decay: float = _non_negative(5e-5)
     # adamw, or muon: Muon on the hidden weight matrices, AdamW on the rest (crnn.optim.MuonAdamW)
@@ -158,8 +148,7 @@ class TrainConfig:
     amp: str = _choice(*AMP_MODES)  # precision: crnn.device.resolve_amp
     output_dir: str = ""  # "" -> runs/<config file stem>
     resume: str = ""  # "" (new run), "auto" (continue from last.pt if present) or a path
-    # a new run whose weights start from this checkpoint or export bundle (fine-tuning), and what
-    # becomes of its alphabet: union (keep its characters, add the data's), new (the data's), keep
+    # fine-tuning: a new run from this checkpoint or export bundle, and its alphabet (docs/finetune.md)
     init_from: str = ""
     init_vocab: str = _choice("union", "new", "keep")
     freeze_encoder_steps: int = _non_negative(0)  # the encoder (and its BatchNorm statistics) frozen so long
@@ -223,9 +212,8 @@ def _describe(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check (and gently convert) one value against a field type; raise ConfigError otherwise.
-
-    A list field (`tuple[T, ...]`) takes a YAML list, a tuple, or a string holding a YAML list."""
+    """Check (and gently convert) one value against a field type; ConfigError otherwise. A list
+    field (`tuple[T, ...]`) takes a YAML list, a tuple, or a string holding a YAML list."""
     if type(None) in typing.get_args(tp):  # `T | None`
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
@@ -443,8 +431,7 @@ ARCHITECTURE_KEYS = ("stem_channels", "stem_stride", "channels", "blocks", "stri
 
 
 def architecture_changes(mine: ModelConfig, theirs: ModelConfig) -> list[str]:
-    """The architecture keys whose values differ, as `model.<key>` (the one rule for what a resume or
-    a fine-tune may not change)."""
+    """The architecture keys whose values differ, as `model.<key>`."""
     return [f"model.{key}" for key in ARCHITECTURE_KEYS if getattr(mine, key) != getattr(theirs, key)]
 
 
@@ -465,9 +452,8 @@ RETIRED = {
 
 
 def drop_retired(data: dict, source: str) -> dict:
-    """A saved config (checkpoint, bundle, config.yaml) without the keys this version no longer has;
-    ConfigError naming the key where the saved value is one the code no longer builds (None: any
-    value is fine)."""
+    """A saved config (checkpoint, bundle, config.yaml) without the `RETIRED` keys; ConfigError naming
+    the key where the saved value is not the one the code builds (None there: any value loads)."""
     data = copy.deepcopy(data)
     for section, keys in RETIRED.items():
         node = data

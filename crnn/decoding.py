@@ -1,17 +1,11 @@
-"""CTC decoding: greedy (best path), beam search, beam search + character language model.
+"""CTC decoding: greedy (best path), beam search, beam search + character LM (docs/decoding.md).
 
-Every decoder is a `Decoder`: a callable `(log_probs (T, N, C) float32, lengths (N,)) -> N
-strings`, which also gives the n best with `.nbest()`; `build_decoders` builds them by name.
-
-Beam search is flashlight's lexicon-free CTC beam search (torchaudio `ctc_decoder`, CPU), with
-`log_add` on, so a labelling's probability sums over its alignments, and the 16 most probable
-classes considered per frame. The space is the decoder's silence token, i.e. its word boundary:
-`decode.word_score` is added on every frame labelled space. A vocab without a space gets a
-silence token past the last class, which no frame can take (then `word_score` has no effect).
-
-beam_lm's language model is run by flashlight's KenLM: `decode.lm_path` (an ARPA file or a
-KenLM binary), else a character n-gram of order `decode.lm_order` (`crnn.lm.NgramLM`) estimated
-from the training transcriptions. `decode.lm_weight` multiplies natural-log LM probabilities.
+Every decoder is a `Decoder`: `(log_probs (T, N, C) float32, lengths (N,)) -> N strings`, the n
+best from `.nbest()`. Beam search is flashlight's lexicon-free CTC beam search (torchaudio
+`ctc_decoder`, CPU) with `log_add` on, so a labelling's probability sums over its alignments. The
+space is its silence token, i.e. its word boundary: `decode.word_score` is added on every frame
+labelled space (never, for a vocab without a space: its silence token is past the last class).
+`decode.lm_weight` multiplies natural-log LM probabilities.
 """
 
 from __future__ import annotations
@@ -58,11 +52,9 @@ def greedy_paths(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[tuple[l
 
 
 def char_spans(log_probs: torch.Tensor, labels: Sequence[int], frames: Sequence[int]) -> list[tuple[float, int, int]]:
-    """A character's confidence and frames, for each character of a reading of one line (class
-    `labels[i]` emitted at frame `frames[i]`), from the line's log-probs `(T, C)`: its frames are
-    the run of frames around its own where it is the most probable class, its confidence its
-    largest posterior over that run (both at its own frame alone where it is not the most
-    probable class). -> per character (confidence, first frame, last frame)."""
+    """Per character of one line's reading (class `labels[i]` emitted at frame `frames[i]`), from its
+    log-probs `(T, C)`: (confidence, first frame, last frame) of the run of frames around its own
+    where it is the most probable class (docs/decoding.md; its own frame alone where it is not)."""
     if not len(labels):
         return []
     probs = log_probs.float().exp()
@@ -204,9 +196,8 @@ def decoder_workers(decode_cfg: DecodeConfig) -> int:
 
 def build_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeConfig,
                    lm_texts: Sequence[str] | None = None) -> dict[str, Decoder]:
-    """Decoders by name (greedy, beam, beam_lm), in the order given, configured by `decode_cfg`;
-    `lm_texts` (training transcriptions) are read for beam_lm without `decode.lm_path`. With more
-    than one `decode.workers`, the beam decoders run in a `DecoderPool` of that many processes."""
+    """Decoders by name, in the order given; beam_lm without `decode.lm_path` reads `lm_texts`
+    (training transcriptions); with `decode.workers` > 1 the beam decoders run in a `DecoderPool`."""
     names = list(names)
     unknown = [name for name in names if name not in DECODER_NAMES]
     if unknown:
@@ -228,9 +219,8 @@ def build_local_decoders(names: Iterable[str], vocab: Vocab, decode_cfg: DecodeC
             for name in names}
 
 
-# Beam search over several processes: flashlight's decoder holds the GIL while it searches, so
-# lines are decoded in worker processes, each with its own decoders; a batch is cut into one
-# contiguous chunk per worker and put back in order.
+# Beam search in worker processes, each with its own decoders (flashlight holds the GIL while it
+# searches); a batch is cut into one contiguous chunk per worker and put back in order.
 
 _WORKER_DECODERS: dict[str, BeamDecoder] = {}
 

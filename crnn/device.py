@@ -45,8 +45,7 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
 
 
 def check_device_options(train: TrainConfig, device: torch.device) -> None:
-    """Reject what the config asks of a device it does not have (the values themselves were
-    checked when the config was loaded)."""
+    """Reject what the config asks of a device it does not have."""
     if train.amp != "auto":
         resolve_amp(train.amp, device)
     if train.sync_bn and device.type != "cuda":
@@ -57,9 +56,8 @@ def check_device_options(train: TrainConfig, device: torch.device) -> None:
 
 
 def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
-    """`train.amp` -> the autocast dtype (None: full float32). auto: on CUDA, bf16 where the GPU
-    supports it, else fp16; on a CPU, `cpu_amp`. fp16 needs CUDA (its GradScaler); bf16 runs
-    anywhere, emulated (with a warning) on a CPU without bf16 kernels."""
+    """`train.amp` -> the autocast dtype (None: full float32), as docs/training.md says: auto on a CPU
+    is `cpu_amp`; fp16 needs CUDA (its GradScaler); bf16 on a CPU without bf16 kernels warns."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -89,9 +87,8 @@ def cpu_runs_bf16_natively() -> bool | None:
 
 @cache
 def cpu_amp() -> torch.dtype | None:
-    """`train.amp=auto` on this CPU, with the reason logged: bf16 with AMX, float32 without bf16
-    kernels (PyTorch would emulate bf16, many times slower); with AVX-512 BF16 but no AMX, bf16 pays
-    on some CPUs only, so `kept_bf16_speedup` decides. Under torch.distributed the ranks agree."""
+    """`train.amp=auto` on this CPU, the reason logged (docs/training.md); with AVX-512 BF16 but no
+    AMX, `kept_bf16_speedup` decides. Under torch.distributed the ranks agree."""
     if cpu_runs_bf16_natively() is not True:
         log.info("train.amp=auto: float32 (this CPU has no bf16 kernels)")
         return None

@@ -1,9 +1,5 @@
-"""torchrun environment -> process group, device and rank helpers (also fine without torchrun).
-
-    torchrun --standalone --nproc_per_node=2 tools/train.py --cfg experiments/synthetic.yaml
-
-NCCL on CUDA, gloo on CPU. Without torchrun's variables everything runs as rank 0 of 1.
-"""
+"""torchrun environment -> process group, device and rank helpers (docs/multi_gpu.md). NCCL on
+CUDA, gloo on CPU; without torchrun's variables everything runs as rank 0 of 1."""
 
 from __future__ import annotations
 
@@ -58,11 +54,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class DataParallelCRNN(torch.nn.DataParallel):
-    """`nn.DataParallel` for the CRNN: one process, the batch split over the visible GPUs.
-
-    DataParallel gathers outputs along dim 0, but the log-probs are `(T, N, C)`: they are gathered
-    along N here. All replicas see the same padded width, so their T agree.
-    """
+    """`nn.DataParallel` for the CRNN, whose log-probs `(T, N, C)` are gathered along N, not dim 0 (all
+    replicas see the same padded width, so their T agree)."""
 
     def gather(self, outputs, output_device):
         log_probs, lengths, shortcut_log_probs = zip(*outputs, strict=True)  # one CRNNOutput per replica
@@ -72,11 +65,9 @@ class DataParallelCRNN(torch.nn.DataParallel):
 
 class StopRequest:
     """SIGTERM or SIGINT ask the run to stop after the current step (and write a checkpoint); a
-    second SIGINT interrupts at once. Use as a context manager around training (main thread).
-
-    A `deadline` (time.monotonic()) asks the same once it has passed, as SIGALRM: the timer's signal,
-    though none is sent (a real one could arrive before the handlers are in place and kill the process).
-    """
+    second SIGINT interrupts at once. A context manager around training (main thread). A passed
+    `deadline` (time.monotonic()) asks the same as SIGALRM, though none is sent: a real one could
+    arrive before the handlers are in place and kill the process."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

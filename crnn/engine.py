@@ -1,9 +1,6 @@
 """The CTC loss and one evaluation pass, in the shape of torchvision's reference scripts (the
-training loop itself is `crnn.trainer.train`).
-
-Mixed precision (the dtype comes from `crnn.device.resolve_amp`): autocast wraps the forward pass
-and the loss only; the model returns float32 log-probs, so CTC always runs in float32.
-"""
+training loop itself is `crnn.trainer.train`). Autocast wraps the forward pass and the loss only;
+the model returns float32 log-probs, so CTC always runs in float32."""
 
 from __future__ import annotations
 

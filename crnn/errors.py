@@ -25,10 +25,9 @@ class CheckpointError(CrnnError):
 
 
 def tool_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """The one entry of every tool (a decorator on its `main(argv)`): a user error (CrnnError, an
-    OSError from a file it could not read or write, or running out of memory) ends it as one
-    `error: ...` line on stderr and exit status 2, never a traceback. A crash below Python (a segfault in a native library) prints
-    the Python stack of every thread first (`faulthandler`)."""
+    """The one entry of every tool (a decorator on its `main(argv)`): a CrnnError, an OSError from a
+    file, or running out of memory ends it as one `error: ...` line and status 2, never a traceback;
+    a crash below Python (a segfault in a native library) prints every thread's stack first."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:

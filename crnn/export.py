@@ -1,13 +1,7 @@
-"""The export bundle: a trained model in files other tools read, for deployment.
-
-    python tools/export.py --ckpt runs/base/checkpoints/best.pt --out bundle/
-
-A bundle is a folder (docs/export.md lists its files): the weights as safetensors, config.yaml,
-vocab.json, the LM and calibration when the model has them, bundle.json (the manifest) and
-model.onnx: inputs `images` float32 `(N, 1, H, W)`, ink `(255 - pixel) / 255` right-padded with
-zeros, and `widths` int64 `(N,)`; outputs `log_probs` float32 `(T, N, classes)` (CTC, blank 0) and
-`lengths` int64 `(N,)`; batch and width dynamic, checked against PyTorch on export (refused above
-`ONNX_TOLERANCE`). `crnn.checkpoint.read_model_file` reads a bundle wherever it takes a checkpoint.
+"""The export bundle: a trained model in files other tools read, for deployment (its files:
+docs/export.md). model.onnx takes `images` float32 `(N, 1, H, W)` (ink `(255 - pixel) / 255`,
+right-padded with zeros) and `widths` int64 `(N,)`, and gives `log_probs` float32 `(T, N, classes)`
+(CTC, blank 0) and `lengths` int64 `(N,)`, batch and width dynamic.
 """
 
 from __future__ import annotations

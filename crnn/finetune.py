@@ -3,18 +3,10 @@
     python tools/train.py --cfg experiments/finetune.yaml train.init_from=runs/base/checkpoints/best.pt \
         data.source=folder data.train=mine/train data.validation=mine/val
 
-- `train.init_from`: a checkpoint (`best.pt`/`last.pt` of any run) or an export bundle, read once,
-  by `load_run_config`. The run is new (its own directory, optimizer, schedule, epochs); its model
-  keys (`model.*`) and `data.height` come from the starting model unless the YAML or the command
-  line sets them, and an architecture key set to another value is an error naming the key
-  (`crnn.config.architecture_changes`, the rule resuming follows too).
-- `train.init_vocab`: `union` (default) keeps every character of the starting model in the same
-  output rows and adds the training data's new characters as new rows, which start improbable
-  (zero weights, a bias far below the old ones'); `new` makes the alphabet exactly the training
-  data's, keeping the rows of the characters both share; `keep` keeps the starting alphabet.
-  Both CTC heads (BiLSTM and shortcut) are resized alike (`CRNN.CLASS_ROWS`).
-- `train.freeze_encoder_steps=N`: the encoder learns nothing for the first N optimizer steps (its
-  learning rate is 0, `crnn.optim`) and its BatchNorm statistics are held (`crnn.trainer`).
+What the keys do: docs/finetune.md. `load_run_config` reads `train.init_from` once and lays its
+model keys and `data.height` under the YAML; `initial_vocab` and `starting_weights` carry out
+`train.init_vocab` on both CTC heads (`CRNN.CLASS_ROWS`); `train.freeze_encoder_steps` lives in
+crnn.optim (LR 0) and crnn.trainer (BatchNorm held).
 """
 
 from __future__ import annotations
@@ -63,10 +55,9 @@ def initial_vocab(start: ModelFile, texts: list[str], mode: str) -> tuple[Vocab,
 
 
 def starting_weights(start: ModelFile, vocab: Vocab, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The starting weights for `model` (built for `vocab`), with their per-class rows (the model's
-    `CLASS_ROWS`) laid out for `vocab`: a character's learned row where the starting model has one,
-    else zeros and a bias below every learned one (the new class starts improbable); the blank keeps
-    row 0."""
+    """The starting weights for `model` (built for `vocab`), its `CLASS_ROWS` laid out for `vocab`: a
+    character's learned row where the starting model has one, else zeros and a bias below every
+    learned one (a new class starts improbable); the blank keeps row 0."""
     old_rows = Vocab(start.chars).index
     rows = torch.tensor([0] + [old_rows.get(char, -1) for char in vocab.chars])  # old row of each new class
     known = rows >= 0

@@ -39,8 +39,7 @@ class Reading:
     confidence_min: float | None
     characters: list[dict]  # {"char", "confidence", "x0", "x1"}, left to right
     nbest: list[dict]  # {"text", "score"}, best first
-    # with a fitted calibration: the probability the line is read exactly, its expected character
-    # errors and expected CER (None without one)
+    # with a fitted calibration (else None): P(read exactly), expected character errors and CER
     p_exact: float | None = None
     expected_errors: float | None = None
     expected_cer: float | None = None
@@ -65,10 +64,8 @@ class Reading:
 
 
 def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab, image_width: int) -> Reading:
-    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses: each
-    character with its confidence and span (`crnn.decoding.char_spans`; frame t covers the
-    columns t/T to (t+1)/T of the image), the line's confidence the mean and the minimum over its
-    characters (a line read as empty: the mean posterior of its best path; without a frame: None)."""
+    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses, as
+    docs/decoding.md ("What predict returns") says (frame t: columns t/T to (t+1)/T of the image)."""
     if not len(log_probs):
         return Reading("", None, None, [], [])
     best = hypotheses[0] if hypotheses else Hypothesis("", 0.0)
@@ -116,9 +113,8 @@ class TrainedModel:
 
     @torch.no_grad()
     def read(self, images: Sequence[Image.Image], decoder: Decoder) -> list[Reading]:
-        """Grayscale PIL line images, run as one padded batch -> a `Reading` of each (with the
-        decoder's `decode.nbest` readings). The decoder reads the network's log-probs; the
-        confidences (and, with a fitted calibration, p_exact and expected errors) the calibrated ones."""
+        """Grayscale PIL line images, one padded batch -> a `Reading` of each. The decoder reads the
+        network's log-probs; the confidences, p_exact and expected errors the calibrated ones."""
         preprocess = Preprocess.from_config(self.config.data)
         samples = [make_sample(i, image, "", self.vocab, preprocess, "predict") for i, image in enumerate(images)]
         batch = collate(samples, self.config.data.width_multiple).to(self.device)
@@ -188,8 +184,7 @@ def load_trained_model(path: str | Path, overrides: Sequence[str] = (), device: 
 
 @dataclass
 class Emissions:
-    """A split's log-probs, read once by the model and kept on the CPU to be decoded again and
-    again (LM tuning, calibration)."""
+    """A split's log-probs, read once and kept on the CPU to be decoded again (LM tuning, calibration)."""
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # log_probs (T, N, C), lengths (N,)
     references: list[str]

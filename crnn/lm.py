@@ -1,18 +1,15 @@
 """Character n-gram language model for CTC beam search: estimated from transcriptions, written as
 an ARPA file that flashlight's KenLM reads.
 
-Every character is one LM "word" (token). A space is the token `|` (the beam search's word
-boundary); a literal `|`, other whitespace and unprintable characters are written `<U+XXXX>`, so
-that every token is one whitespace-free ARPA word. Each line is a sentence: `<s>` before it,
-`</s>` after it; characters the LM never saw score as `<unk>`.
+Every character is one LM "word" (`char_to_token`: a space is `|`, the beam search's word boundary;
+`<U+XXXX>` keeps every token one whitespace-free ARPA word). Each line is a sentence between `<s>`
+and `</s>`; characters the LM never saw score as `<unk>`.
 
 Smoothing: interpolated modified Kneser-Ney (Chen & Goodman 1998, as KenLM's lmplz), every order
 interpolated with the next lower one, P(w|h) = alpha(w|h) + gamma(h) * P(w|h'), and a uniform
-distribution over the vocabulary below order 1; three discounts per order from counts of counts,
-continuation counts below the highest order (n-grams that start with `<s>` keep their raw
-counts); fixed discounts 0.5/1/1.5 when the counts of counts give none (lmplz
---discount_fallback). Such a model is exactly a backoff model (the backoff weight of a context is
-gamma(h)), hence a standard ARPA file. Log-probs in memory are natural logs; ARPA files hold log10.
+distribution over the vocabulary below order 1 (counts and discounts: `kneser_ney_counts`,
+`kneser_ney_discounts`). Such a model is exactly a backoff model (the backoff weight of a context
+is gamma(h)), hence a standard ARPA file. Log-probs in memory are natural logs; ARPA files hold log10.
 """
 
 from __future__ import annotations
@@ -47,8 +44,7 @@ def text_to_tokens(text: str) -> list[str]:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Transcriptions from a text file (one per line, UTF-8; empty lines skipped) or a parquet file
-    (column `text`)."""
+    """Transcriptions: a UTF-8 text file's non-empty lines, or a parquet file's `text` column."""
     path = Path(path)
     if path.suffix == ".parquet" or path.is_dir():
         from crnn.data.sources import parquet_texts
@@ -84,7 +80,8 @@ def kneser_ney_counts(raw: list[Counter]) -> list[dict]:
 
 
 def kneser_ney_discounts(counts: dict) -> tuple[float, float, float]:
-    """Modified Kneser-Ney discounts D1, D2, D3+ of one order from its counts of counts."""
+    """Modified Kneser-Ney discounts D1, D2, D3+ of one order from its counts of counts;
+    KN_FALLBACK_DISCOUNTS when they give none (as lmplz --discount_fallback)."""
     count_of_counts = Counter(count for count in counts.values() if count <= 4)
     n1, n2, n3, n4 = (count_of_counts[i] for i in range(1, 5))
     if min(n1, n2, n3) > 0:

@@ -1,7 +1,5 @@
-"""Corpus-level CER and WER: sums of edit distances over sums of reference lengths (characters;
-words are `str.split()` tokens), never averages of rates. Nothing to divide by divides by 1: an
-empty reference scores its hypothesis's insertions.
-"""
+"""Corpus-level CER and WER (words: `str.split()` tokens): summed edits over summed reference lengths,
+never averages of rates; nothing to divide by divides by 1 (an empty reference: its insertions)."""
 
 from __future__ import annotations
 

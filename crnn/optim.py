@@ -29,10 +29,9 @@ def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device,
                     world_size: int = 1) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norm weights (1-D parameters); with
-    `train.optimizer=muon`, `MuonAdamW`, Muon taking `hidden_matrices`. With
-    `train.freeze_encoder_steps`, the encoder's parameters get groups of their own (`"encoder":
-    True`), which the schedule holds at a learning rate of 0 while the encoder is frozen."""
+    """AdamW without weight decay on 1-D parameters (biases, norm weights); with `train.optimizer=muon`,
+    `MuonAdamW`, Muon taking `hidden_matrices`. With `train.freeze_encoder_steps`, the encoder gets
+    groups of its own (`"encoder": True`), which the schedule holds at LR 0 while it is frozen."""
     encoder = {id(p) for p in model.encoder.parameters()} if cfg.freeze_encoder_steps else set()
     muon = hidden_matrices(model) if cfg.optimizer == "muon" else {}
     groups = []
@@ -81,12 +80,9 @@ def orthogonalised(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on the param groups marked `"muon": True`, AdamW on the others, as one optimizer (one
-    state dict, one schedule, one GradScaler). Muon (Jordan et al. 2024): a Nesterov momentum of the
-    gradient, orthogonalised (`orthogonalised`; a convolution's weight as its out-channels x
-    (in-channels x kernel) matrix) and scaled by 0.2 sqrt(max(rows, columns)), which gives it an
-    AdamW update's RMS (Liu et al. 2025, "Muon is scalable"): the LR and weight decay tuned for
-    AdamW apply as they are. A group's `"row_blocks": k` orthogonalises k blocks of rows apart (an
-    LSTM's four gates). Weight decay is decoupled (multiplies the weights by 1 - lr * decay)."""
+    state dict, one schedule, one GradScaler); docs/training.md describes Muon. Its orthogonalised
+    update is scaled by 0.2 sqrt(max(rows, columns)) to an AdamW update's RMS (Liu et al. 2025), so the
+    LR and weight decay tuned for AdamW apply; `"row_blocks": k` orthogonalises k blocks of rows apart."""
 
     def __init__(self, params, lr: float):
         super().__init__(params, {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
@@ -135,11 +131,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup, then the cosine to its floor at `total_steps`. The schedule is rebuilt from the
-    config on resume (a checkpoint carries only the step), so a resumed run may change
-    `train.epochs` or the number of processes and get a matching schedule. The encoder's groups
-    learn nothing (LR 0: its weights do not move, weight decay included) for the first
-    `train.freeze_encoder_steps` steps."""
+    """Warmup, then the cosine to its floor at `total_steps`; rebuilt from the config on resume (a
+    checkpoint carries only the step), so a resumed run may change `train.epochs` or the process count.
+    The encoder's groups stay at LR 0 (no weight decay either) for `train.freeze_encoder_steps` steps."""
 
     def schedule(step: int) -> float:  # a plain function: LambdaLR does not save it
         return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)

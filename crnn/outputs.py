@@ -25,9 +25,8 @@ LOCK_NAME = ".lock"
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None],
                  before_replace: Callable[[], None] | None = None) -> None:
-    """Write `path` through `write(stream)` into a temporary file beside it, fsync, rename over.
-    On any error the temporary file is removed and `path` is as it was. `before_replace` runs
-    between the write and the rename."""
+    """`write(stream)` into a temporary file beside `path`, fsynced and renamed over it (on any error
+    `path` is as it was); `before_replace` runs between the write and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never shared by two writers
@@ -80,10 +79,9 @@ def replace_folder(out: Path, write: Callable[[Path], None], keep_existing: bool
 
 
 def lock_file(path: Path, wait: bool = True) -> IO[str] | None:
-    """`path` (created if missing) opened and exclusively locked (`flock`): the lock is held until
-    the returned file is closed, and the OS releases it on any exit. Without `wait`, None if
-    another process holds it. A lock file its holder removed while we opened it is skipped for the
-    one at `path` now."""
+    """`path` (created if missing) opened and locked (`flock`, exclusive) until the returned file is
+    closed (the OS releases it on any exit); without `wait`, None if another process holds it. A
+    lock file its holder removed while we opened it is skipped for the one at `path` now."""
     while True:
         stream = open(path, "a+", encoding="utf-8")  # never truncate a lock another process holds
         try:
@@ -130,8 +128,7 @@ def check_output_file(path: Path | str, what: str) -> Path:
 class RunLock:
     """The one-writer lock of a run directory (`.lock` in it, created with the folder if needed):
     a second run on the same folder is refused, naming the process that holds it; a lock file left
-    by a dead process holds no lock and is taken over (`taken_over`: what it said of its holder).
-    Use as `with RunLock(folder, "train.output_dir"):` or acquire/release."""
+    by a dead process holds no lock and is taken over (`taken_over`: what it said of its holder)."""
 
     def __init__(self, folder: Path | str, what: str):
         self.folder, self.what = Path(folder).expanduser(), what

@@ -1,8 +1,5 @@
 """The run directory's logs (TensorBoard scalars and images, metrics.jsonl, console lines) and
-the progress of long loops (`progress`). Only rank 0 writes; on other ranks every method is a
-no-op. metrics.jsonl grows by appending one line per epoch; its one rewrite (dropping epochs a
-resumed run will redo) is atomic.
-"""
+the progress of long loops (`progress`). Only rank 0 writes; on other ranks every method is a no-op."""
 
 from __future__ import annotations
 
@@ -45,9 +42,8 @@ def setup_console_logging(level: int = logging.INFO) -> None:
 
 
 class LogProgress:
-    """Progress as log lines, for output that is not a terminal (a job's log file, a pipe): one
-    line every `interval` seconds, `desc: done/total (percent) key=value ...`, instead of a bar
-    redrawn with carriage returns at every step."""
+    """Progress as a log line every `interval` seconds, `desc: done/total (percent) key=value ...`, for
+    output that is not a terminal (a job's log, a pipe), where a bar redrawn with carriage returns garbles."""
 
     def __init__(self, iterable: Iterable, desc: str, total: int | None = None, interval: float = 30.0):
         self.iterable, self.desc, self.interval = iterable, desc, interval

@@ -1,20 +1,13 @@
-"""`fit(cfg)`: a whole training run, from data to the run directory.
-
-Run directory (`train.output_dir`): config.yaml, checkpoints/last.pt and best.pt, TensorBoard event
-files and metrics.jsonl. Only rank 0 writes there; all ranks train.
+"""`fit(cfg)`: a whole training run, from data to the run directory (docs/training.md: the loop,
+the run directory, resuming, stops). Only rank 0 writes there; all ranks train.
 
     fit -> build_run (data, run directory, loaders, model, optimizer) -> train (the loop, one
     function) -> calibrate_run (once, at the end)
 
 `train` reads top to bottom: batch to device, augment, forward and CTC under autocast, backward,
-unscale and clip, optimizer and schedule step; every `train.log_every` steps it reads the device
-(losses, non-finite steps), logs, and agrees with the other ranks whether to stop; checkpoints every
-`train.checkpoint_every_steps` steps and at each epoch's end, after validation (`end_epoch`).
-
-Each checkpoint carries the position inside the epoch, so `train.resume=auto` continues at the
-right batch with the same data order, augmentation and random numbers as an unbroken run. SIGTERM
-or SIGINT (and `train.stop_after_minutes`, as SIGALRM) stop the run at the next logging step with a
-checkpoint (exit code 128 + signal number from the tool).
+unscale and clip, optimizer and schedule step; every `train.log_every` steps it reads the device,
+logs and agrees with the other ranks whether to stop. Checkpoints carry the position inside the
+epoch, so `train.resume=auto` continues at the right batch, as an unbroken run would.
 """
 
 from __future__ import annotations
@@ -91,8 +84,7 @@ class Run:
     amp_dtype: torch.dtype | None
     augmenter: BatchAugmenter | None
     state: RunState
-    # under DDP every rank must join every gradient all-reduce: a rank whose batch is left empty
-    # (all its lines unreadable or too long) steps this blank line with a loss weight of 0
+    # under DDP, a rank whose batch is left empty steps this blank line (loss weight 0) to join the all-reduce
     placeholder: Batch | None = None
 
 
@@ -246,9 +238,8 @@ def train(run: Run, deadline: float | None = None) -> RunState:
 
 
 def zero_non_finite(model: nn.Module) -> None:
-    """After clipping, a non-finite gradient norm has made every gradient non-finite (or zero): set
-    them to zero, so that the optimizer coasts on its momentum for this step instead of writing
-    NaN into the weights. A finite step's gradients are left as they are. No device sync."""
+    """After clipping, a non-finite gradient norm has made every gradient non-finite (or zero): zero
+    them, so the optimizer coasts on its momentum instead of writing NaN (docs/training.md). No sync."""
     for parameter in model.parameters():
         if parameter.grad is not None:
             torch.nan_to_num_(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -384,8 +375,7 @@ def configure_torch(cfg: Config, rank: int = 0) -> None:
 def find_resume_checkpoint(cfg: Config, checkpoint_dir: Path,
                            logger: RunLogger) -> tuple[TrainingCheckpoint, Path] | None:
     """`train.resume`: "" starts a new run (refusing to overwrite one), "auto" continues from the
-    newest valid checkpoint of the run directory, a path continues from that file. The
-    checkpoint's model and optimizer must be this config's (`check_resumable`)."""
+    newest valid checkpoint of the run directory, a path from that file (`check_resumable` checks it)."""
     last = checkpoint_dir / "last.pt"
     if cfg.train.resume == "auto":
         found = load_newest_valid(last, logger.warning)
@@ -469,8 +459,7 @@ def start_run_directory(cfg: Config, dist: DistInfo, logger: RunLogger, train_te
 
 def build_loaders(cfg: Config, dist: DistInfo, logger: RunLogger, train_records: LineRecords,
                   validation: LineRecords, vocab: Vocab) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders, sharded over the ranks; `data.cache_mb` of decoded lines
-    for both, the validation split first (it is read whole every epoch, the training split the rest)."""
+    """Training and validation loaders, sharded over the ranks, sharing `data.cache_mb` (docs/data.md)."""
     shard = {"rank": dist.rank, "world_size": dist.world_size, "pin_memory": dist.device.type == "cuda"}
     budget = int(cfg.data.cache_mb * 2**20)
     val_set = build_dataset(cfg.data, validation, vocab, False, budget)
@@ -497,8 +486,7 @@ def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
 
 
 def build_run(cfg: Config, dist: DistInfo, start: ModelFile | None = None) -> Run:
-    """Everything a run needs, built in order; nothing is written before the data has loaded.
-    `start`: the model of `train.init_from` (`crnn.finetune.load_run_config` reads it)."""
+    """Everything a run needs, built in order; nothing is written before the data has loaded."""
     check_device_options(cfg.train, dist.device)
     if cfg.train.init_from and start is None:
         raise ConfigError("train.init_from is set, but the starting model was not read: load the config with "
@@ -578,8 +566,7 @@ def fit(cfg: Config, start: ModelFile | None = None) -> RunState:
 
 def calibrate_run(cfg: Config, logger: RunLogger) -> None:
     """At the end of a run, in the main process alone: fit the calibration of checkpoints/best.pt on
-    the validation split (crnn.calibration) and store it in best.pt; a split too small for it is a
-    warning (tools/calibrate.py fits one on any labelled split later)."""
+    the validation split and store it there (docs/calibration.md); a split too small is a warning."""
     best = Path(cfg.train.output_dir) / "checkpoints" / "best.pt"
     if not best.is_file():
         return
@@ -598,9 +585,8 @@ def calibrate_run(cfg: Config, logger: RunLogger) -> None:
 
 @contextmanager
 def run_directory_lock(cfg: Config, dist: DistInfo):
-    """The run directory's lock for the life of the run (crnn.outputs.RunLock), taken by the main
-    process only; checks train.output_dir before any data is read. Yields the lock, or None on the
-    other ranks."""
+    """The run directory's lock (crnn.outputs.RunLock) for the life of the run, taken by the main
+    process before any data is read; yields it, or None on the other ranks."""
     if not dist.is_main:
         yield None
         return

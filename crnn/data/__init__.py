@@ -81,10 +81,9 @@ def _shut_down_if_alive(loader_ref: weakref.ref) -> None:
 
 
 def shut_down(loader: torch.utils.data.DataLoader) -> None:
-    """Stop a loader's worker processes now (the end of every run and benchmark calls this).
-    Persistent workers otherwise live until the loader is garbage-collected, and at interpreter exit
-    multiprocessing would wait for them forever (they ignore its SIGTERM). The DataLoader has no
-    public method for this: it is what its iterator's finaliser does."""
+    """Stop a loader's worker processes now (every run and benchmark does at its end): persistent
+    workers otherwise outlive it, and at exit multiprocessing would wait for them forever (they ignore
+    its SIGTERM). The DataLoader has no public method: this is what its iterator's finaliser does."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()

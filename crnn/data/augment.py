@@ -1,10 +1,8 @@
-"""Train-only augmentation of a padded batch, on the device the batch trains on.
+"""Train-only augmentation of a padded batch, on the device the batch trains on (docs/gpu.md).
 
-Per line, each op fires with probability `data.augment.prob`: a warp (shear, rotation, scale never
-taller, a smooth grid distortion; one sampling grid, the line's width follows), erosion or dilation,
-contrast and brightness. A line's parameters come from its seed (the sampler's, from train.seed,
-epoch and line), so it is augmented the same way in any batch, on any rank and after a resume, and
-`augmented_widths` gives many lines' new widths in a few array ops. Nothing is read from the device.
+A line's parameters come from its seed (the sampler's, from train.seed, epoch and line), so it is
+augmented the same way in any batch, on any rank and after a resume, and `augmented_widths` gives
+many lines' new widths in a few array ops. Nothing is read from the device.
 """
 
 from __future__ import annotations

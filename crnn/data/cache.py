@@ -1,12 +1,10 @@
-"""Decode once: resized lines kept in one block of shared memory that all DataLoader workers (and
-the main process) read and fill, so the cache takes its size once, not once per worker. Under
-torchrun each rank has its own.
+"""Decode once (docs/gpu.md): resized lines in one block of shared memory that all DataLoader workers
+(and the main process) read and fill, so the cache takes its size once, not once per worker.
 
-A line has a slot when the cache is built, sized from its image header (`Preprocess.scaled_width`);
-lines get slots in index order until `budget_bytes` is used up, and a line whose decoded size
-differs from its slot (e.g. a synthetic line, whose size is only estimated) is not cached. A slot
-is written once, by the worker that first decodes the line, and marked filled after the write:
-readers never see half a line.
+Lines get slots in index order until `budget_bytes` is used up, each sized from its image header
+(`Preprocess.scaled_width`); a line whose decoded size differs from its slot (a synthetic line's size
+is only estimated) is not cached. The worker that first decodes a line writes its slot, then marks
+it filled: readers never see half a line.
 """
 
 from __future__ import annotations

@@ -16,10 +16,9 @@ from crnn.runlog import progress
 def check_records(records: LineRecords, data_cfg: DataConfig, model_cfg: ModelConfig,
                   vocab: Vocab | None = None, purpose: str = "train", show_progress: bool = False) -> list[str]:
     """Every problem of `records`, one message each naming the file/line: entries left out when
-    loading, images that do not decode, lines whose text needs more CTC frames than the model gives
-    their width, characters outside `vocab` (the training vocabulary; without one, the split's own
-    characters are known). Each line is made into a sample as training (`purpose="train"`) or
-    evaluation ("evaluate") makes it."""
+    loading, images that do not decode, texts needing more CTC frames than their line gives,
+    characters outside `vocab` (the training vocabulary; default: the split's own). Each line is made
+    into a sample as `purpose` ("train" or "evaluate") makes it."""
     problems = list(records.problems)
     known = vocab or Vocab.from_texts(records.texts)
     model = build_model(model_cfg, len(known))

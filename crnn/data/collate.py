@@ -83,8 +83,7 @@ class Batch:
 class LineDataset(torch.utils.data.Dataset):
     """Indexed by sampler keys `(index, augmentation seed or None)`; returns a `Sample` per line,
     an unusable one (which collate drops and counts) for a line that cannot be used. `purpose`
-    ("train" or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`).
-    With a `LineCache`, a line is decoded once and read from shared memory afterwards."""
+    ("train" or "evaluate") decides the rule for characters outside the vocab (`crnn.data.samples`)."""
 
     def __init__(self, records: LineRecords, vocab: Vocab, preprocess: Preprocess, purpose: str):
         self.records, self.vocab, self.preprocess, self.purpose = records, vocab, preprocess, purpose

@@ -1,12 +1,9 @@
 """Line indexes: Arrow IPC files in `index_root()`, built once per data file, reused by later runs and ranks.
 
-A parquet file's index is an Arrow copy of its `image` and `text` plus each line's `width`, `height`
-and header `error`, memory-mapped (no process holds a copy of the images); a folder's or a hub
-dataset's is a table of its lines' sizes. The schema's metadata holds the identity of the source
-(paths, sizes and modification times): a changed source gets a new index. A last, empty batch holds
-the CRC-32 of the bytes before it: a damaged index, wherever the damage, is rebuilt with a warning.
-One process builds it under a file lock while the others wait (removing the temporary file of a
-killed build); where the folder cannot be written, it is built in memory with a warning.
+What each kind of source's index holds: docs/data.md. The schema's metadata holds the identity of the
+source (paths, sizes and modification times): a changed source gets a new index. A last, empty batch
+holds the CRC-32 of the bytes before it: a damaged index, wherever the damage, is rebuilt. One process
+builds it under a file lock while the others wait.
 """
 
 from __future__ import annotations

@@ -50,16 +50,12 @@ class WidthBatchSampler:
     """Batches of lines of similar width, so that little of each padded batch is wasted.
 
     Training (`shuffle=True`): the epoch's permutation (from `seed` and the epoch) is cut into
-    windows of `WINDOW` batches, each window is sorted by width and cut into batches, and the batch
-    order is shuffled. With `augmented_width` (arrays of widths and seeds -> the widths the lines
-    will have once augmented) every line gets its epoch's augmentation seed, and lines are grouped
-    by their augmented widths. Batches hold exactly `batch_size` lines but for the last few
-    (`batch_sizes`). The batch count is rounded up to a multiple of `world_size`, so every rank
-    steps the same number of times and every line is used exactly once per epoch; rank r takes
-    batches r, r + W, r + 2W, ...
-
-    Evaluation (`shuffle=False`): lines sorted by width, cut into batches of `batch_size`, dealt out
-    the same way, so a sharded evaluation sees exactly the batches of a single process.
+    windows of `WINDOW` batches, each sorted by width (with `augmented_width`: the width each line
+    will have once augmented with its epoch's seed) and cut into batches (`batch_sizes`), and the
+    batch order is shuffled. The batch count is rounded up to a multiple of `world_size`, so every
+    rank steps the same number of times and every line is used exactly once per epoch; rank r takes
+    batches r, r + W, r + 2W, ... Evaluation (`shuffle=False`): lines sorted by width, cut and dealt
+    out the same way, so a sharded evaluation sees exactly the batches of a single process.
     """
 
     def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,

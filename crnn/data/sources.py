@@ -1,7 +1,5 @@
-"""Line records (`LineRecords`: texts and sizes up front, images decoded on demand) from every
-`data.source`: hub dataset, parquet files, image folder, synthetic, page XML (xml_pages.py). Entries
-that cannot be used are left out and described in `problems`: one bad line never stops a long run.
-"""
+"""`LineRecords` (crnn/data/records.py) from every `data.source`: hub dataset, parquet files, image
+folder, synthetic, page XML (xml_pages.py)."""
 
 from __future__ import annotations
 

@@ -379,9 +379,8 @@ def _ink_on_paper(coverage_image: Image.Image, style: _Style, noise: np.random.G
 
 def render_line(text: str, rng: random.Random, height: int = 64) -> Image.Image:
     """`text` as one handwriting-like line: a mode 'L' image exactly `height` pixels high, as wide
-    as the text needs, dark ink (~0-90) on white-ish paper (~200-255); the same text and `rng` state
-    give the same image. ValueError for text without a visible character or with one that is not
-    printable ASCII (all the Hershey fonts draw), or a height under 12."""
+    as the text needs, dark ink (~0-90) on white-ish paper (~200-255). ValueError for text the
+    Hershey fonts cannot draw (no visible character, or not printable ASCII), or a height under 12."""
     if not text.strip() or not _DRAWABLE.issuperset(text):
         raise ValueError(f"render_line draws printable ASCII with a visible character, got {text!r}")
     if height < 12:

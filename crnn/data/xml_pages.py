@@ -1,15 +1,6 @@
-"""Text lines from page XML: ALTO (v2 to v4) and PAGE (2010 to 2019), for `data.source=xml`.
-
-A split is a folder (or a glob) of XML files; a page image lies in the XML's folder (or
-`data.xml.image_root`), named in the XML or with the XML's own name. A line's region is its polygon,
-else its box, else a band of `data.xml.baseline_above` / `baseline_below` px around its baseline;
-its crop is the region's bounding box, white outside the region; its text is in Unicode NFC.
-Lines that cannot be used (no text, no region or a malformed, degenerate or off-page one, a page
-that does not parse or has no image) are left out and reported with their file and line id.
-
-Crops are made once per split load (in `data.num_workers` processes), kept in memory as PNG or,
-with `data.xml.cache_dir`, in a folder keyed by the XML's and the image's content.
-`write_page` writes a page back with recognised text (tools/predict.py --out).
+"""Text lines from page XML: ALTO (v2 to v4) and PAGE (2010 to 2019), for `data.source=xml`; how
+pages, images, regions, left-out lines and the crop cache work: docs/data.md ("Pages from
+transcription platforms"). `write_page` writes a page back with recognised text (predict --out).
 """
 
 from __future__ import annotations
@@ -190,10 +181,9 @@ def read_page(path: Path, image_root: Path | None = None) -> XmlPage:
 
 
 def find_image(page: XmlPage) -> Path:
-    """The page image: as named (relative to the XML's folder, or only its file name there), else an
-    image beside the XML with the XML's own name. It must lie inside the page's `image_root` (by
-    default the XML's folder): a named path that leaves it is refused (DataError naming the XML
-    file and line), as is a page without any image found."""
+    """The page image: as named (relative to the XML's folder, or its file name there), else the one
+    beside the XML with its name; DataError (the XML's file and line) for a named path that leaves
+    `page.image_root` (default: the XML's folder), or no image found."""
     folder = page.path.parent
     root = (page.image_root or folder).resolve()
     named = Path(page.image_name.replace("\\", "/"))
@@ -386,7 +376,7 @@ def map_pages(job, paths: list[Path], workers: int):
 
 
 class XmlRecords(LineRecords):
-    """The lines of the ALTO / PAGE files `paths` (module docstring), cropped in `workers` processes."""
+    """The lines of the ALTO / PAGE files `paths` (docs/data.md), cropped in `workers` processes."""
 
     def __init__(self, paths: list[Path], name: str, key: str, band: tuple[float, float], cache_dir: str,
                  workers: int, image_root: str):
@@ -424,11 +414,9 @@ class LineConfidence:
 
 def write_page(page: XmlPage, texts: dict[str, str], out_path: Path,
                confidences: dict[str, LineConfidence]) -> int:
-    """Write `page` to `out_path` with `texts` (line id -> recognised text) as the transcription of
-    those lines: ALTO, one `String` per line (with the line's box, and with `confidences` its `WC`
-    and `CC`); PAGE, the line's `TextEquiv` (with its `conf`). The lines' former words and
-    transcriptions are replaced; the namespace prefixes of the file are kept; the file is written
-    whole or not at all. Returns the lines written."""
+    """Write `page` to `out_path` with `texts` (line id -> recognised text) replacing those lines'
+    former words (docs/data.md; `confidences`: ALTO `WC` and `CC`, PAGE `conf`), the file's namespace
+    prefixes kept, whole or not at all. Returns the lines written."""
     for prefix, uri in (node for _, node in ET.iterparse(page.path, events=("start-ns",))):
         ET.register_namespace(prefix, uri)
     setter = _set_alto_text if page.kind == "alto" else _set_page_text

@@ -46,10 +46,8 @@ class CRNN(nn.Module):
 
     def forward(self, images: torch.Tensor, widths: torch.Tensor,
                 with_shortcut: bool | None = None) -> CRNNOutput:
-        """The shortcut head runs in training mode, or when `with_shortcut=True`.
-
-        `widths` may be on any device: they are moved to the images' here, the one place, so the
-        lengths and everything derived from them live there too."""
+        """The shortcut head runs in training mode, or when `with_shortcut=True`. `widths` may be on any
+        device: they move to the images' here, the one place, so the lengths live there too."""
         widths = widths.to(images.device, non_blocking=True)
         columns = self.encoder(images).amax(dim=2).permute(2, 0, 1)  # (T, N, C)
         lengths = self.output_lengths(widths).clamp(max=columns.shape[0])

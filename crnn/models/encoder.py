@@ -10,11 +10,8 @@ STEM_KERNEL = 7
 
 
 class ResNetEncoder(nn.Module):
-    """`(N, 1, H, W)` images -> `(N, C, H', W')` features.
-
-    stem: 7x7 conv (`stem_stride`) + BN + ReLU; then one stage per entry of `channels`/`blocks`/
-    `strides`: a max-pool of the stage's stride, then its BasicBlocks (He et al. 2016).
-    """
+    """`(N, 1, H, W)` images -> `(N, C, H', W')` features: a 7x7 stem (`stem_stride`), then per stage
+    a max-pool of its stride and its BasicBlocks (He et al. 2016)."""
 
     def __init__(self, stem_channels: int, stem_stride: tuple[int, int], channels: list[int],
                  blocks: list[int], strides: list[tuple[int, int]]):

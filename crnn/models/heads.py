@@ -15,12 +15,8 @@ def reversal_index(lengths: torch.Tensor, frames: int) -> torch.Tensor:
 
 class BiLSTM(nn.Module):
     """A stacked bidirectional LSTM over `(T, N, C)` whose output for a line ignores the padding
-    after it: the forward direction reaches the padding only after the line, and the backward
-    direction reads each line reversed within its own length, so it starts on the line's last
-    column rather than on padding.
-
-    (Packed sequences would do the same, but on the CPU their backward pass is many times slower.)
-    """
+    after it: the backward direction reads each line reversed within its own length, so it starts
+    on the line's last column. (Packed sequences would too, but their CPU backward is many times slower.)"""
 
     def __init__(self, in_channels: int, hidden: int, layers: int, dropout: float = 0.0):
         super().__init__()
@@ -43,11 +39,8 @@ class BiLSTM(nn.Module):
 
 
 class BiLSTMHead(nn.Module):
-    """BiLSTM over the columns, then dropout and a linear layer to the classes.
-
-    A line's output does not depend on the padding after it (see BiLSTM). With `layers=0` it is a
-    per-column linear classifier.
-    """
+    """BiLSTM over the columns, then dropout and a linear layer to the classes; with `layers=0`, a
+    per-column linear classifier."""
 
     def __init__(self, in_channels: int, hidden: int, layers: int, num_classes: int,
                  dropout: float = 0.0, output_dropout: float = 0.0):
