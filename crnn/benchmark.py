@@ -4,6 +4,7 @@ trainer's own builders: `speed_row`, `loop_row`, `decoding_rows`, `startup_table
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import json
 import math
@@ -26,7 +27,7 @@ from crnn.data import Vocab, build_dataset, build_loader, load_records
 from crnn.data.collate import Batch, collate
 from crnn.data.samplers import WidthBatchSampler
 from crnn.data.samples import Preprocess, make_sample
-from crnn.data.synthetic import render_line, sample_text
+from crnn.data.synthetic import render_line, render_line_words, sample_text
 from crnn.decoding import DECODER_NAMES, build_decoders
 from crnn.device import AMP_NAMES, autocast, memory_format, resolve_amp, resolve_device
 from crnn.distributed import DistInfo, unwrap
@@ -242,6 +243,54 @@ def decoding_rows(checkpoint: str, overrides: list[str], split: str, worker_coun
             if hasattr(decoder, "close"):
                 decoder.close()
     return rows
+
+
+def word_rows(checkpoint: str, overrides: list[str], lines: int, seed: int = 0) -> list[dict]:
+    """How well each decoder's word boxes (`crnn.inference.reading`) find the words of `lines`
+    synthetic lines, where the renderer knows each word's ink: per decoder, CER, the share of the
+    true words whose predicted word overlaps them with an IoU of 0.5 or more along the line (all
+    words, and the words read exactly) and the median IoU; true and read words are paired by
+    aligning the two texts' words (difflib), a true word left unpaired counting as IoU 0; and the
+    lines/s of `TrainedModel.read` (batches of 16, words included)."""
+    trained = load_trained_model(checkpoint, overrides)
+    height = trained.config.data.height
+    texts = [sample_text(random.Random(f"{seed}:{index}:text")) for index in range(lines)]
+    drawn = [render_line_words(text, random.Random(f"{seed}:{index}:words"), height)
+             for index, text in enumerate(texts)]
+    rows = []
+    for name in ("greedy", "beam"):
+        decoder = trained.decoders([name])[name]
+        start = time.perf_counter()
+        readings = [reading for begin in range(0, lines, 16)
+                    for reading in trained.read([image for image, _ in drawn[begin: begin + 16]], decoder)]
+        seconds = time.perf_counter() - start
+        counts, ious, exact = ErrorCounts(), [], []
+        counts.update(texts, [reading.text for reading in readings])
+        for text, (_, boxes), reading in zip(texts, drawn, readings, strict=True):
+            truth, read = text.split(), [word["text"] for word in reading.words]
+            paired = dict.fromkeys(range(len(truth)), None)
+            for tag, i0, i1, j0, j1 in difflib.SequenceMatcher(None, truth, read, autojunk=False).get_opcodes():
+                if tag in ("equal", "replace"):
+                    paired.update(zip(range(i0, i1), range(j0, j1), strict=False))
+            for i, j in paired.items():
+                word = reading.words[j] if j is not None else None
+                iou = 0.0 if word is None else overlap(boxes[i], (word["x0"], word["x1"]))
+                ious.append(iou)
+                if word is not None and word["text"] == truth[i]:
+                    exact.append(iou)
+        rows.append({"decoder": name, "lines": lines, "words": len(ious), "cer": counts.cer,
+                     "iou_0.5_all": sum(iou >= 0.5 for iou in ious) / len(ious),
+                     "iou_0.5_exact": sum(iou >= 0.5 for iou in exact) / max(len(exact), 1),
+                     "words_read_exactly": len(exact), "median_iou": statistics.median(ious),
+                     "read_lines_per_s": lines / seconds})
+    return rows
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """The intersection over union of two spans (x0, x1) along a line."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
 
 
 def repeated_parquet(source: Path, lines: int, out: Path) -> Path:

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -68,6 +69,21 @@ def char_spans(log_probs: torch.Tensor, labels: Sequence[int], frames: Sequence[
     confidence = torch.where(inside, run_best[own], probs[frames, labels])
     first, last = torch.where(inside, starts[own], frames), torch.where(inside, ends[own], frames)
     return list(zip(confidence.tolist(), first.tolist(), last.tolist(), strict=True))
+
+
+def char_cuts(spans: Sequence[tuple[float, int, int]]) -> list[tuple[float, float]]:
+    """Each character's extent in frames, [start, end) (frame t covers t to t + 1), from its
+    `char_spans` run: it reaches from the boundary with the character before it to the boundary
+    with the one after, each boundary the middle of the frames between their two runs; the first
+    starts at its run, the last ends with its run."""
+    firsts, lasts = [first for _, first, _ in spans], [last + 1 for _, _, last in spans]
+    bounds = [(end + start) / 2 for end, start in zip(lasts, firsts[1:], strict=False)]
+    return list(zip(firsts[:1] + bounds, bounds + lasts[-1:], strict=True))
+
+
+def word_ranges(text: str) -> list[tuple[int, int]]:
+    """The words of `text` (split at spaces): the index of each one's first character and one past its last."""
+    return [(match.start(), match.end()) for match in re.finditer(r"[^ ]+", text)]
 
 
 class Hypothesis(NamedTuple):

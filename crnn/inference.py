@@ -17,7 +17,16 @@ from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
 from crnn.data.xml_pages import XmlPage, crop_lines, page_image
-from crnn.decoding import BeamDecoder, Decoder, Hypothesis, build_decoders, build_language_model, char_spans
+from crnn.decoding import (
+    BeamDecoder,
+    Decoder,
+    Hypothesis,
+    build_decoders,
+    build_language_model,
+    char_cuts,
+    char_spans,
+    word_ranges,
+)
 from crnn.device import resolve_device
 from crnn.engine import evaluate
 from crnn.errors import CheckpointError, ConfigError
@@ -37,8 +46,9 @@ class Reading:
     text: str
     confidence_mean: float | None  # None: too narrow for one frame of the model, nothing read
     confidence_min: float | None
-    characters: list[dict]  # {"char", "confidence", "x0", "x1"}, left to right
+    characters: list[dict]  # {"char", "confidence", "x0", "x1"}, left to right, x in the image's pixels
     nbest: list[dict]  # {"text", "score"}, best first
+    words: list[dict] = field(default_factory=list)  # {"text", "confidence", "x0", "x1"}, left to right
     # with a fitted calibration (else None): P(read exactly), expected character errors and CER
     p_exact: float | None = None
     expected_errors: float | None = None
@@ -52,7 +62,7 @@ class Reading:
                 "p_exact": self.p_exact, "expected_cer": self.expected_cer,
                 "expected_errors": self.expected_errors,
                 "squeezed_from": self.width if self.squeezed else None,
-                "characters": self.characters, "nbest": self.nbest}
+                "words": self.words, "characters": self.characters, "nbest": self.nbest}
 
     @property
     def line_confidence(self) -> float | None:
@@ -64,19 +74,26 @@ class Reading:
 
 
 def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab, image_width: int) -> Reading:
-    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses, as
-    docs/decoding.md ("What predict returns") says (frame t: columns t/T to (t+1)/T of the image)."""
+    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses: each character
+    with its confidence (`crnn.decoding.char_spans`) and its cut (`char_cuts`), each word with its
+    characters' extent and mean confidence (docs/decoding.md); x in the image's pixels (frame t
+    covers t/T to (t+1)/T of its width). The line's confidence: the mean and the minimum over its
+    characters (read as empty: the mean posterior of its best path; without a frame: None)."""
     if not len(log_probs):
         return Reading("", None, None, [], [])
     best = hypotheses[0] if hypotheses else Hypothesis("", 0.0)
-    frames = len(log_probs)
     spans = char_spans(log_probs, [vocab.index[char] for char in best.text], best.frames)
-    characters = [{"char": char, "confidence": round(confidence, 4), "x0": round(min(first / frames, 1) * image_width, 1),
-                   "x1": round(min((last + 1) / frames, 1) * image_width, 1)}
-                  for char, (confidence, first, last) in zip(best.text, spans, strict=True)]
+    cuts = char_cuts(spans)
+    pixel = image_width / len(log_probs)  # the width of a frame
+    characters = [{"char": char, "confidence": round(confidence, 4), "x0": round(start * pixel, 1),
+                   "x1": round(min(end * pixel, image_width), 1)}
+                  for char, (confidence, _, _), (start, end) in zip(best.text, spans, cuts, strict=True)]
+    words = [{"text": best.text[first:last], "x0": characters[first]["x0"], "x1": characters[last - 1]["x1"],
+              "confidence": round(sum(c["confidence"] for c in characters[first:last]) / (last - first), 4)}
+             for first, last in word_ranges(best.text)]
     confidences = [c["confidence"] for c in characters] or [float(log_probs.exp().max(dim=-1).values.mean())]
     return Reading(best.text, round(sum(confidences) / len(confidences), 4), round(min(confidences), 4),
-                   characters, [{"text": h.text, "score": round(h.score, 4)} for h in hypotheses])
+                   characters, [{"text": h.text, "score": round(h.score, 4)} for h in hypotheses], words=words)
 
 
 @dataclass

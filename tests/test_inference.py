@@ -76,9 +76,11 @@ def test_a_reading_gives_each_character_its_confidence_and_its_columns():
     hypotheses = GreedyDecoder(vocab).nbest(posteriors.log()[:, None], torch.tensor([4]))[0]
     line = reading(posteriors.log(), hypotheses, vocab, image_width=100)
     assert line.text == "ab" and line.nbest == [{"text": "ab", "score": round(math.log(0.6 * 0.8 * 0.9 * 0.7), 4)}]
-    # "a" is the most probable class in frames 0-1 (of 4: columns 0 to 50), "b" in frame 3
-    assert line.characters == [{"char": "a", "confidence": 0.8, "x0": 0.0, "x1": 50.0},
-                               {"char": "b", "confidence": 0.7, "x0": 75.0, "x1": 100.0}]
+    # "a" is the most probable class in frames 0-1 (of 4, 25 columns each), "b" in frame 3: the cut
+    # between them is the middle of the blank frame 2, at 62.5
+    assert line.characters == [{"char": "a", "confidence": 0.8, "x0": 0.0, "x1": 62.5},
+                               {"char": "b", "confidence": 0.7, "x0": 62.5, "x1": 100.0}]
+    assert line.words == [{"text": "ab", "x0": 0.0, "x1": 100.0, "confidence": 0.75}]
     assert (line.confidence_mean, line.confidence_min) == (0.75, 0.7)
     empty = reading(posteriors.log(), [], vocab, image_width=100)  # nothing read: the best path's mean posterior
     assert empty.text == "" and empty.confidence_mean == empty.confidence_min == round((0.6 + 0.8 + 0.9 + 0.7) / 4, 4)

@@ -15,6 +15,11 @@ Decoders on a trained checkpoint's log-probs (the forward pass once, then each d
 number of decoder worker processes:
     python tools/benchmark.py --decoding runs/copiste/checkpoints/best.pt --workers 1,2
 
+Word boxes on synthetic lines, where the renderer knows each word's ink (greedy and beam: CER, the
+share of the true words found with an IoU of 0.5 or more along the line, all and read exactly,
+the median IoU, read lines/s; docs/decoding.md):
+    python tools/benchmark.py --words runs/copiste/checkpoints/best.pt --lines 300
+
 Start-up time and memory at scale: the config's parquet training split repeated to each --scale
 line count (written once under --output), tools/train.py run on it for --steps steps, twice (the
 data's index built, then reused), its processes' memory sampled every 0.25 s:
@@ -22,7 +27,7 @@ data's index built, then reused), its processes' memory sampled every 0.25 s:
         --output /tmp/startup data.cache_mb=0 --json startup.json     # --ranks 2: under torchrun
 
 `key=value` overrides apply to every config in --loop and --startup (data.* and decode.* of the
-checkpoint in --decoding).
+checkpoint in --decoding and --words).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from crnn.benchmark import decoding_rows, loop_row, make_lines, speed_row, startup_table
+from crnn.benchmark import decoding_rows, loop_row, make_lines, speed_row, startup_table, word_rows
 from crnn.config import AMP_MODES
 from crnn.device import AMP_NAMES, resolve_amp, resolve_device
 from crnn.errors import tool_main
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda or auto (the default; --loop: the config's train.device)")
     parser.add_argument("--amp", choices=AMP_MODES, help="the precision timed next to fp32, as train.amp means it "
                         "(default auto; --loop: the config's train.amp, which it replaces)")
-    parser.add_argument("--lines", type=int, default=0, help="speed: lines per timed pass (default 32 CPU, 256 GPU)")
+    parser.add_argument("--lines", type=int, default=0,
+                        help="speed: lines per timed pass (default 32 CPU, 256 GPU); --words: lines (default 300)")
     parser.add_argument("--batch-size", type=int, default=0, help="speed: default 8 on CPU, 32 on GPU")
     parser.add_argument("--repeats", type=int, default=3, help="speed: timed passes (the median is reported)")
     parser.add_argument("--beam", action="store_true", help="speed: time beam-search inference too")
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoding", metavar="CKPT", help="time the decoders on this checkpoint")
     parser.add_argument("--workers", default="1,2", help="--decoding: decoder worker processes to compare")
     parser.add_argument("--split", default="validation", help="--decoding: the split (default validation)")
+    parser.add_argument("--words", metavar="CKPT", help="word boxes of this checkpoint on synthetic lines")
     parser.add_argument("--startup", action="store_true", help="measure start-up time and memory at --scale lines")
     parser.add_argument("--scale", default="100000,1000000", help="--startup: training line counts")
     parser.add_argument("--ranks", type=int, default=1, help="--startup: processes under torchrun (1: plain)")
@@ -86,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (--loop, --startup, --decoding)")
     args = parser.parse_args(argv)
-    if not args.cfg and not args.decoding:
-        parser.error("give --cfg CONFIG (repeat to compare) or --decoding CKPT")
+    if not args.cfg and not args.decoding and not args.words:
+        parser.error("give --cfg CONFIG (repeat to compare), --decoding CKPT or --words CKPT")
     if args.json:
         check_output_file(args.json, "--json")
     if args.startup:
         check_output_dir(args.output, "--output")
     setup_console_logging()
-    if args.decoding:
+    if args.words:
+        rows = word_rows(args.words, args.overrides, args.lines or 300)
+    elif args.decoding:
         rows = decoding_rows(args.decoding, args.overrides, args.split, integers(args.workers))
     elif args.loop:
         warmup = 5 if args.warmup is None else args.warmup

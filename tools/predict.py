@@ -21,10 +21,12 @@ XML must lie in the XML's folder (or --image-root DIR).
 
 --json prints one JSON object per line instead (strict JSON: no NaN): {"path", "text",
 "confidence": {"mean", "min"}, "p_exact", "expected_cer", "expected_errors", "squeezed_from",
-"characters": [{"char", "confidence", "x0", "x1"}, ...]} and, with --nbest K (beam decoders),
-"nbest": [{"text", "score"}, ...] best first. A character's confidence is its calibrated
-posterior at its strongest frame in the run of frames where CTC places it; x0..x1 is that run in
-the input image's pixels. The line's confidence is the mean and the minimum over its characters.
+"words": [{"text", "confidence", "x0", "x1"}, ...], "characters": [{"char", "confidence", "x0",
+"x1"}, ...]} and, with --nbest K (beam decoders), "nbest": [{"text", "score"}, ...] best first.
+A character's confidence is its calibrated posterior at its strongest frame in the run of frames
+where CTC places it; x0..x1 is its cut (to the middle of the gaps beside it), in the input
+image's pixels; a word spans its characters' cuts, with their mean confidence (docs/decoding.md).
+The line's confidence is the mean and the minimum over its characters.
 With the model's calibration (fitted at the end of training, or by tools/calibrate.py): p_exact,
 the probability that the line is read exactly, and its expected character errors and CER (null
 without one). ALTO pages get the line's confidence as the String's WC (one minus its expected CER,

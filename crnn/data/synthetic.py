@@ -268,9 +268,12 @@ def _stretch_x_height(y: np.ndarray, x_height_top: float, factor: float) -> np.n
     return np.where(y >= x_height_top, lower_case, new_top + (y - x_height_top) * upper_scale)
 
 
-def _layout(text: str, font: _Font, style: _Style, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
-    """Every point of the line, in font units, and the index one past each stroke's end."""
+def _layout(text: str, font: _Font, style: _Style,
+            rng: random.Random) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every point of the line, in font units, the index one past each stroke's end, and the word
+    (counted from 0, words split at spaces) of each point."""
     glyphs, placements, cursor = [], [], 0.0
+    words = [len(text[: i + 1].split()) - 1 for i, char in enumerate(text) if char != " "]
     for char in text:
         if char == " ":
             cursor += style.word_space * rng.uniform(0.8, 1.25)
@@ -287,7 +290,8 @@ def _layout(text: str, font: _Font, style: _Style, rng: random.Random) -> tuple[
     points[:, 0] = (points[:, 0] * per_point[:, 2] * style.width_factor + per_point[:, 0]
                     + per_point[:, 3] * (_BASE_LINE - y))
     points[:, 1] = _BASE_LINE + (y - _BASE_LINE) * per_point[:, 2] + per_point[:, 1]
-    return points, np.cumsum(np.concatenate([glyph.stroke_lengths for glyph in glyphs]))
+    word_of_point = np.repeat(words, [len(glyph.points) for glyph in glyphs])
+    return points, np.cumsum(np.concatenate([glyph.stroke_lengths for glyph in glyphs])), word_of_point
 
 
 def _distort(points: np.ndarray, style: _Style, noise: np.random.Generator) -> np.ndarray:
@@ -379,8 +383,16 @@ def _ink_on_paper(coverage_image: Image.Image, style: _Style, noise: np.random.G
 
 def render_line(text: str, rng: random.Random, height: int = 64) -> Image.Image:
     """`text` as one handwriting-like line: a mode 'L' image exactly `height` pixels high, as wide
-    as the text needs, dark ink (~0-90) on white-ish paper (~200-255). ValueError for text the
-    Hershey fonts cannot draw (no visible character, or not printable ASCII), or a height under 12."""
+    as the text needs, dark ink (~0-90) on white-ish paper (~200-255); the same text and `rng` state
+    give the same image. ValueError for text without a visible character or with one that is not
+    printable ASCII (all the Hershey fonts draw), or a height under 12."""
+    return render_line_words(text, rng, height)[0]
+
+
+def render_line_words(text: str, rng: random.Random,
+                      height: int = 64) -> tuple[Image.Image, list[tuple[float, float]]]:
+    """`render_line`'s image (the same for the same `rng` state) and where each word of
+    `text.split()` was drawn: (left, right) of its ink in pixels, the pen's width included."""
     if not text.strip() or not _DRAWABLE.issuperset(text):
         raise ValueError(f"render_line draws printable ASCII with a visible character, got {text!r}")
     if height < 12:
@@ -388,8 +400,10 @@ def render_line(text: str, rng: random.Random, height: int = 64) -> Image.Image:
     style = _sample_style(rng)
     font = _load_font(style.font_name)
     noise = np.random.default_rng(rng.getrandbits(64))
-    points, stroke_ends = _layout(text, font, style, rng)
+    points, stroke_ends, word_of_point = _layout(text, font, style, rng)
     points = _distort(points, style, noise)
     pixels, pen, width = _fit_to_height(points, font, style, height, rng)
     coverage = _draw_strokes(pixels, stroke_ends, pen, width, height)
-    return _ink_on_paper(coverage, style, noise)
+    xs = [pixels[word_of_point == word, 0] for word in range(len(text.split()))]
+    words = [(float(x.min() - pen / 2), float(x.max() + pen / 2)) for x in xs]
+    return _ink_on_paper(coverage, style, noise), words
