@@ -3,7 +3,8 @@ calibration, from a checkpoint or an export bundle. What evaluate, predict, cali
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from crnn.calibration import Calibration, check_enough, fold_blocks, line_featur
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
-from crnn.data.xml_pages import XmlPage, crop_lines, page_image
+from crnn.data.xml_pages import XmlPage, crop_lines, line_region, page_image, word_region
 from crnn.decoding import (
     BeamDecoder,
     Decoder,
@@ -96,6 +97,15 @@ def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab,
                    characters, [{"text": h.text, "score": round(h.score, 4)} for h in hypotheses], words=words)
 
 
+def on_page(line: Reading, page_x: Callable[[float], float], region: list[tuple[float, float]]) -> None:
+    """A reading of a page's line crop in the page's coordinates: its characters' and words' x
+    (`page_x` of the crop's pixels), and each word's `polygon`, the line's `region` between its cuts."""
+    for item in (*line.characters, *line.words):
+        item["x0"], item["x1"] = round(page_x(item["x0"]), 1), round(page_x(item["x1"]), 1)
+    for word in line.words:
+        word["polygon"] = [[round(x, 1), round(y, 1)] for x, y in word_region(region, word["x0"], word["x1"])]
+
+
 @dataclass
 class TrainedModel:
     """A checkpoint's config (with overrides), vocab and model (eval mode, on `device`)."""
@@ -162,6 +172,10 @@ class TrainedModel:
         for start in range(0, len(crops.crops), batch_size):
             chunk = slice(start, start + batch_size)
             readings.update(zip(crops.ids[chunk], self.read(crops.crops[chunk], decoder), strict=True))
+        lines = {line.id: line for line in page.lines}
+        for index, line_id in enumerate(crops.ids):
+            on_page(readings[line_id], functools.partial(crops.page_x, index),
+                    line_region(lines[line_id], (xml.baseline_above, xml.baseline_below)))
         return readings, crops.problems
 
 

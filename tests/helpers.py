@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import traceback
+import xml.etree.ElementTree as ET
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xmlschema
 from PIL import Image, ImageDraw
 
 from crnn.config import AugmentConfig, load_config
@@ -27,6 +29,7 @@ from crnn.data import Preprocess, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny.yaml"
+SCHEMAS = REPO / "tests" / "schemas"  # the official XSDs, vendored with their licences (README.md there)
 
 STRONG = AugmentConfig(prob=0.8, shear=0.4, rotation=1.5, scale=0.2, distortion=3.0, morphology=2.0)
 
@@ -183,3 +186,23 @@ def overfit_config(lines, run_dir, *overrides):
                               "data.batch_size=4", "data.augment.prob=0", "model.shortcut=false", "train.lr=1e-2",
                               "train.grad_clip=0", "train.warmup_steps=0", "train.min_lr_ratio=1",
                               "train.val_images=0", f"train.output_dir={run_dir}", *overrides])
+
+
+@functools.cache
+def _schema(namespace: str) -> xmlschema.XMLSchema:
+    """The official schema of an ALTO v4 (any 4.x: alto-4-4.xsd) or PAGE 2019 namespace, read from
+    tests/schemas only: `allow="local"` refuses any network fetch, and ALTO's xlink import is the
+    vendored copy."""
+    files = {"http://www.loc.gov/standards/alto/ns-v4#": "alto-4-4.xsd",
+             "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15": "pagecontent-2019-07-15.xsd"}
+    assert namespace in files, f"no vendored schema for the namespace {namespace!r}"
+    return xmlschema.XMLSchema(str(SCHEMAS / files[namespace]), allow="local",
+                               locations={"http://www.w3.org/1999/xlink": str(SCHEMAS / "xlink.xsd")})
+
+
+def schema_errors(path) -> list[str]:
+    """Why the ALTO v4 or PAGE 2019 file `path` breaks its schema (the namespace it declares picks
+    it), as short messages; [] when it validates."""
+    namespace = ET.parse(path).getroot().tag[1:].split("}", 1)[0]
+    return [f"{error.path}: {error.reason}" for error in _schema(namespace).iter_errors(str(path))]
+

@@ -3,6 +3,7 @@
 import json
 import random
 import unicodedata
+import xml.etree.ElementTree as ET
 
 import pytest
 from PIL import Image
@@ -11,7 +12,7 @@ from crnn.config import load_config
 from crnn.data import load_records, synthetic, xml_pages
 from crnn.data.xml_pages import read_page
 from crnn.trainer import fit
-from tests.helpers import REPO, TINY, read_metrics, run_tool
+from tests.helpers import REPO, TINY, read_metrics, run_tool, schema_errors
 
 COPISTE_PAGES = REPO.parent / "shared" / "data" / "copiste-pages"
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
@@ -207,10 +208,18 @@ def test_train_evaluate_and_check_data_on_xml(pages, xml_run, tmp_path):
 def test_predict_fills_the_xml_and_the_pages_read_back(pages, xml_run, tmp_path):
     out = tmp_path / "out"
     result = run_tool("tools/predict.py", "--ckpt", xml_run / "checkpoints" / "best.pt", pages / "a.xml",
-                      pages / "b.xml", "--out", out)
+                      pages / "b.xml", "--out", out, "--glyphs")
     assert result.returncode == 0, result.stderr
     printed = dict(line.split("\t", 1) for line in result.stdout.strip().splitlines())
     assert len(printed) == 4 + 3  # every line with a region, "empty" included; not flat/outside/nothing
+    for name in ("a.xml", "b.xml"):  # a word element per word read, and no schema error the input lacks
+        assert set(schema_errors(out / name)) <= set(schema_errors(pages / name))
+        root = ET.parse(out / name).getroot()
+        for element in root.iter():
+            key = f"{pages / name}:{element.get('ID') or element.get('id')}"
+            if element.tag.endswith("TextLine") and key in printed:
+                words = [child for child in element if child.tag.rsplit("}", 1)[-1] in ("String", "Word")]
+                assert len(words) == len(printed[key].split()), key
     for name in ("a.xml", "b.xml"):
         written = read_page(out / name)
         assert written.kind == read_page(pages / name).kind
@@ -219,6 +228,12 @@ def test_predict_fills_the_xml_and_the_pages_read_back(pages, xml_run, tmp_path)
             if key in printed:
                 assert line.text == (unicodedata.normalize("NFC", printed[key]).strip() or None), key
         assert "ns0:" not in (out / name).read_text(encoding="utf-8")  # the namespaces are kept
+    as_json = run_tool("tools/predict.py", "--ckpt", xml_run / "checkpoints" / "best.pt", pages / "a.xml",
+                       "--out", tmp_path / "json", "--json")
+    rows = [json.loads(line) for line in as_json.stdout.strip().splitlines()]
+    width = read_page(pages / "a.xml").size[0]  # words and characters in the page's coordinates
+    assert all(0 <= w["x0"] <= w["x1"] <= width and len(w["polygon"]) >= 3 for row in rows for w in row["words"])
+    assert any(row["words"] for row in rows) and all(c["x1"] <= width for row in rows for c in row["characters"])
     unchanged = {line.id: line.text for line in read_page(out / "a.xml").lines}
     assert unchanged["flat"] == "xx" and unchanged["outside"] == "yy"  # not croppable: left as they were
     assert "line flat: degenerate polygon" in result.stderr

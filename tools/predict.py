@@ -13,7 +13,10 @@ scaled as in training. An image that cannot be read is reported on stderr as `er
 
 XML pages (files ending in .xml, or a folder holding some; ALTO v2-v4 or PAGE): every text line
 is cropped as in training, transcribed, and the page written to --out DIR under its own name with
-the text filled in (ALTO: one `String` per line; PAGE: the line's `TextEquiv`);
+the text filled in: ALTO, one `String` per word (HPOS, VPOS, WIDTH, HEIGHT, WC) with `SP` between
+them; PAGE, a `Word` per word (Coords, TextEquiv conf) and the line's `TextEquiv`; with --glyphs
+also a `Glyph` per character (ALTO v4, PAGE); a word's region is the line's polygon between its
+cuts (docs/data.md);
 `page.xml:LINE_ID<TAB>text` is printed per line. A line that cannot be cropped keeps its former
 text and is reported on stderr. Input pages are never overwritten, except with --in-place, which
 first copies each to NAME.xml.bak (NAME.xml.bak.1, ... if that exists). A page image named in the
@@ -61,8 +64,8 @@ from pathlib import Path
 from crnn.calibration import MIN_LINES, Calibration
 from crnn.config import DataConfig
 from crnn.data.images import IMAGE_SUFFIXES, decode_image
-from crnn.data.xml_pages import LineConfidence, read_page, write_page
-from crnn.decoding import DECODER_NAMES, Decoder
+from crnn.data.xml_pages import GlyphBox, LineConfidence, WordBox, read_page, write_page
+from crnn.decoding import DECODER_NAMES, Decoder, word_ranges
 from crnn.errors import ConfigError, CrnnError, DataError, tool_main
 from crnn.inference import Reading, TrainedModel, load_trained_model
 from crnn.outputs import check_output_dir, check_output_file
@@ -77,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write the transcriptions into the input XML pages (each backed up as NAME.xml.bak)")
     parser.add_argument("--image-root", type=Path,
                         help="the folder page images must lie in (default: each XML file's own folder)")
+    parser.add_argument("--glyphs", action="store_true", help="XML pages: a Glyph per character in each word")
     parser.add_argument("--decoder", default="greedy", choices=DECODER_NAMES)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -258,6 +262,13 @@ def transcribe_all(trained: TrainedModel, decoder: Decoder, paths: list[Path], a
     return unreadable
 
 
+def word_boxes(line: Reading) -> list[WordBox]:
+    """A reading's words (in page coordinates) with their characters, as write_page takes them."""
+    return [WordBox(word["text"], word["x0"], word["x1"], word["confidence"],
+                    [GlyphBox(c["char"], c["x0"], c["x1"], c["confidence"]) for c in line.characters[first:last]])
+            for word, (first, last) in zip(line.words, word_ranges(line.text), strict=True)]
+
+
 def transcribe_pages(trained: TrainedModel, decoder: Decoder, targets: dict[Path, Path],
                      args: argparse.Namespace, show: Printer) -> int:
     """Write each XML page to its target with its lines transcribed; returns how many pages failed."""
@@ -277,7 +288,10 @@ def transcribe_pages(trained: TrainedModel, decoder: Decoder, targets: dict[Path
         saved = f", the original kept as {backup(path)}" if target == path else ""
         confidences = {line_id: LineConfidence(r.line_confidence, [c["confidence"] for c in r.characters])
                        for line_id, r in readings.items() if r.line_confidence is not None}
-        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, target, confidences)
+        words = {line_id: word_boxes(r) for line_id, r in readings.items()}
+        xml = trained.config.data.xml
+        written = write_page(page, {line_id: r.text for line_id, r in readings.items()}, target, confidences,
+                             words, args.glyphs, (xml.baseline_above, xml.baseline_below))
         print(f"{path}: {written} of {len(page.lines)} line(s) transcribed -> {target}{saved}", file=sys.stderr)
     return failed
 

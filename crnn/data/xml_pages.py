@@ -1,6 +1,7 @@
 """Text lines from page XML: ALTO (v2 to v4) and PAGE (2010 to 2019), for `data.source=xml`; how
 pages, images, regions, left-out lines and the crop cache work: docs/data.md ("Pages from
-transcription platforms"). `write_page` writes a page back with recognised text (predict --out).
+transcription platforms"). `write_page` writes a page back with recognised text, and with words
+and glyphs where they are given (predict --out).
 """
 
 from __future__ import annotations
@@ -224,8 +225,7 @@ def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | Non
         return "no polygon, box or baseline"
     if not all(math.isfinite(value) for point in points for value in point):
         return "coordinates that are not finite numbers"
-    area = abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True))) / 2
-    if len(set(points)) < 3 or area < 1.0:
+    if len(set(points)) < 3 or _area(points) < 1.0:
         return f"degenerate polygon ({len(set(points))} distinct points, no area)"
     width, height = page_size
     xs, ys, tolerance = [x for x, _ in points], [y for _, y in points], OUTSIDE_TOLERANCE
@@ -233,6 +233,37 @@ def region_problem(points: list[Point], page_size: tuple[int, int]) -> str | Non
         return (f"coordinates outside the {width}x{height} page (x {min(xs):g}..{max(xs):g}, y "
                 f"{min(ys):g}..{max(ys):g}); does the XML belong to this image?")
     return None
+
+
+def _area(points: list[Point]) -> float:
+    pairs = zip(points, points[1:] + points[:1], strict=True)
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in pairs)) / 2
+
+
+def _clip_x(points: list[Point], edge: float, side: int) -> list[Point]:
+    """Sutherland-Hodgman: the part of the polygon where side * (x - edge) >= 0."""
+    kept = []
+    for (px, py), (qx, qy) in zip(points, points[1:] + points[:1], strict=True):
+        p_in, q_in = side * (px - edge) >= 0, side * (qx - edge) >= 0
+        if p_in != q_in:
+            kept.append((edge, py + (qy - py) * (edge - px) / (qx - px)))
+        if q_in:
+            kept.append((qx, qy))
+    return kept
+
+
+def word_region(polygon: list[Point], x0: float, x1: float) -> list[Point]:
+    """The part of a line's `polygon` between the vertical cuts x0 and x1 (page coordinates). Where
+    that has no area (a strip outside the line, a degenerate or no polygon): the box of the strip,
+    narrowed to the line's x extent where they overlap, over the line's y extent."""
+    x0, x1 = sorted((x0, x1))
+    clipped = _clip_x(_clip_x(polygon, x0, 1), x1, -1)
+    if len(clipped) >= 3 and _area(clipped) > 0:
+        return clipped
+    xs, ys = [x for x, _ in polygon] or [x0, x1], [y for _, y in polygon] or [0.0]
+    left, right = max(x0, min(xs)), min(x1, max(xs))
+    left, right = (left, right) if left <= right else (x0, x1)
+    return [(left, min(ys)), (right, min(ys)), (right, max(ys)), (left, max(ys))]
 
 
 def crop_region(image: Image.Image, points: list[Point]) -> Image.Image:
@@ -248,7 +279,8 @@ def crop_region(image: Image.Image, points: list[Point]) -> Image.Image:
 @dataclass
 class PageCrops:
     """What one page gives: per usable line its id, text, crop (an image, PNG bytes or a PNG file of
-    the cache folder) and size; the problems; `read` is False when the file is no ALTO or PAGE."""
+    the cache folder) and size; the problems; `read` is False when the file is no ALTO or PAGE;
+    from `crop_lines`, per line how its crop's x maps onto the page (`page_x`)."""
 
     ids: list[str] = field(default_factory=list)
     texts: list[str | None] = field(default_factory=list)
@@ -256,6 +288,12 @@ class PageCrops:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     read: bool = True
+    x_maps: list[tuple[float, float]] = field(default_factory=list)  # (offset, scale): crop_lines only
+
+    def page_x(self, index: int, x: float) -> float:
+        """Line `index`'s crop pixel x (before any resize) in the XML's page coordinates."""
+        offset, scale = self.x_maps[index]
+        return offset + scale * x
 
 
 def page_image(page: XmlPage) -> Image.Image:
@@ -280,6 +318,8 @@ def crop_lines(page: XmlPage, image: Image.Image, band: tuple[float, float], nee
         result.texts.append(line.text)
         result.crops.append(crop_region(image, region))
         result.sizes.append(result.crops[-1].size)
+        left = max(0, int(min(x for x, _ in region)))  # the crop's left edge, as crop_region cuts it
+        result.x_maps.append((left / scale_x, 1 / scale_x))
     return result
 
 
@@ -412,38 +452,142 @@ class LineConfidence:
     characters: list[float]
 
 
-def write_page(page: XmlPage, texts: dict[str, str], out_path: Path,
-               confidences: dict[str, LineConfidence]) -> int:
+@dataclass
+class GlyphBox:
+    """One character of a word, its cuts x0..x1 in page coordinates, its confidence (0-1)."""
+
+    char: str
+    x0: float
+    x1: float
+    confidence: float | None = None
+
+
+@dataclass
+class WordBox:
+    """One word of a line: its text, its cuts x0..x1 in page coordinates, confidence, characters."""
+
+    text: str
+    x0: float
+    x1: float
+    confidence: float | None = None
+    glyphs: list[GlyphBox] = field(default_factory=list)
+
+
+def write_page(page: XmlPage, texts: dict[str, str], out_path: Path, confidences: dict[str, LineConfidence],
+               words: dict[str, list[WordBox]] | None = None, glyphs: bool = False,
+               band: tuple[float, float] = (0.0, 0.0)) -> int:
     """Write `page` to `out_path` with `texts` (line id -> recognised text) replacing those lines'
     former words (docs/data.md; `confidences`: ALTO `WC` and `CC`, PAGE `conf`), the file's namespace
-    prefixes kept, whole or not at all. Returns the lines written."""
+    prefixes kept, whole or not at all. `words` (line id -> its words; a line without any: as without
+    `words`) become ALTO `String`s with `SP` between them or PAGE `Word`s, each on the part of the line's
+    region (`line_region` with `band`, as cropped) between its cuts; `glyphs`: a `Glyph` per character
+    too (ALTO: v4 only, v2 and v3 have none). Returns the lines written."""
     for prefix, uri in (node for _, node in ET.iterparse(page.path, events=("start-ns",))):
         ET.register_namespace(prefix, uri)
-    setter = _set_alto_text if page.kind == "alto" else _set_page_text
+    alto = page.kind == "alto"
     changed = [line for line in page.lines if line.id in texts]
     for line in changed:
-        setter(line.element, texts[line.id], confidences.get(line.id))
+        replaced = ("String", "SP", "HYP") if alto else ("Word", "TextEquiv")
+        for child in [c for c in line.element if _local(c.tag) in replaced]:
+            line.element.remove(child)
+    taken = {element.get(key) for element in page.tree.iter() for key in ("ID", "id")}  # after the removal
+    setter, new_id = _set_alto_text if alto else _set_page_text, functools.partial(_new_id, taken)
+    for line in changed:
+        region = line_region(line, band)
+        boxes = [(word, word_region(region, word.x0, word.x1),
+                  [(glyph, word_region(region, glyph.x0, glyph.x1)) for glyph in word.glyphs if glyphs])
+                 for word in (words or {}).get(line.id) or []]
+        setter(line.element, texts[line.id], confidences.get(line.id), boxes, new_id)
     atomic_write(out_path, lambda stream: page.tree.write(stream, encoding="UTF-8", xml_declaration=True))
     return len(changed)
 
 
-def _set_alto_text(line: ET.Element, text: str, confidence: LineConfidence | None) -> None:
-    for child in [c for c in line if _local(c.tag) in ("String", "SP", "HYP")]:
-        line.remove(child)
-    box = {key: line.get(key) for key in ALTO_BOX if key in line.attrib}
+def _new_id(taken: set, wanted: str) -> str:
+    """`wanted`, or `wanted`_N where that is taken: XML IDs are unique in the file."""
+    candidate, number = wanted, 0
+    while candidate in taken:
+        number += 1
+        candidate = f"{wanted}_{number}"
+    taken.add(candidate)
+    return candidate
+
+
+def _confidence(value: float) -> str:
+    return f"{min(1.0, max(0.0, value)):.4f}"
+
+
+def _alto_box(points: list[Point]) -> dict[str, str]:
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    left, top = math.floor(min(xs)), math.floor(min(ys))
+    box = (left, top, math.ceil(max(xs)) - left, math.ceil(max(ys)) - top)
+    return dict(zip(ALTO_BOX, map(str, box), strict=True))
+
+
+def _alto_string(line: ET.Element, text: str, box: dict, confidence: float | None,
+                 characters: list) -> ET.Element:
+    """A String; `characters`' confidences as CC (0 sure .. 9 unsure) where there is one per character."""
     string = ET.SubElement(line, line.tag[: -len("TextLine")] + "String", box, CONTENT=text)
     if confidence is not None:
-        string.set("WC", f"{confidence.line:.4f}")
-        if len(confidence.characters) == len(text) and text:  # per character 0 (sure) to 9 (unsure)
-            string.set("CC", " ".join(str(min(9, max(0, round((1.0 - c) * 9)))) for c in confidence.characters))
+        string.set("WC", _confidence(confidence))
+    if len(characters) == len(text) and text and None not in characters:
+        string.set("CC", " ".join(str(min(9, max(0, round((1.0 - c) * 9)))) for c in characters))
+    return string
 
 
-def _set_page_text(line: ET.Element, text: str, confidence: LineConfidence | None) -> None:
+def _set_alto_text(line: ET.Element, text: str, confidence: LineConfidence | None, words: list,
+                   new_id) -> None:
+    """`words`: (WordBox, its region, [(GlyphBox, its region)]) each; none: a String with the line's box."""
+    if not words:
+        box = {key: line.get(key) for key in ALTO_BOX if key in line.attrib}
+        sure = (confidence.line, confidence.characters) if confidence else (None, [])
+        _alto_string(line, text, box, *sure)
     namespace = line.tag[: -len("TextLine")]
-    for child in [c for c in line if _local(c.tag) in ("Word", "TextEquiv")]:
-        line.remove(child)
-    conf = {} if confidence is None else {"conf": f"{confidence.line:.4f}"}
+    for number, (word, region, glyphs) in enumerate(words):
+        if number:
+            ET.SubElement(line, namespace + "SP")
+        box = {"ID": new_id(f"{line.get('ID', 'line')}_w{number}"), **_alto_box(region)}
+        string = _alto_string(line, word.text, box, word.confidence, [g.confidence for g in word.glyphs])
+        for index, (glyph, glyph_region) in enumerate(glyphs if "ns-v4" in namespace else []):
+            element = ET.SubElement(string, namespace + "Glyph", ID=new_id(f"{box['ID']}_g{index}"),
+                                    CONTENT=glyph.char, **_alto_box(glyph_region))
+            if glyph.confidence is not None:
+                element.set("GC", _confidence(glyph.confidence))
+
+
+def _page_part(namespace: str, name: str, identifier: str, region: list[Point], point_children: bool,
+               text: str, confidence: float | None) -> ET.Element:
+    """A PAGE Word or Glyph: Coords (`points`, or PAGE 2010's Point children), TextEquiv."""
+    element = ET.Element(namespace + name, id=identifier)
+    coords = ET.SubElement(element, namespace + "Coords")
+    points = [(max(0, round(x)), max(0, round(y))) for x, y in region]  # the schema: non-negative integers
+    for x, y in points if point_children else []:
+        ET.SubElement(coords, namespace + "Point", x=str(x), y=str(y))
+    if not point_children:
+        coords.set("points", " ".join(f"{x},{y}" for x, y in points))
+    element.append(_text_equiv(namespace, text, confidence))
+    return element
+
+
+def _text_equiv(namespace: str, text: str, confidence: float | None) -> ET.Element:
+    conf = {} if confidence is None else {"conf": _confidence(confidence)}
     equiv = ET.Element(namespace + "TextEquiv", conf)
     ET.SubElement(equiv, namespace + "Unicode").text = text
+    return equiv
+
+
+def _set_page_text(line: ET.Element, text: str, confidence: LineConfidence | None, words: list,
+                   new_id) -> None:
+    """`words` as `_set_alto_text` takes them, put where the line's former Words were."""
+    namespace, coords = line.tag[: -len("TextLine")], line.find("{*}Coords")
+    point_children = coords is not None and coords.get("points") is None and bool(coords.findall("{*}Point"))
+    new = []
+    for number, (word, region, glyphs) in enumerate(words):
+        new.append(_page_part(namespace, "Word", new_id(f"{line.get('id', 'line')}_w{number}"), region,
+                              point_children, word.text, word.confidence))
+        for index, (glyph, glyph_region) in enumerate(glyphs):  # between the Word's Coords and TextEquiv
+            new[-1].insert(index + 1, _page_part(namespace, "Glyph", new_id(f"{new[-1].get('id')}_g{index}"),
+                                                 glyph_region, point_children, glyph.char, glyph.confidence))
+    new.append(_text_equiv(namespace, text, None if confidence is None else confidence.line))
     later = [i for i, c in enumerate(line) if _local(c.tag) in ("TextStyle", "UserDefined", "Labels")]
-    line.insert(later[0] if later else len(line), equiv)
+    for offset, element in enumerate(new):  # the schema's order: ..., Word*, TextEquiv, TextStyle, ...
+        line.insert((later[0] if later else len(line)) + offset, element)
