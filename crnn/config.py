@@ -95,6 +95,9 @@ class DataConfig:
     train: str | None = None  # file or folder path for source=parquet|folder; folder, file or glob for xml
     validation: str | None = None
     test: str | None = None
+    # Unicode form of every text (sources, references, the language model's), stored with the model;
+    # in every form, runs of white space become one space and a text's ends lose theirs
+    normalization: str = _choice("NFC", "NFD", "NFKC", "NFKD", "none")
     height: int = _positive(128)  # lines are scaled to this height, the aspect ratio kept
     max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
     batch_size: int = _positive(16)  # per process

@@ -4,13 +4,15 @@
         data.source=folder data.train=mine/train data.validation=mine/val
 
 What the keys do: docs/finetune.md. `load_run_config` reads `train.init_from` once and lays its
-model keys and `data.height` under the YAML; `initial_vocab` and `starting_weights` carry out
-`train.init_vocab` on both CTC heads (`CRNN.CLASS_ROWS`); `train.freeze_encoder_steps` lives in
-crnn.optim (LR 0) and crnn.trainer (BatchNorm held).
+model keys, `data.height` and `data.normalization` under the YAML;
+`initial_vocab` and `starting_weights` carry out `train.init_vocab` on both CTC heads
+(`CRNN.CLASS_ROWS`); `train.freeze_encoder_steps` lives in crnn.optim (LR 0) and crnn.trainer
+(BatchNorm held).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from operator import attrgetter
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from crnn.checkpoint import ModelFile, read_model_file
-from crnn.config import Config, architecture_changes, config_from_dict, load_config, raw_value
+from crnn.config import Config, DataConfig, architecture_changes, config_from_dict, load_config, raw_value
 from crnn.data import Vocab
 from crnn.errors import ConfigError
 
@@ -30,7 +32,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
         return load_config(path, overrides), None
     start = read_model_file(Path(str(init_from)), "train.init_from")
     theirs = config_from_dict(start.config, f"train.init_from {start.path}")
-    base = {"model": theirs.to_dict()["model"], "data": {"height": theirs.data.height}}
+    data = {"height": theirs.data.height, "normalization": theirs.data.normalization}
+    base = {"model": theirs.to_dict()["model"], "data": data}
     cfg = load_config(path, overrides, base=base)
     changed = architecture_changes(cfg.model, theirs.model)
     if cfg.data.height != theirs.data.height:
@@ -42,6 +45,19 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
                           f"train.init_from ({start.path}) has {value(theirs)!r}: it cannot start from those "
                           f"weights. Remove {key} (its value then comes from the starting model)")
     return cfg, start
+
+
+def normalization_change(start: ModelFile, data_cfg: DataConfig) -> str:
+    """What a `data.normalization` other than the starting model's does to its alphabet ("" if the
+    same): the starting characters the new form changes are in no text it trains on."""
+    theirs = config_from_dict(start.config, str(start.path)).data.normalization
+    if theirs == data_cfg.normalization:
+        return ""
+    form = data_cfg.normalization
+    changed = [char for char in start.chars if form != "none" and unicodedata.normalize(form, char) != char]
+    return (f"data.normalization={data_cfg.normalization}, but train.init_from's model read {theirs} text: "
+            f"{len(changed)} of its characters change in {data_cfg.normalization} ({''.join(changed)!r}) and "
+            f"no text holds them any more; their classes keep what they learned, new ones start from zero")
 
 
 def initial_vocab(start: ModelFile, texts: list[str], mode: str) -> tuple[Vocab, str, str]:

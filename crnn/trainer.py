@@ -59,7 +59,7 @@ from crnn.device import AMP_NAMES, autocast, check_device_options, memory_format
 from crnn.distributed import DataParallelCRNN, DistInfo, StopRequest, unwrap
 from crnn.engine import EvalResult, TrainingError, ctc_line_losses, evaluate
 from crnn.errors import CheckpointError, ConfigError, DataError
-from crnn.finetune import initial_vocab, starting_weights
+from crnn.finetune import initial_vocab, normalization_change, starting_weights
 from crnn.inference import labelled_lines, load_trained_model
 from crnn.models import build_model
 from crnn.optim import build_optimizer, build_scheduler, scaled_lr
@@ -420,6 +420,8 @@ def load_data(cfg: Config, dist: DistInfo, logger: RunLogger, resume: TrainingCh
         vocab, added, dropped = initial_vocab(start, train_records.texts, cfg.train.init_vocab)
         logger.info("alphabet (train.init_vocab=%s): %d classes; added %r, dropped %r", cfg.train.init_vocab,
                     len(vocab), added, dropped)
+        if change := normalization_change(start, cfg.data):
+            logger.warning(change)
     else:
         vocab = Vocab.from_texts(train_records.texts)
     for split, records in {"train": train_records, "validation": validation}.items():

@@ -4,7 +4,10 @@ folder, synthetic) and `xml_pages.py` (ALTO / PAGE pages)."""
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -77,3 +80,40 @@ def require_lines(records: LineRecords, key: str) -> None:
     summary = f" ({problem_summary(records.problems)})" if records.problems else ""
     raise DataError(f"{key}: no line of {records.name} can be read; {len(records.problems)} left "
                     f"out{summary}{first}")
+
+
+def normalized(text: str, form: str) -> str:
+    """`text` in the Unicode `form` (`data.normalization`; "none": as it is), its runs of white space
+    made one space and its ends stripped of them."""
+    return " ".join((text if form == "none" else unicodedata.normalize(form, text)).split())
+
+
+class MappedTexts(Sequence):
+    """`texts` (a lazy sequence, e.g. a column of millions of lines) with `normalize` applied to
+    each one when it is read: nothing is copied up front."""
+
+    def __init__(self, texts: Sequence[str], normalize: Callable[[str], str]):
+        self.texts, self.normalize = texts, normalize
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.normalize(text) for text in self.texts[index]]
+        return self.normalize(self.texts[index])
+
+    def __iter__(self):
+        return map(self.normalize, self.texts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+
+def normalize_texts(records: LineRecords, form: str) -> LineRecords:
+    """`records` with their texts `normalized`: a list at once, a lazy one as each text is read."""
+    normalize = functools.partial(normalized, form=form)  # picklable, for DataLoader workers
+    texts = records.texts
+    records.texts = ([normalize(text) for text in texts] if isinstance(texts, list)
+                     else MappedTexts(texts, normalize))
+    return records

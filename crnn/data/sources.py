@@ -31,7 +31,7 @@ from crnn.data.index import (
     size_columns,
     size_index,
 )
-from crnn.data.records import LineRecords
+from crnn.data.records import LineRecords, normalize_texts
 from crnn.data.xml_pages import XmlRecords
 from crnn.errors import DataError
 
@@ -328,7 +328,12 @@ def configured_splits(data_cfg: DataConfig) -> list[str]:
 
 
 def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
-    """The records of one split, for any `data.source`. Raises DataError with the config key."""
+    """The records of one split, for any `data.source`, their texts as `data.normalization` says.
+    Raises DataError with the config key."""
+    return normalize_texts(_source_records(data_cfg, split), data_cfg.normalization)
+
+
+def _source_records(data_cfg: DataConfig, split: str) -> LineRecords:
     key = f"data.{split}"
     if data_cfg.source == "synthetic":
         synth = data_cfg.synthetic
