@@ -30,6 +30,7 @@ from crnn.errors import ConfigError
 SPLITS = ("train", "validation", "test")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = "auto, cpu, cuda or cuda:N"
+NORMALIZATIONS = ("NFC", "NFD", "NFKC", "NFKD", "none")
 
 
 def _choice(*choices: str) -> Any:
@@ -97,7 +98,7 @@ class DataConfig:
     test: str | None = None
     # Unicode form of every text (sources, references, the language model's), stored with the model;
     # in every form, runs of white space become one space and a text's ends lose theirs
-    normalization: str = _choice("NFC", "NFD", "NFKC", "NFKD", "none")
+    normalization: str = _choice(*NORMALIZATIONS)
     height: int = _positive(128)  # lines are scaled to this height, the aspect ratio kept
     max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
     batch_size: int = _positive(16)  # per process

@@ -61,3 +61,13 @@ def test_the_form_is_stored_with_the_model_and_a_fine_tune_says_what_a_new_one_c
                      "data.normalization=NFKD", f"train.output_dir={tmp_path / 'other'}")
     assert other.returncode == 0, other.stderr[-2000:]
     assert "data.normalization=NFKD, but train.init_from's model read NFC text" in other.stderr
+
+
+def test_build_lm_reads_its_texts_in_the_model_form(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{DECOMPOSED}\n", encoding="utf-8")
+    for form, tokens in (("NFC", "c a f \u00e9 | a u | l a i t"), ("NFD", "c a f e \u0301 | a u | l a i t")):
+        out = tmp_path / f"{form}.txt"
+        result = run_tool("tools/build_lm.py", texts, "--tokens-out", out, "--normalization", form)
+        assert result.returncode == 0, result.stderr
+        assert out.read_text(encoding="utf-8") == tokens + "\n"

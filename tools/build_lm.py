@@ -5,7 +5,8 @@ r"""Build the character n-gram language model of beam_lm (Kneser-Ney) from train
     python tools/evaluate.py --ckpt runs/base/checkpoints/best.pt --decoders beam_lm --lm runs/base/lm.arpa
 
 Inputs: text files (one transcription per line, UTF-8; tools/train.py writes <run>/train_texts.txt)
-or parquet files in the Teklia/IAM-line schema (column `text`). The output is a standard ARPA
+or parquet files in the Teklia/IAM-line schema (column `text`), read in the model's Unicode form
+(--normalization, as its data.normalization; white space collapsed, as in training). The output is a standard ARPA
 file (log10), read by evaluate/predict through flashlight's KenLM (orders up to 6).
 
 The LM's words are characters: a space is `|` (the beam search's word boundary); `|` itself,
@@ -23,6 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from crnn.config import NORMALIZATIONS
+from crnn.data.records import normalized
 from crnn.errors import DataError, tool_main
 from crnn.lm import KENLM_MAX_ORDER, NgramLM, read_texts, text_to_tokens
 from crnn.outputs import atomic_write_text, check_output_file
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="ARPA file to write")
     parser.add_argument("--order", type=int, default=6, choices=range(1, KENLM_MAX_ORDER + 1), metavar="N",
                         help=f"n-gram order, 1 to {KENLM_MAX_ORDER} (default 6)")
+    parser.add_argument("--normalization", default="NFC", choices=NORMALIZATIONS,
+                        help="the Unicode form of the model's texts (its data.normalization; default NFC)")
     parser.add_argument("--tokens-out", type=Path,
                         help="also write the texts as space-separated LM tokens, one line each (for lmplz)")
     args = parser.parse_args(argv)
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("--out", args.out), ("--tokens-out", args.tokens_out)):
         if path is not None:
             check_output_file(path, option)
-    texts = [text for path in args.texts for text in read_texts(path)]
+    texts = [normalized(text, args.normalization) for path in args.texts for text in read_texts(path)]
+    texts = [text for text in texts if text]
     if not texts:
         raise DataError(f"no transcriptions in {', '.join(map(str, args.texts))}")
     if args.tokens_out:
