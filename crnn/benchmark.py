@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnn.config import Config, load_config
 from crnn.data import Vocab, build_dataset, build_loader, load_records
 from crnn.data.collate import Batch, collate
+from crnn.data.direction import visual
 from crnn.data.samplers import WidthBatchSampler
 from crnn.data.samples import Preprocess, make_sample
 from crnn.data.synthetic import render_line, render_line_words, sample_text
@@ -39,7 +41,7 @@ from crnn.models import build_model
 from crnn.optim import build_optimizer, build_scheduler
 from crnn.outputs import atomic_write, atomic_write_text
 from crnn.runlog import log, process_memory
-from crnn.trainer import build_run, configure_torch, shut_down_at_exit, train
+from crnn.trainer import build_run, configure_torch, fit, shut_down_at_exit, train
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train.py"  # run by --startup
 
@@ -283,6 +285,60 @@ def word_rows(checkpoint: str, overrides: list[str], lines: int, seed: int = 0) 
                      "iou_0.5_exact": sum(iou >= 0.5 for iou in exact) / max(len(exact), 1),
                      "words_read_exactly": len(exact), "median_iou": statistics.median(ious),
                      "read_lines_per_s": lines / seconds})
+    return rows
+
+
+HEBREW = "אבגדהוזחטיכלמנסעפצקרשת"
+SMALL_MODEL = ["model.stem_channels=16", "model.stem_stride=[2,2]", "model.channels=[32,64]",
+               "model.blocks=[1,1]", "model.strides=[[2,2],[2,1]]", "model.lstm_layers=1",
+               "model.lstm_hidden=128", "data.height=32",
+               "data.augment.prob=0", "data.num_workers=0", "train.amp=off", "train.val_images=0"]
+
+
+def direction_rows(font_path: str, lines: int, epochs: int, out: Path) -> list[dict]:
+    """The same small network trained for `epochs` on `lines` rendered right-to-left lines (Hebrew
+    words, some with a number or a Latin word inside) and on the same texts drawn left to right
+    (the same glyphs, only the direction differs); each then reads `lines` // 4 held-out lines: CER
+    against the text in logical order (`TrainedModel.read`), and its best validation CER."""
+    font = ImageFont.truetype(font_path, 20)
+    rng = random.Random(0)
+
+    def text() -> str:
+        words = ["".join(rng.choice(HEBREW) for _ in range(rng.randint(2, 6)))
+                 for _ in range(rng.randint(2, 5))]
+        if rng.random() < 0.4:
+            words.insert(rng.randint(1, len(words)), rng.choice([str(rng.randint(1, 999)), "abc", "xyz"]))
+        return " ".join(words)
+
+    shown = [text() for _ in range(lines + lines // 4)]
+    rows = []
+    for direction in ("rtl", "ltr"):
+        folders = {split: out / direction / split for split in ("train", "validation")}
+        for split, chosen in (("train", range(lines)), ("validation", range(lines, len(shown)))):
+            folders[split].mkdir(parents=True, exist_ok=True)
+            rows_tsv = []
+            for i in chosen:
+                image = Image.new("L", (int(font.getlength(shown[i])) + 16, 32), 255)
+                ImageDraw.Draw(image).text((8, 4), visual(shown[i], direction), font=font, fill=0)
+                image.save(folders[split] / f"{i}.png")
+                rows_tsv.append(f"{i}.png\t{shown[i]}\n")
+            (folders[split] / "gt.tsv").write_text("".join(rows_tsv), encoding="utf-8")
+        run = out / direction / "run"
+        cfg = load_config(None, [*SMALL_MODEL, "data.source=folder", f"data.train={folders['train']}",
+                                 f"data.validation={folders['validation']}", f"data.direction={direction}",
+                                 f"train.epochs={epochs}", f"train.output_dir={run}", "train.resume=auto"])
+        fit(cfg)
+        trained = load_trained_model(run / "checkpoints" / "best.pt", device="cpu")
+        held_out = list(range(lines, len(shown)))
+        images = [Image.open(folders["validation"] / f"{i}.png").convert("L") for i in held_out]
+        decoder = trained.decoders(["greedy"])["greedy"]
+        read = [line.text for start in range(0, len(images), 16)
+                for line in trained.read(images[start: start + 16], decoder)]
+        counts = ErrorCounts()
+        counts.update([shown[i] for i in held_out], read)
+        best = min(json.loads(row)["val_cer"] for row in (run / "metrics.jsonl").read_text().splitlines())
+        rows.append({"direction": direction, "train_lines": lines, "held_out": len(held_out),
+                     "epochs": epochs, "cer_logical": counts.cer, "best_val_cer": best})
     return rows
 
 

@@ -99,6 +99,9 @@ class DataConfig:
     # Unicode form of every text (sources, references, the language model's), stored with the model;
     # in every form, runs of white space become one space and a text's ends lose theirs
     normalization: str = _choice(*NORMALIZATIONS)
+    # the order of a line's characters in its image: ltr, rtl (with digits and Latin inside), or
+    # auto (each line's own); stored with the model (docs/data.md)
+    direction: str = _choice("ltr", "rtl", "auto")
     height: int = _positive(128)  # lines are scaled to this height, the aspect ratio kept
     max_width: int = _positive(4000)  # lines wider than this (after resizing) are scaled down to it
     batch_size: int = _positive(16)  # per process

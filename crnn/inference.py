@@ -17,6 +17,7 @@ from crnn.calibration import Calibration, check_enough, fold_blocks, line_featur
 from crnn.checkpoint import read_model_file
 from crnn.config import Config, config_from_dict, merge_overrides
 from crnn.data import Preprocess, Vocab, build_dataset, build_loader, collate, load_records, make_sample
+from crnn.data.direction import logical
 from crnn.data.xml_pages import XmlPage, crop_lines, line_region, page_image, word_region
 from crnn.decoding import (
     BeamDecoder,
@@ -74,9 +75,11 @@ class Reading:
         return self.confidence_mean
 
 
-def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab, image_width: int) -> Reading:
-    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses: each character
-    with its confidence (`crnn.decoding.char_spans`) and its cut (`char_cuts`), each word with its
+def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab, image_width: int,
+            direction: str = "ltr") -> Reading:
+    """One line's `Reading` from its log-probs `(T, C)` and its decoder's hypotheses (read left to
+    right; in logical order for `direction`, `crnn.data.direction.logical`): each character with its
+    confidence (`crnn.decoding.char_spans`) and its cut (`char_cuts`), each word with its
     characters' extent and mean confidence (docs/decoding.md); x in the image's pixels (frame t
     covers t/T to (t+1)/T of its width). The line's confidence: the mean and the minimum over its
     characters (read as empty: the mean posterior of its best path; without a frame: None)."""
@@ -84,17 +87,20 @@ def reading(log_probs: torch.Tensor, hypotheses: list[Hypothesis], vocab: Vocab,
         return Reading("", None, None, [], [])
     best = hypotheses[0] if hypotheses else Hypothesis("", 0.0)
     spans = char_spans(log_probs, [vocab.index[char] for char in best.text], best.frames)
-    cuts = char_cuts(spans)
     pixel = image_width / len(log_probs)  # the width of a frame
-    characters = [{"char": char, "confidence": round(confidence, 4), "x0": round(start * pixel, 1),
-                   "x1": round(min(end * pixel, image_width), 1)}
-                  for char, (confidence, _, _), (start, end) in zip(best.text, spans, cuts, strict=True)]
-    words = [{"text": best.text[first:last], "x0": characters[first]["x0"], "x1": characters[last - 1]["x1"],
+    shown = [{"confidence": round(confidence, 4), "x0": round(start * pixel, 1),
+              "x1": round(min(end * pixel, image_width), 1)}
+             for (confidence, _, _), (start, end) in zip(spans, char_cuts(spans), strict=True)]
+    text, order = logical(best.text, direction)
+    characters = [{"char": char, **shown[index]} for char, index in zip(text, order, strict=True)]
+    words = [{"text": text[first:last], "x0": min(c["x0"] for c in characters[first:last]),
+              "x1": max(c["x1"] for c in characters[first:last]),
               "confidence": round(sum(c["confidence"] for c in characters[first:last]) / (last - first), 4)}
-             for first, last in word_ranges(best.text)]
+             for first, last in word_ranges(text)]
     confidences = [c["confidence"] for c in characters] or [float(log_probs.exp().max(dim=-1).values.mean())]
-    return Reading(best.text, round(sum(confidences) / len(confidences), 4), round(min(confidences), 4),
-                   characters, [{"text": h.text, "score": round(h.score, 4)} for h in hypotheses], words=words)
+    nbest = [{"text": logical(h.text, direction)[0], "score": round(h.score, 4)} for h in hypotheses]
+    return Reading(text, round(sum(confidences) / len(confidences), 4), round(min(confidences), 4),
+                   characters, nbest, words=words)
 
 
 def on_page(line: Reading, page_x: Callable[[float], float], region: list[tuple[float, float]]) -> None:
@@ -148,7 +154,8 @@ class TrainedModel:
         output = self.model(batch.images, batch.widths)
         log_probs, lengths = output.log_probs.float().cpu(), output.lengths.cpu()
         calibrated = self.calibration.scale(log_probs)
-        readings = [reading(calibrated[:length, i], hypotheses, self.vocab, image.width)
+        direction = self.config.data.direction
+        readings = [reading(calibrated[:length, i], hypotheses, self.vocab, image.width, direction)
                     for i, (image, hypotheses, length) in enumerate(zip(images, decoder.nbest(log_probs, lengths),
                                                                         lengths.tolist(), strict=True))]
         for line, image in zip(readings, images, strict=True):

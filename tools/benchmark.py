@@ -20,6 +20,11 @@ share of the true words found with an IoU of 0.5 or more along the line, all and
 the median IoU, read lines/s; docs/decoding.md):
     python tools/benchmark.py --words runs/copiste/checkpoints/best.pt --lines 300
 
+Right to left: a small network trained on rendered Hebrew lines (numbers and Latin words inside)
+and on the same lines in Latin letters, left to right; CER on held-out lines in logical order:
+    python tools/benchmark.py --direction /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf --lines 600 \
+        --steps 30 --output /tmp/direction      # --steps: epochs here
+
 Start-up time and memory at scale: the config's parquet training split repeated to each --scale
 line count (written once under --output), tools/train.py run on it for --steps steps, twice (the
 data's index built, then reused), its processes' memory sampled every 0.25 s:
@@ -40,7 +45,15 @@ from pathlib import Path
 
 import torch
 
-from crnn.benchmark import decoding_rows, loop_row, make_lines, speed_row, startup_table, word_rows
+from crnn.benchmark import (
+    decoding_rows,
+    direction_rows,
+    loop_row,
+    make_lines,
+    speed_row,
+    startup_table,
+    word_rows,
+)
 from crnn.config import AMP_MODES
 from crnn.device import AMP_NAMES, resolve_amp, resolve_device
 from crnn.errors import tool_main
@@ -86,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="--decoding: decoder worker processes to compare")
     parser.add_argument("--split", default="validation", help="--decoding: the split (default validation)")
     parser.add_argument("--words", metavar="CKPT", help="word boxes of this checkpoint on synthetic lines")
+    parser.add_argument("--direction", metavar="FONT", help="right-to-left against left-to-right lines drawn "
+                        "with this TrueType font (with Hebrew); --lines, --steps as epochs, --output")
     parser.add_argument("--startup", action="store_true", help="measure start-up time and memory at --scale lines")
     parser.add_argument("--scale", default="100000,1000000", help="--startup: training line counts")
     parser.add_argument("--ranks", type=int, default=1, help="--startup: processes under torchrun (1: plain)")
@@ -93,14 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (--loop, --startup, --decoding)")
     args = parser.parse_args(argv)
-    if not args.cfg and not args.decoding and not args.words:
-        parser.error("give --cfg CONFIG (repeat to compare), --decoding CKPT or --words CKPT")
+    if not args.cfg and not args.decoding and not args.words and not args.direction:
+        parser.error("give --cfg CONFIG (repeat to compare), --decoding CKPT, --words CKPT or --direction FONT")
     if args.json:
         check_output_file(args.json, "--json")
     if args.startup:
         check_output_dir(args.output, "--output")
     setup_console_logging()
-    if args.words:
+    if args.direction:
+        check_output_dir(args.output, "--output")
+        rows = direction_rows(args.direction, args.lines or 600, args.steps, Path(args.output))
+    elif args.words:
         rows = word_rows(args.words, args.overrides, args.lines or 300)
     elif args.decoding:
         rows = decoding_rows(args.decoding, args.overrides, args.split, integers(args.workers))

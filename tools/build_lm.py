@@ -6,7 +6,8 @@ r"""Build the character n-gram language model of beam_lm (Kneser-Ney) from train
 
 Inputs: text files (one transcription per line, UTF-8; tools/train.py writes <run>/train_texts.txt)
 or parquet files in the Teklia/IAM-line schema (column `text`), read in the model's Unicode form
-(--normalization, as its data.normalization; white space collapsed, as in training). The output is a standard ARPA
+(--normalization, as its data.normalization; white space collapsed, as in training) and in the
+order its lines' images show them (--direction, as its data.direction). The output is a standard ARPA
 file (log10), read by evaluate/predict through flashlight's KenLM (orders up to 6).
 
 The LM's words are characters: a space is `|` (the beam search's word boundary); `|` itself,
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 from crnn.config import NORMALIZATIONS
-from crnn.data.records import normalized
+from crnn.data.records import prepared
 from crnn.errors import DataError, tool_main
 from crnn.lm import KENLM_MAX_ORDER, NgramLM, read_texts, text_to_tokens
 from crnn.outputs import atomic_write_text, check_output_file
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"n-gram order, 1 to {KENLM_MAX_ORDER} (default 6)")
     parser.add_argument("--normalization", default="NFC", choices=NORMALIZATIONS,
                         help="the Unicode form of the model's texts (its data.normalization; default NFC)")
+    parser.add_argument("--direction", default="ltr", choices=("ltr", "rtl", "auto"),
+                        help="the model's data.direction: texts are turned to the order their images show")
     parser.add_argument("--tokens-out", type=Path,
                         help="also write the texts as space-separated LM tokens, one line each (for lmplz)")
     args = parser.parse_args(argv)
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("--out", args.out), ("--tokens-out", args.tokens_out)):
         if path is not None:
             check_output_file(path, option)
-    texts = [normalized(text, args.normalization) for path in args.texts for text in read_texts(path)]
+    texts = [prepared(text, args.normalization, args.direction)
+             for path in args.texts for text in read_texts(path)]
     texts = [text for text in texts if text]
     if not texts:
         raise DataError(f"no transcriptions in {', '.join(map(str, args.texts))}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from crnn.data.direction import visual
 from crnn.errors import DataError
 
 
@@ -110,9 +111,14 @@ class MappedTexts(Sequence):
         return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
 
 
-def normalize_texts(records: LineRecords, form: str) -> LineRecords:
-    """`records` with their texts `normalized`: a list at once, a lazy one as each text is read."""
-    normalize = functools.partial(normalized, form=form)  # picklable, for DataLoader workers
+def prepared(text: str, form: str, direction: str) -> str:
+    """`text` `normalized` to `form`, in the order its image shows it (`crnn.data.direction.visual`)."""
+    return visual(normalized(text, form), direction)
+
+
+def normalize_texts(records: LineRecords, form: str, direction: str = "ltr") -> LineRecords:
+    """`records` with their texts `prepared`: a list at once, a lazy one as each text is read."""
+    normalize = functools.partial(prepared, form=form, direction=direction)  # picklable, for workers
     texts = records.texts
     records.texts = ([normalize(text) for text in texts] if isinstance(texts, list)
                      else MappedTexts(texts, normalize))

@@ -328,9 +328,9 @@ def configured_splits(data_cfg: DataConfig) -> list[str]:
 
 
 def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
-    """The records of one split, for any `data.source`, their texts as `data.normalization` says.
-    Raises DataError with the config key."""
-    return normalize_texts(_source_records(data_cfg, split), data_cfg.normalization)
+    """The records of one split, for any `data.source`, their texts as `data.normalization` says
+    and in the order their images show them (`data.direction`). Raises DataError with the config key."""
+    return normalize_texts(_source_records(data_cfg, split), data_cfg.normalization, data_cfg.direction)
 
 
 def _source_records(data_cfg: DataConfig, split: str) -> LineRecords:
