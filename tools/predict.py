@@ -56,7 +56,6 @@ the checkpoint's decode.lm_path, else estimated from <run>/train_texts.txt next 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -68,7 +67,7 @@ from crnn.data.xml_pages import GlyphBox, LineConfidence, WordBox, read_page, wr
 from crnn.decoding import DECODER_NAMES, Decoder, word_ranges
 from crnn.errors import ConfigError, CrnnError, DataError, tool_main
 from crnn.inference import Reading, TrainedModel, load_trained_model
-from crnn.outputs import check_output_dir, check_output_file
+from crnn.outputs import check_output_dir, check_output_file, json_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -200,16 +199,16 @@ class Printer:
         fields = reading.to_dict()
         if not self.nbest:
             del fields["nbest"]
-        print(json.dumps({"path": name, **fields}, ensure_ascii=False, allow_nan=False), flush=True)
+        print(json_text({"path": name, **fields}, ensure_ascii=False), flush=True)
 
     def review(self, count: int) -> None:
         """The `count` lines with the most expected character errors, most first."""
         judged = [line for line in self.lines if line[1].expected_errors is not None]
         ranked = sorted(judged, key=lambda line: -line[1].expected_errors)[:count]
         if self.as_json:
-            print(json.dumps({"review": [{"path": name, "expected_errors": r.expected_errors,
+            print(json_text({"review": [{"path": name, "expected_errors": r.expected_errors,
                                           "expected_cer": r.expected_cer, "p_exact": r.p_exact, "text": r.text}
-                                         for name, r in ranked]}, ensure_ascii=False, allow_nan=False))
+                                         for name, r in ranked]}, ensure_ascii=False))
             return
         print(f"review: the {len(ranked)} line(s) with the most expected errors (expected errors, expected CER, "
               f"path, text):", file=sys.stderr)
@@ -231,8 +230,8 @@ class Printer:
             found = {"estimated_cer": None, "interval": None}
             if estimated:
                 found = {"estimated_cer": round(estimate, 4), "interval": [round(low, 4), round(high, 4)]}
-            print(json.dumps({"summary": {"lines": len(estimated), **found, "squeezed": squeezed,
-                                          "too_narrow": narrow}}, allow_nan=False))
+            print(json_text({"summary": {"lines": len(estimated), **found, "squeezed": squeezed,
+                                          "too_narrow": narrow}}))
             return
         said = (f"estimated CER {estimate:.1%} ({low:.1%} to {high:.1%}, 95% interval)" if estimated
                 else "no estimate")
