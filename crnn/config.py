@@ -31,6 +31,7 @@ SPLITS = ("train", "validation", "test")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = "auto, cpu, cuda or cuda:N"
 NORMALIZATIONS = ("NFC", "NFD", "NFKC", "NFKD", "none")
+SOURCES = ("hf", "parquet", "folder", "synthetic", "xml")
 
 
 def _choice(*choices: str) -> Any:
@@ -90,12 +91,34 @@ class XmlConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One of the sources a split lists (`data.train: [{name: .., source: .., path: .., weight: ..}, ..]`)."""
+
+    name: str = ""  # its name in the metrics and for --source ("": from its path)
+    source: str = _choice("", *SOURCES)  # its kind ("": data.source)
+    path: str = ""  # its file, folder or glob; for hf, the hub id ("": data.name); unused for synthetic
+    weight: float = _positive(1.0)  # times each of its lines is drawn per training epoch, on average
+
+    def label(self, kind: str) -> str:
+        """`name`, else the path's file stem, or its folder's name when the stem names a split
+        (copiste-h64/train.parquet: copiste-h64); `kind` (the source's) when there is no path."""
+        if self.name:
+            return self.name
+        path = Path(self.path.rstrip("/*"))
+        if not self.path or kind in ("hf", "synthetic"):
+            return self.path.rsplit("/", 1)[-1] if kind == "hf" and self.path else kind
+        return path.parent.name if path.stem in (*SPLITS, "val", "valid", "dev") and path.parent.name else path.stem
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = _choice("hf", "parquet", "folder", "synthetic", "xml")
+    source: str = _choice(*SOURCES)
     name: str = "Teklia/IAM-line"  # hub id for source=hf
-    train: str | None = None  # file or folder path for source=parquet|folder; folder, file or glob for xml
-    validation: str | None = None
-    test: str | None = None
+    # a split: a file or folder path (parquet, folder), a folder, file or glob (xml), or a list of
+    # sources, each its own kind, path and training weight (SourceConfig; docs/data.md)
+    train: str | tuple[SourceConfig, ...] | None = None
+    validation: str | tuple[SourceConfig, ...] | None = None
+    test: str | tuple[SourceConfig, ...] | None = None
     # Unicode form of every text (sources, references, the language model's), stored with the model;
     # in every form, runs of white space become one space and a text's ends lose theirs
     normalization: str = _choice(*NORMALIZATIONS)
@@ -161,6 +184,9 @@ class TrainConfig:
     freeze_encoder_steps: int = _non_negative(0)  # the encoder (and its BatchNorm statistics) frozen so long
     seed: int = 0
     patience: int = _non_negative(0)  # early stopping: epochs without a better validation CER (0: off)
+    # the validation CER best.pt and early stopping go by, with several validation sources: mean
+    # (of the sources' CERs) or a source's name
+    best: str = "mean"
     val_images: int = _non_negative(4)  # validation images logged to TensorBoard each epoch
     # steps between training logs, and between the checks of stop requests (signals, the minutes)
     log_every: int = _positive(20)
@@ -224,8 +250,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if type(None) in typing.get_args(tp):  # `T | None`
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        inner = [arg for arg in typing.get_args(tp) if arg is not type(None)][0]
-        return _coerce(value, inner, key, where)
+        inner = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if len(inner) == 2:  # `str | tuple[...]`: a path, or a list (a YAML list in a string: "[...]")
+            listed = isinstance(value, (list, tuple)) or (isinstance(value, str) and value.lstrip().startswith("["))
+            return _coerce(value, inner[1] if listed else inner[0], key, where)
+        return _coerce(value, inner[0], key, where)
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             with suppress(yaml.YAMLError):
@@ -233,6 +262,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: '{key}' must be a list ({_describe(tp)}), got {value!r}")
         item_type = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(item_type):
+            return tuple(item if isinstance(item, item_type) else _build(item_type, item, f"{key}[{i}].", lambda _: where)
+                         for i, item in enumerate(value))
         return tuple(_coerce(item, item_type, f"{key}[{i}]", where) for i, item in enumerate(value))
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
@@ -256,7 +288,8 @@ def _check_field(value: Any, spec: dataclasses.Field, key: str, where: str) -> N
     """The field's own choices, pattern or range (declared with `_choice`, `_pattern`, `_range`)."""
     choices = spec.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        shown = ", ".join(choice or '""' for choice in choices)
+        raise ConfigError(f"{where}: '{key}' must be one of {shown}, got {value!r}")
     if "pattern" in spec.metadata:
         pattern, description = spec.metadata["pattern"]
         if not pattern.fullmatch(value):
@@ -384,11 +417,47 @@ def _check_model_shape(model: ModelConfig, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be [height, width] of positive ints, got {list(value)}")
 
 
+def split_sources(data: DataConfig, split: str) -> list[tuple[str, SourceConfig]]:
+    """The sources of a split as (config key, SourceConfig), each with its kind filled in: a list's
+    entries, or one source from `data.source` and the split's path (none for an unset path)."""
+    value = getattr(data, split)
+    if isinstance(value, tuple):
+        return [(f"data.{split}[{i}]", dataclasses.replace(entry, source=entry.source or data.source))
+                for i, entry in enumerate(value)]
+    if value or data.source in ("hf", "synthetic"):
+        return [(f"data.{split}", SourceConfig(source=data.source, path=value or ""))]
+    return []
+
+
+def _check_sources(data: DataConfig, best: str, where: str) -> None:
+    """Each listed source has what its kind needs and a name of its own in its split; `train.best`
+    names a validation source."""
+    for split in SPLITS:
+        value, names = getattr(data, split), {}
+        if value == ():
+            raise ConfigError(f"{where}: 'data.{split}' is an empty list: list at least one source, or leave it unset")
+        for key, entry in split_sources(data, split) if isinstance(value, tuple) else []:
+            if entry.source in ("parquet", "folder", "xml") and not entry.path:
+                raise ConfigError(f"{where}: '{key}.path' is not set: a {entry.source} source needs its file, "
+                                  f"folder or glob")
+            name = entry.label(entry.source)
+            if name in names:
+                raise ConfigError(f"{where}: '{key}' and '{names[name]}' are both named {name!r}: give each "
+                                  f"source of data.{split} its own 'name'")
+            names[name] = key
+    names = [entry.label(entry.source) for _, entry in split_sources(data, "validation")]
+    if best != "mean" and (best not in names or not isinstance(data.validation, tuple)):
+        listed = f"the data.validation sources: {', '.join(names)}" if isinstance(data.validation, tuple) else \
+            "a data.validation that lists sources"
+        raise ConfigError(f"{where}: 'train.best' must be mean or the name of one of {listed}; got {best!r}")
+
+
 def config_from_dict(data: dict, source: str = "config") -> Config:
     """Build and check a Config from a plain dict (e.g. the one stored in a checkpoint; keys of
     earlier versions are dropped by `drop_retired`): every value, then what the fields say together."""
     cfg = _build(Config, drop_retired(data, source), "", lambda key: source)
     _check_model_shape(cfg.model, source)
+    _check_sources(cfg.data, cfg.train.best, source)
     if cfg.train.resume and cfg.train.init_from:
         raise ConfigError(f"{source}: 'train.resume' and 'train.init_from' together: resume continues this "
                           f"run (its weights, optimizer, schedule and epochs); init_from starts a new run "

@@ -4,8 +4,9 @@ the model returns float32 log-probs, so CTC always runs in float32."""
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crnn.data.collate import Batch
+from crnn.data.records import Part
 from crnn.data.vocab import BLANK
 from crnn.device import autocast
 from crnn.distributed import all_reduce_sum
@@ -42,19 +44,24 @@ class EvalResult:
     problems: list[str] = field(default_factory=list)
     samples: list[tuple[torch.Tensor, str, str]] = field(default_factory=list)  # image, ref, hyp
     predictions: dict[str, list[tuple[int, str, str]]] = field(default_factory=dict)  # index, ref, hyp
+    # with several sources: per source name, per decoder name
+    by_source: dict[str, dict[str, ErrorCounts]] = field(default_factory=dict)
 
 
 def _reduce_eval(result: EvalResult, loss_sum: float, loss_lines: int, device: torch.device) -> EvalResult:
     """Sum everything across ranks, then divide: equal to one process evaluating all lines."""
     names = sorted(result.counts)
+    tables = [result.counts, *result.by_source.values()]
     local = torch.cat([torch.tensor([loss_sum, loss_lines, result.unreadable, result.too_long],
                                     dtype=torch.float64)]
-                      + [result.counts[name].to_tensor() for name in names]).to(device)
+                      + [table[name].to_tensor() for table in tables for name in names]).to(device)
     total = all_reduce_sum(local).cpu()
     result.loss = float(total[0]) / max(float(total[1]), 1.0)
     result.unreadable, result.too_long = int(total[2]), int(total[3])
-    for i, name in enumerate(names):
-        result.counts[name] = ErrorCounts.from_tensor(total[4 + 5 * i: 9 + 5 * i])
+    sums = iter(total[4:].split(5))
+    for table in tables:
+        for name in names:
+            table[name] = ErrorCounts.from_tensor(next(sums))
     return result
 
 
@@ -67,13 +74,19 @@ def submit_decoding(decoder, log_probs: torch.Tensor, lengths: torch.Tensor) -> 
     return lambda: texts
 
 
-def _score(result: EvalResult, batch: Batch, pending: dict, keep_samples: int, keep_predictions: bool) -> None:
+def _score(result: EvalResult, batch: Batch, pending: dict, keep_samples: int, keep_predictions: bool,
+           parts: Sequence[Part]) -> None:
     """Collect a batch's decodings (`pending`: name -> (result function, seconds so far))."""
     for position, (name, (texts_of, seconds)) in enumerate(pending.items()):
         wait_start = time.perf_counter()
         hypotheses = texts_of()
         result.decode_seconds[name] += seconds + time.perf_counter() - wait_start
         result.counts[name].update(batch.texts, hypotheses)
+        if result.by_source:
+            starts = [part.start for part in parts]
+            for index, reference, hypothesis in zip(batch.indices, batch.texts, hypotheses, strict=True):
+                part = parts[bisect.bisect_right(starts, index) - 1]
+                result.by_source[part.name][name].update([reference], [hypothesis])
         if keep_predictions:
             result.predictions[name].extend(zip(batch.indices, batch.texts, hypotheses, strict=True))
         if position == 0 and len(result.samples) < keep_samples:
@@ -87,7 +100,8 @@ def evaluate(model: nn.Module, loader, device: torch.device,
              decoders: Mapping[str, Callable[[torch.Tensor, torch.Tensor], list[str]]],
              amp_dtype: torch.dtype | None = None, keep_samples: int = 0,
              keep_predictions: bool = False, show_progress: bool = True, desc: str = "validate") -> EvalResult:
-    """Loss and CER/WER for each decoder over `loader`, reduced across ranks.
+    """Loss and CER/WER for each decoder over `loader`, reduced across ranks; with several sources
+    (`loader.dataset.records.parts`), also each source's (`by_source`).
 
     `decoders`: name -> a `crnn.decoding.Decoder`, `(log_probs (T, N, C), lengths (N,)) -> N strings`.
     A batch's decodings are collected after the next batch's forward pass, so that decoders running
@@ -96,6 +110,9 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     model.eval()
     result = EvalResult(0.0, {name: ErrorCounts() for name in decoders}, dict.fromkeys(decoders, 0.0), 0.0)
     result.predictions = {name: [] for name in decoders} if keep_predictions else {}
+    parts = loader.dataset.records.parts
+    if len(parts) > 1:
+        result.by_source = {part.name: {name: ErrorCounts() for name in decoders} for part in parts}
     loss_sum, loss_lines, start, previous = 0.0, 0, time.perf_counter(), None
     for batch in progress(loader, desc, show_progress):
         result.unreadable += len(batch.errors)
@@ -118,9 +135,9 @@ def evaluate(model: nn.Module, loader, device: torch.device,
             pending[name] = (submit_decoding(decoder, output.log_probs, output.lengths),
                              time.perf_counter() - submit_start)
         if previous is not None:
-            _score(result, *previous, keep_samples, keep_predictions)
+            _score(result, *previous, keep_samples, keep_predictions, parts)
         previous = (batch, pending)
     if previous is not None:
-        _score(result, *previous, keep_samples, keep_predictions)
+        _score(result, *previous, keep_samples, keep_predictions, parts)
     result.seconds = time.perf_counter() - start
     return _reduce_eval(result, loss_sum, loss_lines, device)

@@ -120,11 +120,18 @@ class RunLogger:
         self.scalars(step, {f"val/{key[4:]}": value for key, value in record.items()
                             if key.startswith("val_") and isinstance(value, (int, float))})
         self.scalars(step, {"epoch/train_loss": record["train_loss"], "epoch/lines_per_s": record["lines_per_s"]})
+        sources = record.get("val_sources", {})
+        for name, values in sources.items():
+            self.scalars(step, {f"val_sources/{name}/cer": values["cer"], f"val_sources/{name}/wer": values["wer"]})
         if self.writer is not None:
             self.writer.flush()
-        log.info("epoch %d  train_loss %.4f  val_loss %.4f  val_cer %.4f  val_wer %.4f  lr %.2e  "
-                 "%.1f lines/s", record["epoch"], record["train_loss"], record["val_loss"],
+        by = f" ({record['best_by']})" if sources else ""
+        log.info("epoch %d  train_loss %.4f  val_loss %.4f  val_cer%s %.4f  val_wer %.4f  lr %.2e  "
+                 "%.1f lines/s", record["epoch"], record["train_loss"], record["val_loss"], by,
                  record["val_cer"], record["val_wer"], record["lr"], record["lines_per_s"])
+        for name, values in sources.items():
+            log.info("  validation %s: cer %.4f  wer %.4f  (%d lines)", name, values["cer"], values["wer"],
+                     values["lines"])
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop metrics.jsonl lines of epochs after `last_epoch`: a resumed run redoes them (the

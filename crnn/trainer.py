@@ -297,6 +297,11 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> bool:
               "lr": run.scheduler.get_last_lr()[0], "lines_per_s": values["lines_per_s"],
               "epoch_seconds": stats.seconds, "skipped_unreadable": values["unreadable"], "skipped_too_long": values["too_long"],
               "bad_steps": int(values["bad_steps"])}
+    if result.by_source:  # several validation sources: each one's figures, and the rule's
+        record["val_sources"] = {name: {"cer": counts["greedy"].cer, "wer": counts["greedy"].wer,
+                                        "lines": counts["greedy"].lines} for name, counts in result.by_source.items()}
+        record["val_cer"], record["val_wer"] = best_rule_values(record["val_sources"], cfg.train.best)
+        record["best_by"] = cfg.train.best
     best = record["val_cer"] < state.best_cer
     state.epoch, state.epoch_stats, state.train_seconds = epoch, {}, state.train_seconds + stats.seconds
     state.best_cer = min(state.best_cer, record["val_cer"])
@@ -315,6 +320,15 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> bool:
         return True
     over = steps_out(cfg, state) or minutes_out(cfg.train.max_minutes, state.train_seconds)
     return bool(distributed.max_over_ranks([over])[0])
+
+
+def best_rule_values(sources: dict[str, dict], rule: str) -> tuple[float, float]:
+    """The validation CER and WER that `train.best` chooses best.pt by: the mean over the sources
+    (each collection counts the same, whatever its size), or the named source's."""
+    if rule != "mean":
+        return sources[rule]["cer"], sources[rule]["wer"]
+    return (sum(source["cer"] for source in sources.values()) / len(sources),
+            sum(source["wer"] for source in sources.values()) / len(sources))
 
 
 def validate(run: Run) -> EvalResult:

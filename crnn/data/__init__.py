@@ -53,11 +53,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def build_loader(data_cfg: DataConfig, dataset: LineDataset, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader whose batch sampler groups lines by width and shards them across ranks; training
-    batches carry each line's augmentation seed when augmentation is on."""
+    batches draw each source's lines as its weight says and carry each line's augmentation seed
+    when augmentation is on."""
     augment = train and data_cfg.augment.prob > 0
     sampler = WidthBatchSampler(
         dataset.widths, data_cfg.batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
-        augmented_width=functools.partial(augmented_widths, data_cfg.augment, data_cfg.height) if augment else None)
+        augmented_width=functools.partial(augmented_widths, data_cfg.augment, data_cfg.height) if augment else None,
+        weights=[(part.start, part.stop, part.weight) for part in dataset.records.parts])
     workers = data_cfg.num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,

@@ -4,10 +4,13 @@ folder, synthetic) and `xml_pages.py` (ALTO / PAGE pages)."""
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -38,6 +41,79 @@ class LineRecords:
 
     def sizes(self) -> list[tuple[int, int]]:
         return [(int(width), int(height)) for width, height in self.size_array()]
+
+    @property
+    def parts(self) -> list[Part]:
+        """The sources the lines come from, in order (one for a single source)."""
+        return [Part(self.name, 0, len(self), 1.0, self, "")]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source of a split: lines `start` to `stop` of the split, drawn `weight` times per
+    training epoch on average (`crnn.data.samplers`)."""
+
+    name: str
+    start: int
+    stop: int
+    weight: float
+    records: LineRecords
+    key: str  # the config key that lists it (data.train[1])
+
+
+class Chain(Sequence):
+    """Sequences one after the other, read lazily (e.g. the texts of several sources)."""
+
+    def __init__(self, sequences: Sequence[Sequence], starts: list[int]):
+        self.sequences, self.starts = sequences, starts
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.sequences[part][index - self.starts[part]]
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self.sequences)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+
+class SourceRecords(LineRecords):
+    """The lines of several sources as one split (`data.train: [...]`): (name, config key, records,
+    weight) each."""
+
+    def __init__(self, sources: list[tuple[str, str, LineRecords, float]]):
+        starts = [0, *itertools.accumulate(len(records) for _, _, records, _ in sources)]
+        self._parts = [Part(name, start, stop, weight, records, key) for (name, key, records, weight), start, stop
+                       in zip(sources, starts, starts[1:], strict=False)]
+        self.name = " + ".join(f"{name} ({records.name})" for name, _, records, _ in sources)
+        self.texts = Chain([records.texts for _, _, records, _ in sources], starts)
+        self.ids = Chain([records.ids for _, _, records, _ in sources], starts)
+        self._starts = starts
+
+    @property
+    def parts(self) -> list[Part]:
+        return self._parts
+
+    @property
+    def problems(self) -> list[str]:  # the sources add to theirs as their images' headers are read
+        return [problem for part in self._parts for problem in part.records.problems]
+
+    def image(self, index: int) -> Image.Image:
+        part = self._parts[bisect.bisect_right(self._starts, index) - 1]
+        return part.records.image(index - part.start)
+
+    def size_array(self) -> np.ndarray:
+        return np.concatenate([part.records.size_array().reshape(-1, 2) for part in self._parts])
 
 
 # The reasons a line is left out, as the sources' messages word them: (what the message contains,
@@ -73,7 +149,11 @@ def problem_summary(problems: list[str]) -> str:
 def require_lines(records: LineRecords, key: str) -> None:
     """DataError unless at least one line of `records` can be read (its image header gave a size):
     a split with none would be scored as a perfect 0% CER, or trained on nothing. `key`: the config
-    key or option that named the split."""
+    key or option that named the split; with several sources, each must have one (named by its own key)."""
+    if len(records.parts) > 1:
+        for part in records.parts:
+            require_lines(part.records, part.key)
+        return
     readable = int((records.size_array()[:, 1] > 0).sum()) if len(records) else 0
     if readable:
         return

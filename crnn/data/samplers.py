@@ -49,49 +49,71 @@ def batch_sizes(count: int, batch_size: int, batches: int) -> list[int]:
 class WidthBatchSampler:
     """Batches of lines of similar width, so that little of each padded batch is wasted.
 
-    Training (`shuffle=True`): the epoch's permutation (from `seed` and the epoch) is cut into
-    windows of `WINDOW` batches, each sorted by width (with `augmented_width`: the width each line
-    will have once augmented with its epoch's seed) and cut into batches (`batch_sizes`), and the
-    batch order is shuffled. The batch count is rounded up to a multiple of `world_size`, so every
-    rank steps the same number of times and every line is used exactly once per epoch; rank r takes
-    batches r, r + W, r + 2W, ... Evaluation (`shuffle=False`): lines sorted by width, cut and dealt
-    out the same way, so a sharded evaluation sees exactly the batches of a single process.
+    Training (`shuffle=True`): the epoch's lines (every line once; with `weights`, each source's
+    lines drawn as `epoch_lines` says) are permuted (from `seed` and the epoch), cut into windows of
+    `WINDOW` batches, each sorted by width (with `augmented_width`: the width each line will have
+    once augmented with its epoch's seed) and cut into batches (`batch_sizes`), and the batch order
+    is shuffled. The batch count is rounded up to a multiple of `world_size`, so every rank steps
+    the same number of times; rank r takes batches r, r + W, r + 2W, ... Evaluation
+    (`shuffle=False`): every line once, sorted by width, cut and dealt out the same way, so a
+    sharded evaluation sees exactly the batches of a single process.
     """
 
     def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
                  augmented_width: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, weights: Sequence[tuple[int, int, float]] = ()):
         if len(widths) == 0:
             raise ValueError("cannot sample batches from an empty split")
         self.widths = np.asarray(widths)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augmented_width, self.rank, self.world_size = augmented_width, rank, world_size
         self.epoch, self.start_batch = 0, 0
+        # (start, stop, weight) of each source whose weight is not 1
+        self.weights = [(start, stop, weight) for start, stop, weight in weights if weight != 1] if shuffle else []
+        self.count = len(self.widths) + sum(round(weight * (stop - start)) - (stop - start)
+                                            for start, stop, weight in self.weights)
+        if self.count == 0:
+            raise ValueError("the sources' weights draw no line in an epoch")
+
+    def epoch_lines(self, rng: np.random.Generator) -> np.ndarray:
+        """The lines of an epoch, `count` of them: every line once, except that a source of weight w
+        and n lines gives round(w * n): each of its lines int(w) times, and a random choice of the
+        rest once more."""
+        if not self.weights:
+            return np.arange(len(self.widths))
+        lines, position = [], 0
+        for start, stop, weight in self.weights:
+            lines.append(np.arange(position, start))
+            whole, extra = divmod(round(weight * (stop - start)), stop - start)
+            lines += [np.arange(start, stop)] * whole + [np.sort(rng.choice(np.arange(start, stop), extra, replace=False))]
+            position = stop
+        return np.concatenate([*lines, np.arange(position, len(self.widths))])
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order; `start_batch` skips this rank's first batches (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
     def global_batches(self, seeds: np.ndarray | None) -> list[np.ndarray]:
-        """All batches of the epoch, over all ranks, in the order they are dealt out; `seeds`: the
-        lines' augmentation seeds this epoch, or None."""
-        count = len(self.widths)
+        """All batches of the epoch, over all ranks, in the order they are dealt out, as positions
+        in `epoch_lines`; `seeds`: the augmentation seed of each of those positions, or None."""
+        count = self.count
         if not self.shuffle:
             order = np.argsort(self.widths, kind="stable")
             return [order[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
+        lines = self.epoch_lines(rng)
         order = rng.permutation(count)
         span = WINDOW * self.batch_size
-        widths = self.widths if seeds is None else self.augmented_width(self.widths, seeds)
+        widths = self.widths[lines] if seeds is None else self.augmented_width(self.widths[lines], seeds)
         order = np.concatenate([chunk[np.argsort(widths[chunk], kind="stable")]
                                 for chunk in np.split(order, range(span, count, span))])
         batches = np.split(order, np.cumsum(batch_sizes(count, self.batch_size, self.num_global_batches()))[:-1])
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def num_global_batches(self) -> int:
-        total = -(-len(self.widths) // self.batch_size)
+        total = -(-self.count // self.batch_size)
         if self.shuffle:  # a multiple of world_size, so that all ranks step together
-            total = min(len(self.widths), -(-total // self.world_size) * self.world_size)
+            total = min(self.count, -(-total // self.world_size) * self.world_size)
         return total
 
     def __len__(self) -> int:
@@ -100,6 +122,7 @@ class WidthBatchSampler:
 
     def __iter__(self) -> Iterator[list[Key]]:
         augment = self.shuffle and self.augmented_width is not None
-        seeds = augmentation_seeds(self.seed, self.epoch, len(self.widths)) if augment else None
+        seeds = augmentation_seeds(self.seed, self.epoch, self.count) if augment else None
+        lines = self.epoch_lines(np.random.default_rng([self.seed, self.epoch])) if self.shuffle else None
         for batch in self.global_batches(seeds)[self.rank::self.world_size][self.start_batch:]:
-            yield [(int(i), None if seeds is None else int(seeds[i])) for i in batch]
+            yield [(int(i if lines is None else lines[i]), None if seeds is None else int(seeds[i])) for i in batch]

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 import crnn.data.synthetic as synthetic
-from crnn.config import SPLITS, DataConfig
+from crnn.config import SPLITS, DataConfig, SourceConfig, split_sources
 from crnn.data.images import IMAGE_SUFFIXES, decode_image, image_size
 from crnn.data.index import (
     check_columns,
@@ -31,7 +31,7 @@ from crnn.data.index import (
     size_columns,
     size_index,
 )
-from crnn.data.records import LineRecords, normalize_texts
+from crnn.data.records import LineRecords, SourceRecords, normalize_texts
 from crnn.data.xml_pages import XmlRecords
 from crnn.errors import DataError
 
@@ -322,31 +322,43 @@ class SyntheticRecords(LineRecords):
 
 def configured_splits(data_cfg: DataConfig) -> list[str]:
     """The splits the config provides: all three for the hub and synthetic sources, else those with a path."""
-    if data_cfg.source in ("hf", "synthetic"):
-        return list(SPLITS)
-    return [split for split in SPLITS if getattr(data_cfg, split)]
+    return [split for split in SPLITS if split_sources(data_cfg, split)]
 
 
-def load_records(data_cfg: DataConfig, split: str) -> LineRecords:
+def load_records(data_cfg: DataConfig, split: str, source: str | None = None) -> LineRecords:
     """The records of one split, for any `data.source`, their texts as `data.normalization` says
-    and in the order their images show them (`data.direction`). Raises DataError with the config key."""
-    return normalize_texts(_source_records(data_cfg, split), data_cfg.normalization, data_cfg.direction)
+    and in the order their images show them (`data.direction`); a split listing several sources
+    gives them one after the other (`SourceRecords`), or only the one named `source`. Raises
+    DataError with the config key."""
+    entries = split_sources(data_cfg, split)
+    if not entries:
+        raise DataError(f"'data.{split}' is not set: data.source={data_cfg.source} needs a path for the {split} split")
+    named = [(key, entry, entry.label(entry.source)) for key, entry in entries]
+    if source is not None:
+        named = [item for item in named if item[2] == source]
+        if not named:
+            raise DataError(f"no source of data.{split} is named {source!r}; its sources: "
+                            f"{', '.join(entry.label(entry.source) for _, entry in entries)}")
+    if not isinstance(getattr(data_cfg, split), tuple):
+        return _normalized(data_cfg, _source_records(data_cfg, split, *named[0][:2]))
+    return SourceRecords([(name, key, _normalized(data_cfg, _source_records(data_cfg, split, key, entry)), entry.weight)
+                          for key, entry, name in named])
 
 
-def _source_records(data_cfg: DataConfig, split: str) -> LineRecords:
-    key = f"data.{split}"
-    if data_cfg.source == "synthetic":
+def _normalized(data_cfg: DataConfig, records: LineRecords) -> LineRecords:
+    return normalize_texts(records, data_cfg.normalization, data_cfg.direction)
+
+
+def _source_records(data_cfg: DataConfig, split: str, key: str, entry: SourceConfig) -> LineRecords:
+    if entry.source == "synthetic":
         synth = data_cfg.synthetic
         return SyntheticRecords(getattr(synth, split), synth.seed, split, data_cfg.height, synth.max_words)
-    if data_cfg.source == "hf":
-        return hub_records(data_cfg.name, split, data_cfg.index_dir)
-    path = getattr(data_cfg, split)
-    if not path:
-        raise DataError(f"'{key}' is not set: data.source={data_cfg.source} needs a path for the {split} split")
-    if data_cfg.source == "parquet":
-        return parquet_records(path, key, data_cfg.index_dir)
-    if data_cfg.source == "xml":
+    if entry.source == "hf":
+        return hub_records(entry.path or data_cfg.name, split, data_cfg.index_dir)
+    if entry.source == "parquet":
+        return parquet_records(entry.path, key, data_cfg.index_dir)
+    if entry.source == "xml":
         xml = data_cfg.xml
-        return XmlRecords(split_files(path, key, ".xml"), path, key, (xml.baseline_above, xml.baseline_below),
+        return XmlRecords(split_files(entry.path, key, ".xml"), entry.path, key, (xml.baseline_above, xml.baseline_below),
                           xml.cache_dir, workers=data_cfg.num_workers, image_root=xml.image_root)
-    return FolderRecords(path, key, data_cfg.index_dir)
+    return FolderRecords(entry.path, key, data_cfg.index_dir)
