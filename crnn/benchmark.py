@@ -417,8 +417,9 @@ def startup_table(cfg_path: str, scales: list[int], overrides: list[str], steps:
     """`startup_row` twice (the index built, then reused) for the config's parquet training split
     repeated to each line count of `scales`, everything under `output`."""
     cfg = load_config(cfg_path, overrides)
-    if cfg.data.source != "parquet":
-        raise CrnnError(f"--startup repeats a parquet training split; {cfg_path} has data.source={cfg.data.source}")
+    if cfg.data.source != "parquet" or not isinstance(cfg.data.train, str):
+        raise CrnnError(f"--startup repeats a parquet training split given by its path; {cfg_path} has "
+                        f"data.source={cfg.data.source}, data.train={cfg.to_dict()['data']['train']}")
     rows = []
     for lines in scales:
         repeated = repeated_parquet(Path(cfg.data.train), lines, output / f"train-{lines}.parquet")

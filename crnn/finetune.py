@@ -4,7 +4,7 @@
         data.source=folder data.train=mine/train data.validation=mine/val
 
 What the keys do: docs/finetune.md. `load_run_config` reads `train.init_from` once and lays its
-model keys, `data.height` and `data.normalization` under the YAML;
+model keys, `data.height`, `data.normalization` and `data.direction` under the YAML;
 `initial_vocab` and `starting_weights` carry out `train.init_vocab` on both CTC heads
 (`CRNN.CLASS_ROWS`); `train.freeze_encoder_steps` lives in crnn.optim (LR 0) and crnn.trainer
 (BatchNorm held).
@@ -32,7 +32,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
         return load_config(path, overrides), None
     start = read_model_file(Path(str(init_from)), "train.init_from")
     theirs = config_from_dict(start.config, f"train.init_from {start.path}")
-    data = {"height": theirs.data.height, "normalization": theirs.data.normalization}
+    data = {"height": theirs.data.height, "normalization": theirs.data.normalization, "direction": theirs.data.direction}
     base = {"model": theirs.to_dict()["model"], "data": data}
     cfg = load_config(path, overrides, base=base)
     changed = architecture_changes(cfg.model, theirs.model)

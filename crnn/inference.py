@@ -235,11 +235,13 @@ class Emissions:
                 for i, length in enumerate(lengths.tolist())]
 
 
-def labelled_lines(trained: TrainedModel, split: str, check: bool = True, folds: int = 0) -> Emissions:
-    """One float32 forward pass over a labelled split of `trained`'s data; with `check`, DataError
-    first if it has too few lines to fit a calibration on (or to cross-fit one over `folds` folds)."""
+def labelled_lines(trained: TrainedModel, split: str, check: bool = True, folds: int = 0,
+                   source: str | None = None) -> Emissions:
+    """One float32 forward pass over a labelled split of `trained`'s data (all its sources, or the
+    one named `source`); with `check`, DataError first if it has too few lines to fit a calibration
+    on (or to cross-fit one over `folds` folds)."""
     data = trained.config.data
-    records = load_records(data, split)
+    records = load_records(data, split, source)
     if check:
         check_enough(len(records), f"data.{split}")
         if folds:

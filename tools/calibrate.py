@@ -9,6 +9,9 @@ estimated CER speak for that collection.
     python tools/calibrate.py --ckpt runs/copiste/checkpoints/best.pt --out calibrated.pt \
         data.source=folder data.validation=lines/new
 
+A split that lists several sources (docs/data.md) is fitted on all of them, or on the one
+`--source NAME` names.
+
 The calibration is stored in the checkpoint (rewritten atomically, everything else in it
 unchanged) or the bundle (its calibration.json), or with --out in a copy of either; where it
 goes is checked before any work. The split needs at least 50 labelled lines; lines holding
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint or export bundle")
     parser.add_argument("--split", default="validation", choices=SPLITS, help="the labelled split (default validation)")
+    parser.add_argument("--source", help="of a split that lists several sources, only the one of this name "
+                                         "(default: all of them)")
     parser.add_argument("--out", type=Path, help="write a copy of --ckpt with the calibration here instead")
     parser.add_argument("--folds", type=int, default=0,
                         help="also measure the calibration on lines it was not fitted on: cross-fitting over this "
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.json, "--json")
     trained = load_trained_model(args.ckpt, args.overrides, args.device)
     before = trained.calibration
-    lines = labelled_lines(trained, args.split, folds=args.folds)
+    lines = labelled_lines(trained, args.split, folds=args.folds, source=args.source)
     log_probs, references = lines.log_probs, lines.references
     unknown = trained.vocab.unknown_in(references)
     if unknown:

@@ -21,6 +21,11 @@ backslashes inside texts: csv.reader(f, delimiter="\\t", quoting=csv.QUOTE_NONE,
 escapechar="\\\\") reads it back). With several decoders there is one file per decoder:
 errors.tsv -> errors.greedy.tsv, errors.beam.tsv, ...
 
+A split that lists several sources (docs/data.md) is evaluated whole, with a row per source under
+each decoder's (in --json, "sources": {name: {cer, wer, lines, and the sums}}); `--source NAME`
+evaluates that source alone:
+    python tools/evaluate.py --ckpt runs/copiste_cremma18/checkpoints/best.pt --split validation --source cremma18
+
 beam_lm's character language model: --lm FILE (same as decode.lm_path=FILE: an ARPA file from
 tools/build_lm.py or KenLM, or a KenLM binary), else estimated on the fly (decode.lm_order) from
 <run>/train_texts.txt, which tools/train.py writes next to <run>/checkpoints/. Beam decoders run
@@ -64,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint, e.g. runs/base/checkpoints/best.pt")
     parser.add_argument("--split", choices=SPLITS, help="default: test (validation with --tune-lm)")
+    parser.add_argument("--source", help="of a split that lists several sources, only the one of this name "
+                                         "(default: all, each reported on its own)")
     parser.add_argument("--decoders", default="greedy",
                         help=f"comma-separated, from {', '.join(DECODER_NAMES)} (default: greedy)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -95,15 +102,16 @@ def warn(message: str) -> None:
 
 
 def run(trained: TrainedModel, split: str, names: list[str], amp: str = "off",
-        probe: CalibrationProbe | None = None) -> tuple[EvalResult, list[str]]:
-    """Evaluate every decoder in one pass over `split`; returns the result and the line ids. With
-    `probe`, it reads in greedy's place (the same readings) and keeps the calibration's estimates."""
+        probe: CalibrationProbe | None = None, source: str | None = None) -> tuple[EvalResult, list[str]]:
+    """Evaluate every decoder in one pass over `split` (or its `source`); returns the result and the
+    line ids. With `probe`, it reads in greedy's place (the same readings) and keeps the
+    calibration's estimates."""
     cfg = trained.config
     amp_dtype = resolve_amp(amp, trained.device, key="--amp")
     # first: a missing LM is found before the data is read
     decoders = trained.decoders([name for name in names if not (probe and name == "greedy")])
     decoders = {"greedy": probe, **decoders} if probe else decoders
-    records = load_records(cfg.data, split)
+    records = load_records(cfg.data, split, source)
     if records.problems:
         warn(f"{len(records.problems)} line(s) of {records.name} left out ({problem_summary(records.problems)}); "
              f"first: {records.problems[0]} (tools/check_data.py lists them all)")
@@ -143,7 +151,8 @@ def measure_calibration(probe: CalibrationProbe, result: EvalResult, reliability
 
 
 def summary(result: EvalResult) -> dict[str, dict]:
-    """Per decoder: rates, line counts and speeds, and the sums the rates come from."""
+    """Per decoder: rates, line counts and speeds, and the sums the rates come from; with several
+    sources, each one's rates and sums under `sources`."""
     rows = {}
     for name, counts in result.counts.items():
         rows[name] = {
@@ -153,14 +162,23 @@ def summary(result: EvalResult) -> dict[str, dict]:
             "char_errors": counts.char_errors, "chars": counts.chars,
             "word_errors": counts.word_errors, "words": counts.words,
         }
+        if result.by_source:
+            rows[name]["sources"] = {source: {"cer": table[name].cer, "wer": table[name].wer, "lines": table[name].lines,
+                                              "char_errors": table[name].char_errors, "chars": table[name].chars,
+                                              "word_errors": table[name].word_errors, "words": table[name].words}
+                                     for source, table in result.by_source.items()}
     return rows
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    print(f"{'decoder':<10}{'CER':>9}{'WER':>9}{'lines':>8}{'decode lines/s':>16}{'lines/s':>10}")
+    """A row per decoder (all the split's lines), and under it a row per source when there are several."""
+    width = max([10, *(len(source) + 3 for row in rows.values() for source in row.get("sources", {}))])
+    print(f"{'decoder':<{width}}{'CER':>9}{'WER':>9}{'lines':>8}{'decode lines/s':>16}{'lines/s':>10}")
     for name, row in rows.items():
-        print(f"{name:<10}{row['cer']:>9.2%}{row['wer']:>9.2%}{row['lines']:>8}"
+        print(f"{name:<{width}}{row['cer']:>9.2%}{row['wer']:>9.2%}{row['lines']:>8}"
               f"{row['decode_lines_per_s']:>16.1f}{row['lines_per_s']:>10.1f}")
+        for source, part in row.get("sources", {}).items():
+            print(f"{'  ' + source:<{width}}{part['cer']:>9.2%}{part['wer']:>9.2%}{part['lines']:>8}")
 
 
 def write_errors(path: Path, result: EvalResult, ids: list[str]) -> None:
@@ -186,9 +204,11 @@ def grid(text: str, option: str) -> list[float]:
     return values
 
 
-def tune(trained: TrainedModel, split: str, lm_weights: list[float], word_scores: list[float]) -> None:
+def tune(trained: TrainedModel, split: str, lm_weights: list[float], word_scores: list[float],
+         source: str | None = None) -> None:
     """--tune-lm: the grid's table, best first; the best pair saved for the run."""
-    rows = tune_language_model(trained, labelled_lines(trained, split, check=False), lm_weights, word_scores)
+    lines = labelled_lines(trained, split, check=False, source=source)
+    rows = tune_language_model(trained, lines, lm_weights, word_scores)
     print(f"{'lm_weight':>10}{'word_score':>12}{'CER':>9}{'WER':>9}")
     for row in rows:
         print(f"{row['lm_weight']:>10g}{row['word_score']:>12g}{row['cer']:>9.2%}{row['wer']:>9.2%}")
@@ -208,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(path, option)
     trained = load_trained_model(args.ckpt, overrides, args.device)
     if args.tune_lm:
-        tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"))
+        tune(trained, split, grid(args.lm_weights, "--lm-weights"), grid(args.word_scores, "--word-scores"),
+             args.source)
         return 0
     probe = CalibrationProbe(trained.calibration, trained.vocab) if trained.calibration.fitted else None
-    result, ids = run(trained, split, names, args.amp, probe)
+    result, ids = run(trained, split, names, args.amp, probe, args.source)
     rows = summary(result)
     if probe is not None and "greedy" not in names:
         del rows["greedy"]  # read for the calibration only
