@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnn.config import Config, load_config
@@ -295,12 +295,27 @@ SMALL_MODEL = ["model.stem_channels=16", "model.stem_stride=[2,2]", "model.chann
                "data.augment.prob=0", "data.num_workers=0", "train.amp=off", "train.val_images=0"]
 
 
+def draw_text(text: str, font_path: str, direction: str, size: int = 20) -> Image.Image:
+    """`text` (in logical order) drawn on a line 32 px high as a typesetter lays it out: `rtl`
+    through libraqm's bidirectional layout (Pillow's RAQM engine; where Pillow lacks it, our own
+    `visual` order drawn as it is), `ltr` character after character from the left, as given.
+    Pillow's default engine would reorder a right-to-left string itself: a string put in visual
+    order first would come out reversed again."""
+    raqm = direction == "rtl" and features.check("raqm")
+    engine = ImageFont.Layout.RAQM if raqm else ImageFont.Layout.BASIC
+    font = ImageFont.truetype(font_path, size, layout_engine=engine)
+    shown = text if raqm or direction == "ltr" else visual(text, direction)
+    image = Image.new("L", (int(font.getlength(shown)) + 16, 32), 255)
+    ImageDraw.Draw(image).text((8, 4), shown, font=font, fill=0, **({"direction": "rtl"} if raqm else {}))
+    return image
+
+
 def direction_rows(font_path: str, lines: int, epochs: int, out: Path) -> list[dict]:
     """The same small network trained for `epochs` on `lines` rendered right-to-left lines (Hebrew
-    words, some with a number or a Latin word inside) and on the same texts drawn left to right
-    (the same glyphs, only the direction differs); each then reads `lines` // 4 held-out lines: CER
-    against the text in logical order (`TrainedModel.read`), and its best validation CER."""
-    font = ImageFont.truetype(font_path, 20)
+    words, some with a number or a Latin word inside; `draw_text`) and on the same texts drawn
+    left to right (the same glyphs, only the direction differs); each then reads `lines` // 4
+    held-out lines: CER against the text in logical order (`TrainedModel.read`), and its best
+    validation CER."""
     rng = random.Random(0)
 
     def text() -> str:
@@ -318,9 +333,7 @@ def direction_rows(font_path: str, lines: int, epochs: int, out: Path) -> list[d
             folders[split].mkdir(parents=True, exist_ok=True)
             rows_tsv = []
             for i in chosen:
-                image = Image.new("L", (int(font.getlength(shown[i])) + 16, 32), 255)
-                ImageDraw.Draw(image).text((8, 4), visual(shown[i], direction), font=font, fill=0)
-                image.save(folders[split] / f"{i}.png")
+                draw_text(shown[i], font_path, direction).save(folders[split] / f"{i}.png")
                 rows_tsv.append(f"{i}.png\t{shown[i]}\n")
             (folders[split] / "gt.tsv").write_text("".join(rows_tsv), encoding="utf-8")
         run = out / direction / "run"

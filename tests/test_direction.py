@@ -3,10 +3,12 @@ logical order with the characters' positions and words where the image has them.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont, features
 
+from crnn.benchmark import draw_text
 from crnn.config import load_config
 from crnn.data import Vocab, load_records
 from crnn.data.direction import logical, visual
@@ -46,11 +48,33 @@ def test_a_reading_comes_back_in_logical_order_with_each_character_where_the_ima
     assert line.words == [{"text": "אב", "x0": 0.0, "x1": 30.0, "confidence": 0.94}]
 
 
-def hebrew_font():
+def hebrew_font() -> str:
+    """DejaVu Sans, whose Hebrew letters the tests draw, as libraqm (a bidirectional layout that is
+    not ours) lays a right-to-left line out."""
     try:
-        return ImageFont.truetype("DejaVuSans.ttf", 20)
+        ImageFont.truetype("DejaVuSans.ttf", 20)
     except OSError:
         pytest.skip("no DejaVu Sans font (Debian: fonts-dejavu-core) to draw Hebrew with")
+    if not features.check("raqm"):
+        pytest.skip("Pillow without libraqm: no bidirectional layout to draw right-to-left lines with")
+    return "DejaVuSans.ttf"
+
+
+def ink_profile(image: Image.Image) -> np.ndarray:
+    """The ink of a line between its first and last inked column, resampled to 100 columns."""
+    ink = 255 - np.asarray(image)
+    columns = np.flatnonzero(ink.any(axis=0))
+    return np.asarray(Image.fromarray(ink[:, columns[0]:columns[-1] + 1]).resize((100, 32)), dtype=float)
+
+
+def test_the_order_we_train_on_is_the_order_a_bidirectional_layout_draws():
+    """libraqm (FriBiDi) draws each line as `visual` orders it, digits, Latin and brackets included:
+    far closer to our order drawn as it is than to the logical order drawn as it is."""
+    font = hebrew_font()
+    for text in (*LINES, "שלום 12 abc עולם"):
+        drawn = ink_profile(draw_text(text, font, "rtl"))
+        ours, logical_order = (ink_profile(draw_text(shown, font, "ltr")) for shown in (visual(text, "rtl"), text))
+        assert np.abs(drawn - ours).mean() * 3 < np.abs(drawn - logical_order).mean(), text
 
 
 @pytest.mark.slow
@@ -58,9 +82,7 @@ def test_a_model_trained_on_rendered_right_to_left_lines_reads_them_in_logical_o
     font, folder = hebrew_font(), tmp_path / "lines"
     folder.mkdir()
     for i, text in enumerate(LINES):
-        image = Image.new("L", (int(font.getlength(text)) + 16, 32), 255)
-        ImageDraw.Draw(image).text((8, 4), visual(text, "rtl"), font=font, fill=0)
-        image.save(folder / f"{i}.png")
+        draw_text(text, font, "rtl").save(folder / f"{i}.png")
     (folder / "gt.tsv").write_text("".join(f"{i}.png\t{t}\n" for i, t in enumerate(LINES)), encoding="utf-8")
     fit(overfit_config(folder, tmp_path / "run", "train.epochs=300", "data.direction=rtl"))
     assert min(m["val_cer"] for m in read_metrics(tmp_path / "run")) == 0.0
