@@ -100,14 +100,15 @@ class SourceConfig:
     weight: float = _positive(1.0)  # times each of its lines is drawn per training epoch, on average
 
     def label(self, kind: str) -> str:
-        """`name`, else the path's file stem, or its folder's name when the stem names a split
-        (copiste-h64/train.parquet: copiste-h64); `kind` (the source's) when there is no path."""
+        """`name`, else the path's file stem, or its folder's name when the stem names a split or is
+        a glob (copiste-h64/train.parquet: copiste-h64); `kind` (the source's) when there is no path."""
         if self.name:
             return self.name
-        path = Path(self.path.rstrip("/*"))
         if not self.path or kind in ("hf", "synthetic"):
             return self.path.rsplit("/", 1)[-1] if kind == "hf" and self.path else kind
-        return path.parent.name if path.stem in (*SPLITS, "val", "valid", "dev") and path.parent.name else path.stem
+        path = Path(self.path.rstrip("/"))
+        generic = path.stem in (*SPLITS, "val", "valid", "dev") or any(char in path.stem for char in "*?[")
+        return path.parent.name if generic and path.parent.name else path.stem
 
 
 @dataclass(frozen=True)
@@ -429,9 +430,8 @@ def split_sources(data: DataConfig, split: str) -> list[tuple[str, SourceConfig]
     return []
 
 
-def _check_sources(data: DataConfig, best: str, where: str) -> None:
-    """Each listed source has what its kind needs and a name of its own in its split; `train.best`
-    names a validation source."""
+def _check_sources(data: DataConfig, where: str) -> None:
+    """Each listed source has what its kind needs and a name of its own in its split."""
     for split in SPLITS:
         value, names = getattr(data, split), {}
         if value == ():
@@ -445,11 +445,16 @@ def _check_sources(data: DataConfig, best: str, where: str) -> None:
                 raise ConfigError(f"{where}: '{key}' and '{names[name]}' are both named {name!r}: give each "
                                   f"source of data.{split} its own 'name'")
             names[name] = key
-    names = [entry.label(entry.source) for _, entry in split_sources(data, "validation")]
-    if best != "mean" and (best not in names or not isinstance(data.validation, tuple)):
-        listed = f"the data.validation sources: {', '.join(names)}" if isinstance(data.validation, tuple) else \
+
+
+def check_best(cfg: Config, where: str = "config") -> None:
+    """ConfigError unless `train.best` is mean or names one of the validation sources (checked when
+    a run starts: evaluating a model on other data leaves its training rule aside)."""
+    names = [entry.label(entry.source) for _, entry in split_sources(cfg.data, "validation")]
+    if cfg.train.best != "mean" and (cfg.train.best not in names or not isinstance(cfg.data.validation, tuple)):
+        listed = f"the data.validation sources: {', '.join(names)}" if isinstance(cfg.data.validation, tuple) else \
             "a data.validation that lists sources"
-        raise ConfigError(f"{where}: 'train.best' must be mean or the name of one of {listed}; got {best!r}")
+        raise ConfigError(f"{where}: 'train.best' must be mean or the name of one of {listed}; got {cfg.train.best!r}")
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
@@ -457,7 +462,7 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     earlier versions are dropped by `drop_retired`): every value, then what the fields say together."""
     cfg = _build(Config, drop_retired(data, source), "", lambda key: source)
     _check_model_shape(cfg.model, source)
-    _check_sources(cfg.data, cfg.train.best, source)
+    _check_sources(cfg.data, source)
     if cfg.train.resume and cfg.train.init_from:
         raise ConfigError(f"{source}: 'train.resume' and 'train.init_from' together: resume continues this "
                           f"run (its weights, optimizer, schedule and epochs); init_from starts a new run "

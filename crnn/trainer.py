@@ -39,7 +39,7 @@ from crnn.checkpoint import (
     set_rng_state,
     store_calibration,
 )
-from crnn.config import Config, architecture_changes, config_from_dict, config_yaml
+from crnn.config import Config, architecture_changes, check_best, config_from_dict, config_yaml
 from crnn.data import (
     BatchAugmenter,
     LineRecords,
@@ -504,6 +504,7 @@ def wrap_model(cfg: Config, model: nn.Module, dist_info: DistInfo) -> nn.Module:
 def build_run(cfg: Config, dist: DistInfo, start: ModelFile | None = None) -> Run:
     """Everything a run needs, built in order; nothing is written before the data has loaded."""
     check_device_options(cfg.train, dist.device)
+    check_best(cfg)
     if cfg.train.init_from and start is None:
         raise ConfigError("train.init_from is set, but the starting model was not read: load the config with "
                           "crnn.finetune.load_run_config (as tools/train.py does)")
@@ -536,6 +537,13 @@ def build_run(cfg: Config, dist: DistInfo, start: ModelFile | None = None) -> Ru
                     run.state.epoch, run.state.epoch_stats.get("batches", 0), run.state.epoch + 1, run.state.step)
     logger.info("data: %d train lines, %d validation lines, %d classes (blank included)",
                 len(train_records), len(validation), len(vocab))
+    for split, records in (("train", train_records), ("validation", validation)):
+        if len(records.parts) > 1:
+            logger.info("%s sources: %s", split, ", ".join(
+                f"{part.name} {part.stop - part.start} lines" + (f" (weight {part.weight:g})" if split == "train" else "")
+                for part in records.parts))
+    if train_loader.batch_sampler.count != len(train_records):
+        logger.info("train: %d lines drawn per epoch, as the weights say", train_loader.batch_sampler.count)
     logger.info("model: %.2fM parameters, device %s, precision %s", sum(p.numel() for p in bare.parameters()) / 1e6,
                 dist.device, AMP_NAMES[amp_dtype])
     logger.info("%d process(es)%s x batch %d = effective batch %d; peak lr %.2e (train.lr_scaling=%s); "

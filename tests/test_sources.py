@@ -54,13 +54,29 @@ def mixed_run(folders, tmp_path_factory):
     ("data.train=[{path: a/train.parquet}, {path: a/validation.parquet}]",
      "'data.train[1]' and 'data.train[0]' are both named 'a'"),
     ("data.train=[{path: x, wieght: 2}]", "unknown config key 'data.train[0].wieght'. Did you mean 'data.train[0].weight'"),
-    ("train.best=cremma18", "'train.best' must be mean or the name of one of a data.validation that lists sources"),
     ("data.normalization=NFX", "'data.normalization' must be one of NFC, NFD, NFKC, NFKD, none, got 'NFX'"),
 ])
 def test_bad_source_lists_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as caught:
         load_config(TINY, ["data.source=parquet", "data.validation=v.parquet", override])
     assert message in str(caught.value)
+
+
+def test_a_best_rule_naming_no_validation_source_is_refused_when_the_run_starts(folders, tmp_path):
+    cfg = load_config(TINY, overrides(folders, tmp_path / "run", "train.best=cremma18"))
+    with pytest.raises(ConfigError, match="'train.best' must be mean or the name of one of the data.validation "
+                                          "sources: va, vb; got 'cremma18'"):
+        fit(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # trains
+def test_a_model_chosen_on_one_source_evaluates_on_any_data(folders, tmp_path):
+    fit(load_config(TINY, overrides(folders, tmp_path / "run", "train.best=vb", "train.epochs=1")))
+    result = run_tool("tools/evaluate.py", "--ckpt", tmp_path / "run" / "checkpoints" / "best.pt", "--split",
+                      "validation", f"data.validation={folders['va']}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[-3] == "6"  # greedy's lines: va's 6
 
 
 def test_a_bad_entry_in_a_yaml_list_names_the_file_line(tmp_path):
