@@ -93,13 +93,14 @@ class WidthBatchSampler:
         """Select the epoch's order; `start_batch` skips this rank's first batches (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def global_batches(self, seeds: np.ndarray | None) -> list[np.ndarray]:
-        """All batches of the epoch, over all ranks, in the order they are dealt out, as positions
-        in `epoch_lines`; `seeds`: the augmentation seed of each of those positions, or None."""
+    def global_batches(self, seeds: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The epoch's lines (`epoch_lines`) and all its batches, over all ranks, in the order they
+        are dealt out, as positions in those lines; `seeds`: the augmentation seed of each position,
+        or None."""
         count = self.count
         if not self.shuffle:
             order = np.argsort(self.widths, kind="stable")
-            return [order[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
+            return np.arange(count), [order[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         lines = self.epoch_lines(rng)
         order = rng.permutation(count)
@@ -108,7 +109,7 @@ class WidthBatchSampler:
         order = np.concatenate([chunk[np.argsort(widths[chunk], kind="stable")]
                                 for chunk in np.split(order, range(span, count, span))])
         batches = np.split(order, np.cumsum(batch_sizes(count, self.batch_size, self.num_global_batches()))[:-1])
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return lines, [batches[i] for i in rng.permutation(len(batches))]
 
     def num_global_batches(self) -> int:
         total = -(-self.count // self.batch_size)
@@ -123,6 +124,6 @@ class WidthBatchSampler:
     def __iter__(self) -> Iterator[list[Key]]:
         augment = self.shuffle and self.augmented_width is not None
         seeds = augmentation_seeds(self.seed, self.epoch, self.count) if augment else None
-        lines = self.epoch_lines(np.random.default_rng([self.seed, self.epoch])) if self.shuffle else None
-        for batch in self.global_batches(seeds)[self.rank::self.world_size][self.start_batch:]:
-            yield [(int(i if lines is None else lines[i]), None if seeds is None else int(seeds[i])) for i in batch]
+        lines, batches = self.global_batches(seeds)
+        for batch in batches[self.rank::self.world_size][self.start_batch:]:
+            yield [(int(lines[i]), None if seeds is None else int(seeds[i])) for i in batch]
